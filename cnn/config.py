@@ -1,0 +1,170 @@
+"""The run configuration: every field a run reads, its default, and its checks.
+
+Each file in `configs/` starts from `base_config()` and changes only what
+differs, so a reader sees the whole schema in one place (here) and each
+experiment's intent in a few lines (there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+import os
+from collections.abc import Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A problem the user can fix by changing the config or the command line.
+
+    The message names the field, the bad value and what would work; the CLI
+    prints it alone, without a traceback.
+    """
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "warmup_cosine")
+LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full schema with defaults (the classic Flax MNIST recipe)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    # 'digits' (embedded in scikit-learn, offline) or any TFDS image
+    # classification dataset, e.g. 'mnist', 'fashion_mnist', 'eurosat/rgb'.
+    c.data.name = "mnist"
+    c.data.train_split = "train"
+    c.data.test_split = "test"
+    # Where TFDS keeps prepared data; None means $TFDS_DATA_DIR or
+    # ~/tensorflow_datasets.
+    c.data.data_dir = config_dict.placeholder(str)
+    # A folder holding the dataset's original archive files, used to prepare
+    # it without a network.
+    c.data.manual_dir = config_dict.placeholder(str)
+    # (height, width) to resize images to when loading; None keeps them.
+    c.data.image_size = config_dict.placeholder(tuple)
+    # Per-channel mean and std applied after scaling pixels to [0, 1].
+    c.data.mean = config_dict.placeholder(tuple)
+    c.data.std = config_dict.placeholder(tuple)
+    # Keep decoded arrays next to the prepared data so later runs skip
+    # decoding (and TensorFlow).
+    c.data.cache = True
+
+    c.model = ml_collections.ConfigDict()
+    # Keras-style layer specs, one string per layer; see cnn/layers.py.
+    c.model.layers = (
+        "Conv2D(32, 3, activation='relu', padding='same')",
+        "AveragePooling2D(2)",
+        "Conv2D(64, 3, activation='relu', padding='same')",
+        "AveragePooling2D(2)",
+        "Flatten()",
+        "Dense(256, activation='relu')",
+        "Dense(10)",
+    )
+    # 'auto': sigmoid binary cross-entropy for one output unit, softmax
+    # cross-entropy otherwise.
+    c.loss = "auto"
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.1
+    c.optimizer.momentum = 0.9  # sgd only; 0 disables momentum
+    c.optimizer.nesterov = False  # sgd only
+    c.optimizer.b1 = 0.9  # adam and adamw
+    c.optimizer.b2 = 0.999  # adam and adamw
+    c.optimizer.weight_decay = 0.0  # decoupled for adamw, added to grads else
+    c.optimizer.schedule = "constant"
+    c.optimizer.warmup_epochs = 0.0  # warmup_cosine only
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 10
+    c.train.batch_size = 128
+    c.train.eval_batch_size = 1000
+    # Devices to split each batch over; 0 means every local device (on a CPU,
+    # one per core: XLA keeps a CNN's backward pass on one core otherwise).
+    c.train.num_devices = 0
+    return c
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+    """Returns `get_config()` from a config file, as `--config=PATH` does.
+
+    In a notebook, change fields by assignment afterwards:
+    `config.train.num_epochs = 3`.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; pass a file such as configs/mnist.py")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config() function")
+    return module.get_config()
+
+
+def _need(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not valid: expected {expected}")
+
+
+def _positive_int(field: str, value) -> None:
+    _need(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0,
+          field, value, "a positive integer")
+
+
+def _pair_of_numbers(field: str, value, length: int | None = None) -> None:
+    ok = isinstance(value, Iterable) and all(isinstance(v, numbers.Real) for v in value)
+    _need(ok and (length is None or len(value) == length), field, value,
+          f"a tuple of {length or 'per-channel'} numbers")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every scalar field; layers and datasets are checked where built."""
+    _need(isinstance(config.seed, numbers.Integral), "seed", config.seed, "an integer")
+    t = config.train
+    _positive_int("train.num_epochs", t.num_epochs)
+    _positive_int("train.batch_size", t.batch_size)
+    _positive_int("train.eval_batch_size", t.eval_batch_size)
+    _need(isinstance(t.num_devices, numbers.Integral) and t.num_devices >= 0,
+          "train.num_devices", t.num_devices, "0 (all local devices) or a positive integer")
+
+    o = config.optimizer
+    _need(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
+    _need(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"one of {', '.join(SCHEDULES)}")
+    _need(isinstance(o.learning_rate, numbers.Real) and o.learning_rate > 0,
+          "optimizer.learning_rate", o.learning_rate, "a positive number such as 0.1")
+    _need(isinstance(o.momentum, numbers.Real) and 0 <= o.momentum < 1,
+          "optimizer.momentum", o.momentum, "a number in [0, 1)")
+    for name in ("b1", "b2"):
+        value = o[name]
+        _need(isinstance(value, numbers.Real) and 0 <= value < 1, f"optimizer.{name}", value, "a number in [0, 1)")
+    _need(isinstance(o.weight_decay, numbers.Real) and o.weight_decay >= 0,
+          "optimizer.weight_decay", o.weight_decay, "a number >= 0")
+    _need(isinstance(o.warmup_epochs, numbers.Real) and 0 <= o.warmup_epochs <= t.num_epochs,
+          "optimizer.warmup_epochs", o.warmup_epochs, f"a number between 0 and train.num_epochs={t.num_epochs}")
+
+    _need(config.loss in LOSSES, "loss", config.loss, f"one of {', '.join(LOSSES)}")
+
+    d = config.data
+    _need(isinstance(d.name, str) and d.name != "", "data.name", d.name, "a dataset name such as 'mnist' or 'digits'")
+    if d.image_size is not None:
+        _pair_of_numbers("data.image_size", d.image_size, 2)
+        _need(all(int(v) == v and v > 0 for v in d.image_size), "data.image_size", d.image_size,
+              "(height, width) in whole pixels")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("data.mean and data.std must be set together (or both left as None)")
+    if d.mean is not None:
+        _pair_of_numbers("data.mean", d.mean)
+        _pair_of_numbers("data.std", d.std, len(d.mean))
+        _need(all(s > 0 for s in d.std), "data.std", d.std, "positive numbers")
+    if d.manual_dir is not None and not os.path.isdir(d.manual_dir):
+        raise ConfigError(f"data.manual_dir={d.manual_dir!r} is not a folder; point it at the folder "
+                          "holding the dataset's original archive files")
+    if not isinstance(config.model.layers, (tuple, list)) or not config.model.layers:
+        raise ConfigError(f"model.layers={config.model.layers!r} is not valid: expected a tuple of layer specs "
+                          "such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)')")

@@ -1,0 +1,323 @@
+"""The layers a config can name, and the parser for layer specs.
+
+A layer spec is a Python call written as a string, the way a Keras user
+writes the layer:
+
+    "Conv2D(32, 3, activation='relu', padding='valid')"
+
+Arguments must be literals: the string is parsed with `ast`, never run.
+Names, arguments and defaults follow Keras, so a Keras model translates line
+by line. Every layer is a Linen module called as `layer(x, train)`, so a model
+is a plain loop over them (see models.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn.config import ConfigError
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "linear": lambda x: x,
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "elu": nn.elu,
+    "leaky_relu": nn.leaky_relu,
+    "silu": nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "softmax": nn.softmax,
+}
+# Activations that turn logits into probabilities. On a model's last layer
+# they are left to the loss (which is stabler on logits) and to prediction.
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+class ShapeError(ConfigError):
+    """A layer does not fit the shape of its input."""
+
+
+def _activation(name: str | None) -> Callable[[jax.Array], jax.Array]:
+    return ACTIVATIONS[name or "linear"]
+
+
+def _spatial(x: jax.Array, rank: int, layer: str) -> None:
+    """Checks that `x` is (batch, *spatial[rank], channels)."""
+    if x.ndim != rank + 2:
+        want = {1: "(length, channels)", 2: "(height, width, channels)"}[rank]
+        if x.ndim in (3, 4):
+            hint = f"use the {x.ndim - 2}D version of the layer for this input"
+        else:
+            hint = "move it before Flatten() and the Dense layers"
+        raise ShapeError(f"{layer} needs inputs shaped {want} but got {format_shape(x.shape)}; {hint}")
+
+
+def format_shape(shape: tuple[int, ...]) -> str:
+    """Writes a batched shape the way Keras does: (None, 28, 28, 1)."""
+    return "(" + ", ".join(["None", *map(str, shape[1:])]) + ")"
+
+
+def _window_out(size: int, window: int, stride: int, padding: str) -> int:
+    return math.ceil(size / stride) if padding == "SAME" else (size - window) // stride + 1
+
+
+def _check_windows(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ...], padding: str, layer: str) -> None:
+    spatial = x.shape[1:-1]
+    for size, w, s in zip(spatial, window, strides):
+        if _window_out(size, w, s, padding) < 1:
+            raise ShapeError(f"{layer} has a window of {window} but its input is only {format_shape(x.shape)}; "
+                             "use a smaller kernel or pool size, padding='same', or fewer pooling layers before it")
+
+
+class Conv(nn.Conv):
+    """nn.Conv plus a fused activation, with the window checked against the input."""
+
+    activation: str | None = None
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        rank = len(self.kernel_size)
+        name = f"Conv{rank}D"
+        _spatial(x, rank, name)
+        _check_windows(x, self.kernel_size, self.strides, self.padding, name)
+        return _activation(self.activation)(super().__call__(x))
+
+
+class Dense(nn.Dense):
+    activation: str | None = None
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return _activation(self.activation)(super().__call__(x))
+
+
+class Pool(nn.Module):
+    kind: str  # 'max' or 'avg'
+    window: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        name = f"{'Max' if self.kind == 'max' else 'Average'}Pooling{len(self.window)}D"
+        _spatial(x, len(self.window), name)
+        _check_windows(x, self.window, self.strides, self.padding, name)
+        pool = nn.max_pool if self.kind == "max" else functools.partial(nn.avg_pool, count_include_pad=False)
+        return pool(x, self.window, self.strides, self.padding)
+
+
+class GlobalPool(nn.Module):
+    kind: str  # 'max' or 'avg'
+    rank: int
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        _spatial(x, self.rank, f"Global{'Max' if self.kind == 'max' else 'Average'}Pooling{self.rank}D")
+        axes = tuple(range(1, x.ndim - 1))
+        return x.max(axis=axes) if self.kind == "max" else x.mean(axis=axes)
+
+
+class Flatten(nn.Module):
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return x.reshape(x.shape[0], -1)
+
+
+class Activation(nn.Module):
+    activation: str
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return _activation(self.activation)(x)
+
+
+class Dropout(nn.Dropout):
+    """Active only while training; needs a 'dropout' rng then."""
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return super().__call__(x, deterministic=not train)
+
+
+class BatchNorm(nn.BatchNorm):
+    """Batch statistics while training, running averages otherwise."""
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return super().__call__(x, use_running_average=not train)
+
+
+# --- The registry: Keras-named constructors with Keras-style arguments. -----
+
+
+def _tuple(value, rank: int, field: str) -> tuple[int, ...]:
+    values = (value,) * rank if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(values, (tuple, list)) or len(values) != rank
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+        raise ConfigError(f"{field}={value!r} must be a positive integer or a tuple of {rank} positive integers")
+    return tuple(values)
+
+
+def _padding(value: str) -> str:
+    if not isinstance(value, str) or value.upper() not in ("SAME", "VALID"):
+        raise ConfigError(f"padding={value!r} must be 'valid' or 'same'")
+    return value.upper()
+
+
+def _activation_name(value: str | None) -> str | None:
+    if value is not None and value not in ACTIVATIONS:
+        raise ConfigError(f"activation={value!r} is unknown; known: {', '.join(ACTIVATIONS)}")
+    return value
+
+
+def _positive(value, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{field}={value!r} must be a positive integer")
+    return value
+
+
+def _conv(rank: int):
+    def make(filters: int, kernel_size, strides=1, padding: str = "valid", activation: str | None = None,
+             use_bias: bool = True) -> nn.Module:
+        return Conv(features=_positive(filters, "filters"), kernel_size=_tuple(kernel_size, rank, "kernel_size"),
+                    strides=_tuple(strides, rank, "strides"), padding=_padding(padding),
+                    activation=_activation_name(activation), use_bias=bool(use_bias))
+    return make
+
+
+def _pool(kind: str, rank: int):
+    def make(pool_size=2, strides=None, padding: str = "valid") -> nn.Module:
+        window = _tuple(pool_size, rank, "pool_size")
+        return Pool(kind=kind, window=window, strides=window if strides is None else _tuple(strides, rank, "strides"),
+                    padding=_padding(padding))
+    return make
+
+
+def _global_pool(kind: str, rank: int):
+    def make() -> nn.Module:
+        return GlobalPool(kind=kind, rank=rank)
+    return make
+
+
+def _dense(units: int, activation: str | None = None, use_bias: bool = True) -> nn.Module:
+    return Dense(features=_positive(units, "units"), activation=_activation_name(activation), use_bias=bool(use_bias))
+
+
+def _dropout(rate: float) -> nn.Module:
+    if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(f"rate={rate!r} must be a number in [0, 1)")
+    return Dropout(rate=float(rate))
+
+
+def _batch_norm(momentum: float = 0.99, epsilon: float = 1e-3) -> nn.Module:
+    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ConfigError(f"momentum={momentum!r} must be a number in [0, 1)")
+    if not isinstance(epsilon, (int, float)) or epsilon <= 0:
+        raise ConfigError(f"epsilon={epsilon!r} must be a positive number")
+    return BatchNorm(momentum=float(momentum), epsilon=float(epsilon))
+
+
+def _activation_layer(activation: str) -> nn.Module:
+    return Activation(activation=_activation_name(activation))
+
+
+def _flatten() -> nn.Module:
+    return Flatten()
+
+
+LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "Conv1D": _conv(1),
+    "Conv2D": _conv(2),
+    "MaxPooling1D": _pool("max", 1),
+    "MaxPooling2D": _pool("max", 2),
+    "AveragePooling1D": _pool("avg", 1),
+    "AveragePooling2D": _pool("avg", 2),
+    "GlobalAveragePooling1D": _global_pool("avg", 1),
+    "GlobalAveragePooling2D": _global_pool("avg", 2),
+    "GlobalMaxPooling1D": _global_pool("max", 1),
+    "GlobalMaxPooling2D": _global_pool("max", 2),
+    "Flatten": _flatten,
+    "Dense": _dense,
+    "Dropout": _dropout,
+    "BatchNormalization": _batch_norm,
+    "Activation": _activation_layer,
+}
+
+
+def signature(kind: str) -> str:
+    """The call a spec of this layer type takes, e.g. 'Dense(units, activation=None, use_bias=True)'."""
+    params = inspect.signature(LAYERS[kind]).parameters.values()
+    return kind + "(" + ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One parsed spec: its text, its type name and the module it builds."""
+
+    spec: str
+    kind: str
+    module: nn.Module
+
+    @property
+    def activation(self) -> str | None:
+        return getattr(self.module, "activation", None)
+
+    @property
+    def name(self) -> str:
+        """A Keras-like snake_case name, e.g. 'max_pooling2d'."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z][a-z])", "_", self.kind).lower()
+
+
+def parse(spec: str, field: str = "layer") -> Layer:
+    """Parses one spec string into a `Layer`, or raises ConfigError naming `field`."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{field}={spec!r} must be a string such as \"Dense(10)\"")
+    try:
+        call = ast.parse(spec.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+            raise SyntaxError
+        args = [ast.literal_eval(a) for a in call.args]
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, TypeError):
+        raise ConfigError(f"{field}={spec!r} is not a layer spec: write a call with literal arguments, "
+                          "such as \"Conv2D(32, 3, activation='relu')\"") from None
+    kind = call.func.id
+    if kind not in LAYERS:
+        close = difflib.get_close_matches(kind, LAYERS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"{field}={spec!r}: unknown layer {kind!r}; {hint}known layers: {', '.join(LAYERS)}")
+    make = LAYERS[kind]
+    try:
+        inspect.signature(make).bind(*args, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{field}={spec!r}: {e}; {kind} takes {signature(kind)}") from None
+    try:
+        module = make(*args, **kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{field}={spec!r}: {e}") from None
+    return Layer(spec=spec, kind=kind, module=module)
+
+
+def split_output_activation(layers: list[Layer]) -> tuple[list[Layer], str | None]:
+    """Takes a final softmax or sigmoid off the stack, so the model yields logits.
+
+    Returns the layers with that activation removed and its name (or None).
+    A final `Activation('softmax')` layer is dropped; a final
+    `Dense(10, activation='softmax')` keeps its Dense and loses the activation.
+    """
+    if not layers or layers[-1].activation not in OUTPUT_ACTIVATIONS:
+        return layers, None
+    last = layers[-1]
+    name = last.activation
+    if isinstance(last.module, Activation):
+        return layers[:-1], name
+    stripped = dataclasses.replace(last, module=last.module.clone(activation=None))
+    return [*layers[:-1], stripped], name
+
+
+def parameter_count(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))

@@ -1,0 +1,40 @@
+"""Command line: `python -m cnn.main --config=configs/mnist.py --workdir=DIR`.
+
+Only parses flags; the work happens in `cnn.train.train_and_evaluate`. Any
+config field can be overridden, e.g. `--config.train.num_epochs=3`.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cnn.config import ConfigError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for metrics, summaries and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # JAX logs its backend probing at INFO
+    from cnn import sharding, train
+
+    # Before anything touches a device: on a CPU, one host device per core.
+    sharding.set_cpu_devices(FLAGS.config.train.num_devices)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,105 @@
+"""A Sequential model: a stack of layers from the config, as in Keras.
+
+The module is plain Linen: `model.init(rng, x)` gives the variables (params,
+and batch_stats when the stack has BatchNormalization) and
+`model.apply(variables, x)` runs it. The output follows the specs, so a stack
+ending in softmax returns probabilities; training asks for `logits=True`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cnn import layers as layers_lib
+from cnn.config import ConfigError
+
+
+@functools.lru_cache(maxsize=64)
+def parse_stack(specs: tuple[str, ...]) -> tuple[list[layers_lib.Layer], str | None, list[str]]:
+    """Parses specs into (layers with any final softmax/sigmoid taken off, that activation, Keras names)."""
+    parsed = [layers_lib.parse(spec, f"model.layers[{i}]") for i, spec in enumerate(specs)]
+    names, seen = [], {}
+    for layer in parsed:  # Keras numbering: conv2d, conv2d_1, conv2d_2, ...
+        n = seen.get(layer.name, 0)
+        seen[layer.name] = n + 1
+        names.append(layer.name if n == 0 else f"{layer.name}_{n}")
+    stack, output_activation = layers_lib.split_output_activation(parsed)
+    return stack, output_activation, names
+
+
+class Sequential(nn.Module):
+    """Applies `layers` (spec strings) in order."""
+
+    layers: tuple[str, ...]
+
+    @property
+    def output_activation(self) -> str | None:
+        """'softmax' or 'sigmoid' if the stack ends in one, else None."""
+        return parse_stack(tuple(self.layers))[1]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, logits: bool = False) -> jax.Array:
+        stack, output_activation, names = parse_stack(tuple(self.layers))
+        for i, layer in enumerate(stack):
+            try:
+                x = layer.module.clone(parent=self, name=names[i])(x, train)
+            except ConfigError as e:
+                raise type(e)(f"model.layers[{i}]={layer.spec!r}: {e}") from None
+        if output_activation and not logits:
+            x = layers_lib.ACTIVATIONS[output_activation](x)
+        return x
+
+    def layer_names(self) -> list[str]:
+        return parse_stack(tuple(self.layers))[2]
+
+
+def build_model(model_config: ml_collections.ConfigDict | Sequence[str]) -> Sequential:
+    """Builds the model from `config.model` (or a list of specs), checking every spec."""
+    specs = model_config if isinstance(model_config, (list, tuple)) else model_config.layers
+    if not isinstance(specs, (list, tuple)) or not specs:
+        raise ConfigError(f"model.layers={specs!r} must be a non-empty tuple of layer specs")
+    parse_stack(tuple(specs))  # raises ConfigError on a bad spec
+    return Sequential(layers=tuple(specs))
+
+
+def output_shape(model: Sequential, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The model's output shape for one batch, found without computing anything.
+
+    Raises ShapeError if a layer does not fit its input.
+    """
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    return jax.eval_shape(model.apply, variables, x).shape
+
+
+def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, loss: str) -> str:
+    """Checks the model's output against the dataset and picks the loss.
+
+    Returns the loss name to train with.
+    """
+    shape = output_shape(model, input_shape)
+    last = len(model.layers) - 1
+    if len(shape) != 2:
+        raise ConfigError(f"model.layers: the model's output is {layers_lib.format_shape(shape)}, not (None, units); "
+                          "add Flatten() or GlobalAveragePooling2D() before the Dense layers")
+    units = shape[1]
+    if loss == "auto":
+        loss = "sigmoid_binary_cross_entropy" if units == 1 else "softmax_cross_entropy"
+    if loss == "sigmoid_binary_cross_entropy":
+        if num_classes != 2 or units != 1:
+            raise ConfigError(f"loss={loss!r} needs a two-class dataset and a final Dense(1, activation='sigmoid'); "
+                              f"this dataset has {num_classes} classes and the model ends in {units} units "
+                              f"(model.layers[{last}]={model.layers[last]!r})")
+    elif units != num_classes:
+        raise ConfigError(f"model.layers[{last}]={model.layers[last]!r} gives {units} outputs but the dataset has "
+                          f"{num_classes} classes; end the model with Dense({num_classes})"
+                          + (" or Dense(1, activation='sigmoid')" if num_classes == 2 else ""))
+    if model.output_activation == "sigmoid" and loss != "sigmoid_binary_cross_entropy":
+        raise ConfigError("model.layers: a final sigmoid needs loss='sigmoid_binary_cross_entropy' and one output unit")
+    return loss

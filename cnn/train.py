@@ -1,0 +1,247 @@
+"""Training and evaluation: the whole path from a config to a trained state.
+
+Read top to bottom: the state, the loss, the two compiled steps, the
+optimizer, then `train_and_evaluate`, which ties them to the data and writes
+the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from cnn import config as config_lib
+from cnn import data as data_lib
+from cnn import models, sharding
+from cnn.config import ConfigError
+from cnn.summary import summary
+from cnn.writer import MetricWriter
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus what a step needs besides the parameters.
+
+    `loss`, `mean` and `std` are static (part of the compiled program, not
+    arrays), so the steps below are functions of (state, batch) alone.
+    """
+
+    batch_stats: Any
+    dropout_rng: jax.Array
+    loss: str = flax.struct.field(pytree_node=False, default="softmax_cross_entropy")
+    mean: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
+    std: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+    def variables(self, params=None) -> dict:
+        out = {"params": self.params if params is None else params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+def compute_loss(loss: str, logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example loss and correctness (1.0 or 0.0) from the model's logits."""
+    if loss == "sigmoid_binary_cross_entropy":
+        z = logits[:, 0]
+        return optax.sigmoid_binary_cross_entropy(z, labels.astype(z.dtype)), ((z > 0) == (labels == 1)).astype(
+            jnp.float32)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+            (jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy."""
+    x = data_lib.preprocess(batch["image"], state.mean, state.std)
+    rng = jax.random.fold_in(state.dropout_rng, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(state.variables(params), x, train=True, logits=True,
+                                         mutable=["batch_stats"], rngs={"dropout": rng})
+        losses, correct = compute_loss(state.loss, logits, batch["label"])
+        return losses.mean(), (correct.mean(), updates)
+
+    (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    return state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums of loss and correct predictions over the batch's real (mask 1) examples."""
+    x = data_lib.preprocess(batch["image"], state.mean, state.std)
+    logits = state.apply_fn(state.variables(), x, train=False, logits=True)
+    losses, correct = compute_loss(state.loss, logits, batch["label"])
+    mask = batch["mask"].astype(jnp.float32)
+    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int
+                   ) -> optax.GradientTransformation:
+    """The optax optimizer and learning-rate schedule that `config.optimizer` names."""
+    if opt.schedule == "warmup_cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=opt.learning_rate, warmup_steps=int(opt.warmup_epochs * steps_per_epoch),
+            decay_steps=num_epochs * steps_per_epoch, end_value=0.0)
+    else:
+        lr = opt.learning_rate
+    if opt.name == "adamw":
+        return optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    tx = optax.adam(lr, b1=opt.b1, b2=opt.b2) if opt.name == "adam" else optax.sgd(
+        lr, momentum=opt.momentum or None, nesterov=opt.nesterov)
+    return optax.chain(optax.add_decayed_weights(opt.weight_decay), tx) if opt.weight_decay else tx
+
+
+def create_state(model: models.Sequential, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
+                 seed: int, loss: str, data: ml_collections.ConfigDict) -> TrainState:
+    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    variables = jax.jit(model.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables.get("batch_stats", {}),
+        dropout_rng=dropout_rng, loss=loss,
+        mean=None if data.mean is None else tuple(data.mean), std=None if data.std is None else tuple(data.std))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train_and_evaluate` gives back to a notebook."""
+
+    state: TrainState
+    model: models.Sequential
+    history: list[dict[str, float]]  # one record per epoch, as in metrics.jsonl
+    results: dict[str, Any]  # as in results.json
+    class_names: list[str]
+
+
+def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, step_fn, batch_sharding) -> dict[str, float]:
+    """Loss and accuracy over every example of `split`."""
+    totals = None
+    for batch in data_lib.eval_batches(split, batch_size):
+        out = step_fn(state, jax.device_put(batch, batch_sharding))
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails before any work if `workdir` cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir={workdir!r} is not writable ({e.strerror}); choose a folder you can write to") \
+            from None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Trains the configured model, evaluating on the test split after every epoch.
+
+    Writes to `workdir`: summary.txt, config.json, metrics.jsonl (one record
+    per epoch), TensorBoard event files and results.json.
+    """
+    start = time.time()
+    config_lib.validate(config)
+    check_workdir(workdir)
+    sharding.set_cpu_devices(config.train.num_devices)
+    train_cfg = config.train
+
+    dataset = data_lib.load(config.data)
+    model = models.build_model(config.model)
+    loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
+    if train_cfg.batch_size > len(dataset.train):
+        raise ConfigError(f"train.batch_size={train_cfg.batch_size} is larger than the {config.data.name} training "
+                          f"split ({len(dataset.train)} examples); use at most {len(dataset.train)}")
+    mesh = sharding.make_mesh(train_cfg.num_devices)
+    sharding.check_batch("train.batch_size", train_cfg.batch_size, mesh)
+    # One fixed eval shape, no larger than the test split needs.
+    eval_batch_size = min(train_cfg.eval_batch_size, -(-len(dataset.test) // mesh.size) * mesh.size)
+    sharding.check_batch("train.eval_batch_size", eval_batch_size, mesh)
+
+    steps_per_epoch = len(dataset.train) // train_cfg.batch_size
+    tx = make_optimizer(config.optimizer, steps_per_epoch, train_cfg.num_epochs)
+    state = create_state(model, tx, dataset.input_shape, config.seed, loss, config.data)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    batch_sharding = sharding.batch_sharding(mesh)
+    p_train_step = jax.jit(train_step, in_shardings=(sharding.replicated(mesh), batch_sharding),
+                           out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)), donate_argnums=0)
+    p_eval_step = jax.jit(eval_step, in_shardings=(sharding.replicated(mesh), batch_sharding),
+                          out_shardings=sharding.replicated(mesh))
+
+    table = summary(model, dataset.input_shape)
+    print(table)
+    print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images of {dataset.input_shape}, "
+          f"{dataset.num_classes} classes; {steps_per_epoch} steps/epoch on {mesh.size} {mesh.devices.flat[0].platform}"
+          f" device(s); loss {loss}", flush=True)
+    with open(os.path.join(workdir, "summary.txt"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2) + "\n")
+
+    history = []
+    train_seconds = 0.0
+    with MetricWriter(workdir) as writer:
+        for epoch in range(1, train_cfg.num_epochs + 1):
+            epoch_start = time.time()
+            sums = None
+            batches = data_lib.train_batches(dataset.train, train_cfg.batch_size, config.seed, epoch)
+            for batch in _progress(batches, steps_per_epoch, f"epoch {epoch}/{train_cfg.num_epochs}"):
+                state, metrics = p_train_step(state, jax.device_put(batch, batch_sharding))
+                sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+            sums = jax.device_get(sums)
+            if not np.isfinite(sums["loss"]):
+                raise ConfigError(f"the training loss became {sums['loss']} in epoch {epoch}; lower "
+                                         f"optimizer.learning_rate (now {config.optimizer.learning_rate})")
+            train_time = time.time() - epoch_start
+            train_seconds += train_time
+            test = evaluate(state, dataset.test, eval_batch_size, p_eval_step, batch_sharding)
+            record = {
+                "epoch": epoch, "step": epoch * steps_per_epoch,
+                "train_loss": float(sums["loss"]) / steps_per_epoch,
+                "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
+                "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                "epoch_seconds": time.time() - epoch_start,
+                "images_per_second": steps_per_epoch * train_cfg.batch_size / train_time,
+                "elapsed_seconds": time.time() - start,
+            }
+            history.append(record)
+            writer.write(record)
+            print(f"epoch {epoch:>3}/{train_cfg.num_epochs}  train loss {record['train_loss']:.4f} "
+                  f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
+                  f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
+                  f"({record['images_per_second']:,.0f} img/s)", flush=True)
+
+    last = history[-1]
+    results = {
+        "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+        "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
+        "epochs": train_cfg.num_epochs, "steps": int(state.step), "train_seconds": train_seconds,
+        "total_seconds": time.time() - start, "seed": config.seed,
+        "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+        "devices": mesh.size,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
+          f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
+    return TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
+
+
+def _progress(batches, total: int, description: str):
+    """A progress bar on a terminal; the plain iterator otherwise (logs stay clean)."""
+    if not sys.stderr.isatty():
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, total=total, desc=description, leave=False, unit="step", dynamic_ncols=True)
