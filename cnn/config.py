@@ -85,8 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 10
     c.train.batch_size = 128
     c.train.eval_batch_size = 1000
-    # Devices to split each batch over; 0 means every local device (on a CPU,
-    # one per core: XLA keeps a CNN's backward pass on one core otherwise).
+    # Devices to split each batch over; 0 means every local device. A CPU is
+    # one device unless this asks for more (see sharding.set_cpu_devices).
     c.train.num_devices = 0
     return c
 

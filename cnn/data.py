@@ -81,15 +81,17 @@ def preprocess(images: jax.Array, mean: tuple[float, ...] | None = None, std: tu
 
 
 def resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resizes a uint8 batch (N, H, W, C) bilinearly; a no-op at the same size."""
-    if images.shape[1:3] == size:
+    """Resizes uint8 images (N, H, W, C) to `size` bilinearly; a no-op at the same size."""
+    from PIL import Image
+
+    if images.shape[1:3] == tuple(size):
         return images
-    out = np.empty((len(images), *size, images.shape[-1]), np.uint8)
-    resize_chunk = jax.jit(lambda x: jax.image.resize(x.astype(jnp.float32), (x.shape[0], *size, x.shape[-1]),
-                                                      "bilinear", antialias=True))
-    for start in range(0, len(images), 1024):
-        chunk = resize_chunk(images[start:start + 1024])
-        out[start:start + len(chunk)] = np.asarray(jnp.clip(jnp.round(chunk), 0, 255))
+    height, width = size
+    out = np.empty((len(images), height, width, images.shape[-1]), np.uint8)
+    for i, image in enumerate(images):
+        channels = [Image.fromarray(image[..., c]).resize((width, height), Image.BILINEAR)
+                    for c in range(image.shape[-1])]
+        out[i] = np.stack([np.asarray(c) for c in channels], axis=-1)
     return out
 
 
@@ -178,23 +180,35 @@ def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[
 
 
 def _prepare(builder, data: ml_collections.ConfigDict) -> None:
+    import tempfile
+
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import downloader
 
     if builder.is_prepared():
         return
     _say(f"Preparing {data.name} in {builder.data_dir} (once; TFDS needs TensorFlow for this step)...")
-    config = tfds.download.DownloadConfig(manual_dir=data.manual_dir)
     start = time.time()
+    # TFDS unpacks archives into a folder shared by all datasets and reuses
+    # files by name, so MNIST and Fashion-MNIST (same file names) would mix:
+    # give each preparation its own. And TFDS retries a failing download 10
+    # times with backoff (~200 s offline); fail in seconds instead.
+    retries, downloader.MAX_RETRIES = downloader.MAX_RETRIES, 1
     try:
-        builder.download_and_prepare(download_config=config, file_format="array_record")
+        with tempfile.TemporaryDirectory(prefix="cnn-extract-") as extract_dir:
+            config = tfds.download.DownloadConfig(manual_dir=data.manual_dir, extract_dir=extract_dir)
+            builder.download_and_prepare(download_config=config, file_format="array_record")
     except Exception as e:  # TFDS raises many types here; all mean "could not get the files"
-        where = (f"the files in data.manual_dir={data.manual_dir!r} did not work ({type(e).__name__}: {e})"
-                 if data.manual_dir else f"it could not be downloaded ({type(e).__name__})")
+        where = (f"the files in data.manual_dir={data.manual_dir!r} did not work ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0][:300]})" if data.manual_dir
+                 else f"it could not be downloaded ({type(e).__name__})")
         raise ConfigError(
             f"data.name={data.name!r} is not prepared in {data_dir(data)} and {where}. Offline, pass "
             "--config.data.manual_dir=FOLDER, a folder holding the dataset's original archive files "
             "(for MNIST: ../shared/datasets/mnist), or point --config.data.data_dir (or $TFDS_DATA_DIR) at a "
             "folder where it is already prepared.") from None
+    finally:
+        downloader.MAX_RETRIES = retries
     _say(f"Prepared {data.name} in {time.time() - start:.1f}s")
 
 
@@ -202,25 +216,25 @@ def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collec
     """Reads one split into arrays. Prepared array_record data reads without TensorFlow."""
     start = time.time()
     source = builder.as_data_source(split=split)
-    n = len(source)
+    try:
+        examples = source.__getitems__(range(len(source)))  # one bulk read: ~2x faster than indexing
+    except TypeError:  # tfds.testing.mock_data's sources only index
+        examples = [source[i] for i in range(len(source))]
     size = None if data.image_size is None else tuple(int(v) for v in data.image_size)
-    images, labels = None, np.empty(n, np.int32)
-    for i in range(n):
-        example = source[i]
-        image = np.asarray(example[image_key])
+    images = []
+    for example in examples:
+        image = np.asarray(example[image_key], np.uint8)
         if image.ndim == 2:
             image = image[..., None]
         if size is not None and image.shape[:2] != size:  # variable-sized sets must be resized to stack
             image = resize(image[None], size)[0]
-        if images is None:
-            images = np.empty((n, *image.shape), np.uint8)
-        elif image.shape != images.shape[1:]:
-            raise ConfigError(f"data.name={data.name!r} has images of different sizes ({images.shape[1:]} and "
+        if images and image.shape != images[0].shape:
+            raise ConfigError(f"data.name={data.name!r} has images of different sizes ({images[0].shape} and "
                               f"{image.shape}); set data.image_size=(height, width) to resize them")
-        images[i] = image
-        labels[i] = example[label_key]
-    _say(f"Decoded {data.name} {split}: {n} images in {time.time() - start:.1f}s")
-    return Split(images, labels)
+        images.append(image)
+    labels = np.fromiter((example[label_key] for example in examples), np.int32, len(examples))
+    _say(f"Decoded {data.name} {split}: {len(images)} images in {time.time() - start:.1f}s")
+    return Split(np.stack(images), labels)
 
 
 def _say(message: str) -> None:
