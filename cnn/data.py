@@ -188,6 +188,8 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     if builder.is_prepared():
         return
     _say(f"Preparing {data.name} in {builder.data_dir} (once; TFDS needs TensorFlow for this step)...")
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()  # its bars are one line per update in a log file
     start = time.time()
     # TFDS unpacks archives into a folder shared by all datasets and reuses
     # files by name, so MNIST and Fashion-MNIST (same file names) would mix:

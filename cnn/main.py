@@ -24,10 +24,18 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # JAX logs its backend probing at INFO
     from cnn import sharding, train
 
-    # Before anything touches a device: on a CPU, one host device per core.
-    sharding.set_cpu_devices(FLAGS.config.train.num_devices)
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        config = FLAGS.config
+        num_devices = config.train.num_devices  # config_flags defers a bad file's error to the first read
+    except OSError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        print(f"error: --config could not be loaded ({detail}); pass a file such as configs/mnist.py",
+              file=sys.stderr)
+        sys.exit(2)
+    # Before anything touches a device: how many host devices the CPU is.
+    sharding.set_cpu_devices(num_devices)
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -89,9 +89,11 @@ def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epo
                    ) -> optax.GradientTransformation:
     """The optax optimizer and learning-rate schedule that `config.optimizer` names."""
     if opt.schedule == "warmup_cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=opt.learning_rate, warmup_steps=int(opt.warmup_epochs * steps_per_epoch),
-            decay_steps=num_epochs * steps_per_epoch, end_value=0.0)
+        total = num_epochs * steps_per_epoch
+        # Capped so a short run (--config.train.num_epochs=1) of a recipe with warmup still has a decay.
+        warmup = min(int(opt.warmup_epochs * steps_per_epoch), total - 1)
+        lr = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=opt.learning_rate, warmup_steps=warmup,
+                                                decay_steps=total, end_value=0.0)
     else:
         lr = opt.learning_rate
     if opt.name == "adamw":

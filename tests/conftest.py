@@ -1,0 +1,20 @@
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# The original MNIST / Fashion-MNIST archives, beside the checkout in CI.
+SHARED_DATASETS = pathlib.Path(os.environ.get("CNN_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+@pytest.fixture
+def config_path():
+    return lambda name: str(CONFIGS / f"{name}.py")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_tfds_dir(monkeypatch, tmp_path):
+    """Keeps tests away from the user's ~/tensorflow_datasets."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))

@@ -1,0 +1,79 @@
+"""`python -m cnn.main` as a user runs it: overrides, outputs, and one clear line for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_cli(*args, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, "-m", "cnn.main", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_digits_with_overrides(tmp_path):
+    proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", "--config.train.num_epochs=2",
+                   "--config.optimizer.learning_rate=0.002")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["epochs"] == 2 and results["test_accuracy"] > 0.8
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 0.002
+    assert "Total params: 76,522" in proc.stdout
+    assert proc.stdout.count("\nepoch ") == 2 and "test accuracy" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.name=mnistt"], "data.name='mnistt' is not a known dataset; did you mean 'mnist'"),
+    (["--config.optimizer.name=rmsprop"], "optimizer.name='rmsprop' is not valid: expected one of sgd, adam, adamw"),
+    (["--config.train.batch_size=5000"], "train.batch_size=5000 is larger than the digits training split (1437"),
+    (["--config.model.layers=('Conv2D(8, 3)', 'MaxPooling2D(30)', 'Flatten()', 'Dense(10)')"],
+     "model.layers[1]='MaxPooling2D(30)': MaxPooling2D has a window of (30, 30)"),
+    (["--config.model.layers=('Flatten()', 'Dense(10, activation=\"softmaxx\")')"],
+     "activation='softmaxx' is unknown"),
+    (["--config.model.layers=('Flatten()', 'Dense(3)')"], "gives 3 outputs but the dataset has 10 classes"),
+    (["--config.optimizer.learning_rate=-1.0"], "optimizer.learning_rate=-1.0 is not valid"),
+    (["--config.data.manual_dir=/no/such/folder"], "data.manual_dir='/no/such/folder' is not a folder"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
+    proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", *overrides)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unwritable_workdir_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli("--config=configs/digits.py", f"--workdir={blocker}/run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"workdir='{blocker}/run' is not writable" in proc.stderr
+    assert "epoch" not in proc.stdout and blocker.read_text() == "not a folder"
+
+
+def test_missing_dataset_offline_says_how_to_fix_it(tmp_path):
+    """No prepared data, no manual_dir, no network: the error names both ways out."""
+    proc = run_cli("--config=configs/mnist.py", f"--workdir={tmp_path / 'w'}",
+                   f"--config.data.data_dir={tmp_path / 'empty'}", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.name='mnist' is not prepared in" in proc.stderr
+    assert "--config.data.manual_dir=FOLDER" in proc.stderr and "data_dir" in proc.stderr
+
+
+def test_manual_dir_with_the_wrong_files(tmp_path):
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "train-images-idx3-ubyte.gz").write_bytes(b"not mnist")
+    proc = run_cli("--config=configs/mnist.py", f"--workdir={tmp_path / 'w'}",
+                   f"--config.data.data_dir={tmp_path / 'data'}", f"--config.data.manual_dir={tmp_path / 'manual'}",
+                   timeout=180)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"the files in data.manual_dir='{tmp_path / 'manual'}' did not work" in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    proc = run_cli("--config=configs/nope.py", f"--workdir={tmp_path}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -1,0 +1,141 @@
+"""Layers, the Sequential model and the summary, on real arrays."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cnn
+from cnn import models
+from cnn.layers import parameter_count
+
+SEED = ("Conv2D(32, (3, 3), activation='relu', padding='valid')", "MaxPooling2D((2, 2))", "Flatten()",
+        "Dense(128, activation='relu')")
+
+
+def _init(specs, shape):
+    model = cnn.build_model(list(specs))
+    return model, model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+
+
+def _summary_rows(text):
+    return [line for line in text.splitlines() if "(None" in line]
+
+
+@pytest.mark.parametrize("head, total", [("Dense(10, activation='softmax')", 3_938_570),
+                                         ("Dense(1, activation='sigmoid')", 3_937_409)])
+def test_seed_models_match_keras(head, total):
+    model, variables = _init((*SEED, head), (64, 64, 3))
+    assert parameter_count(variables) == total
+    text = cnn.summary(model, (64, 64, 3))
+    rows = _summary_rows(text)
+    shapes = [row.split("(None")[1].split(")")[0] for row in rows]
+    assert shapes == [", 62, 62, 32", ", 31, 31, 32", ", 30752", ", 128", f", {10 if 'softmax' in head else 1}"]
+    params = [int(row.split()[-1].replace(",", "")) for row in rows]
+    assert params == [896, 0, 0, 3_936_384, 1290 if "softmax" in head else 129]
+    assert f"Total params: {total:,}" in text and "Non-trainable params: 0" in text
+
+
+def test_conv_padding_strides_and_1d():
+    x = jnp.ones((2, 28, 28, 1))
+    for spec, shape in [("Conv2D(4, 5)", (2, 24, 24, 4)), ("Conv2D(4, 5, padding='same')", (2, 28, 28, 4)),
+                        ("Conv2D(4, 3, strides=2, padding='same')", (2, 14, 14, 4)),
+                        ("Conv2D(4, (3, 5))", (2, 26, 24, 4))]:
+        model, v = _init([spec], (28, 28, 1))
+        assert model.apply(v, x).shape == shape, spec
+    model, v = _init(["Conv1D(8, 5, activation='gelu')", "MaxPooling1D(2)", "AveragePooling1D(2, padding='same')",
+                      "GlobalAveragePooling1D()", "Dense(3)"], (100, 4))
+    assert model.apply(v, jnp.ones((5, 100, 4))).shape == (5, 3)
+    assert v["params"]["conv1d"]["kernel"].shape == (5, 4, 8)
+
+
+def test_pooling_values():
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    for spec, expected in [("MaxPooling2D(2)", [[5, 7], [13, 15]]), ("AveragePooling2D(2)", [[2.5, 4.5], [10.5, 12.5]])]:
+        model, v = _init([spec], (4, 4, 1))
+        np.testing.assert_allclose(model.apply(v, x)[0, ..., 0], expected)
+    model, v = _init(["GlobalMaxPooling2D()"], (4, 4, 1))
+    assert float(model.apply(v, x)[0, 0]) == 15.0
+    model, v = _init(["GlobalAveragePooling2D()"], (4, 4, 1))
+    assert float(model.apply(v, x)[0, 0]) == 7.5
+
+
+@pytest.mark.parametrize("name", ["relu", "gelu", "tanh", "sigmoid", "softmax"])
+def test_activations(name):
+    x = jnp.linspace(-3, 3, 12).reshape(2, 6)
+    model, v = _init([f"Activation('{name}')"], (6,))
+    expected = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
+                "softmax": jax.nn.softmax}[name](x)
+    np.testing.assert_allclose(model.apply(v, x), expected, rtol=1e-6)
+
+
+def test_final_softmax_gives_probabilities_and_logits_on_request():
+    model, v = _init(["Flatten()", "Dense(5, activation='softmax')"], (3, 3, 1))
+    x = jax.random.normal(jax.random.key(1), (4, 3, 3, 1))
+    probs, logits = model.apply(v, x), model.apply(v, x, logits=True)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs, jax.nn.softmax(logits), rtol=1e-6)
+    assert model.output_activation == "softmax"
+    model, v = _init(["Flatten()", "Dense(1)", "Activation('sigmoid')"], (3, 3, 1))
+    np.testing.assert_allclose(model.apply(v, x), jax.nn.sigmoid(model.apply(v, x, logits=True)), rtol=1e-6)
+
+
+def test_batch_norm_train_and_eval():
+    model, v = _init(["BatchNormalization(momentum=0.5)"], (3,))
+    x = jax.random.normal(jax.random.key(2), (64, 3)) * 4 + 10
+    y, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)  # batch statistics
+    np.testing.assert_allclose(updates["batch_stats"]["batch_normalization"]["mean"], 0.5 * x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(model.apply(v, x), x / np.sqrt(1 + 1e-3), rtol=1e-5)  # running stats: mean 0, var 1
+
+
+def test_dropout_only_in_training():
+    model, v = _init(["Dropout(0.5)"], (1000,))
+    x = jnp.ones((4, 1000))
+    np.testing.assert_array_equal(model.apply(v, x), x)
+    y = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)})
+    dropped = float((y == 0).mean())
+    assert 0.45 < dropped < 0.55 and float(y.max()) == 2.0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("Conv3D(8, 3)", "unknown layer 'Conv3D'; did you mean Conv2D?"),
+    ("Conv2D(8)", "missing a required argument: 'kernel_size'"),
+    ("Dense(10, act='relu')", "unexpected keyword argument 'act'"),
+    ("Dense(10, activation='relux')", "activation='relux' is unknown"),
+    ("Dense(-3)", "units=-3 must be a positive integer"),
+    ("MaxPooling2D(2, padding='full')", "padding='full' must be 'valid' or 'same'"),
+    ("Dropout(1.5)", "rate=1.5 must be a number in [0, 1)"),
+    ("Conv2D(8, (3, 3, 3))", "kernel_size=(3, 3, 3) must be a positive integer or a tuple of 2"),
+    ("Dense(__import__('os'))", "is not a layer spec"),
+    ("dense 10", "is not a layer spec"),
+])
+def test_bad_specs_name_the_field(spec, message):
+    with pytest.raises(cnn.ConfigError) as e:
+        cnn.build_model(["Flatten()", spec])
+    assert str(e.value).startswith(f"model.layers[1]={spec!r}") and message in str(e.value)
+
+
+@pytest.mark.parametrize("specs, shape, message", [
+    (["Conv2D(8, 3)", "MaxPooling2D(30)", "Flatten()", "Dense(10)"], (28, 28, 1),
+     "model.layers[1]='MaxPooling2D(30)': MaxPooling2D has a window of (30, 30) but its input is only (None, 26, 26, 8)"),
+    (["Conv2D(8, 9)", "Conv2D(8, 9)", "Flatten()", "Dense(10)"], (8, 8, 1), "model.layers[0]='Conv2D(8, 9)'"),
+    (["Conv1D(8, 3)", "Flatten()", "Dense(10)"], (28, 28, 1), "use the 2D version"),
+    (["Flatten()", "Conv2D(8, 3)", "Dense(10)"], (28, 28, 1), "move it before Flatten()"),
+])
+def test_shapes_that_do_not_fit(specs, shape, message):
+    with pytest.raises(cnn.ConfigError, match=None) as e:
+        models.output_shape(cnn.build_model(specs), shape)
+    assert message in str(e.value)
+
+
+def test_head_must_fit_the_dataset():
+    model = cnn.build_model(["Flatten()", "Dense(7)"])
+    with pytest.raises(cnn.ConfigError, match=r"gives 7 outputs but the dataset has 10 classes; end the model with Dense\(10\)"):
+        models.check_head(model, (8, 8, 1), 10, "auto")
+    with pytest.raises(cnn.ConfigError, match="not \\(None, units\\); add Flatten"):
+        models.check_head(cnn.build_model(["Conv2D(4, 3)", "Dense(10)"]), (8, 8, 1), 10, "auto")
+    assert models.check_head(cnn.build_model(["Flatten()", "Dense(1, activation='sigmoid')"]), (8, 8, 1), 2,
+                             "auto") == "sigmoid_binary_cross_entropy"
+    with pytest.raises(cnn.ConfigError, match="needs a two-class dataset"):
+        models.check_head(cnn.build_model(["Flatten()", "Dense(1)"]), (8, 8, 1), 10, "sigmoid_binary_cross_entropy")

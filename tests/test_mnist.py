@@ -1,0 +1,53 @@
+"""MNIST and Fashion-MNIST prepared offline from the original archive files in ../shared."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cnn
+from conftest import REPO, SHARED_DATASETS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    if not (SHARED_DATASETS / "mnist" / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"no MNIST archives in {SHARED_DATASETS} (set CNN_SHARED_DATASETS)")
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_mnist_from_manual_dir_trains_well_above_chance(data_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnn.main", "--config=configs/mnist.py", f"--workdir={tmp_path}",
+         f"--config.data.data_dir={data_dir}", f"--config.data.manual_dir={SHARED_DATASETS / 'mnist'}",
+         "--config.data.train_split=train[:20%]", "--config.train.num_epochs=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Preparing mnist" in proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test_accuracy"] > 0.9  # chance is 0.1; the full test split of 10,000 images
+    assert results["steps"] == 12000 // 128
+
+
+def test_cached_mnist_loads_without_tensorflow(data_dir):
+    """The second load reads the decoded cache; TensorFlow stays out of the process."""
+    code = ("import sys, cnn; c = cnn.load_config('configs/mnist.py'); "
+            f"c.data.data_dir = {data_dir!r}; c.data.train_split = 'train[:20%]'; d = cnn.load_dataset(c.data); "
+            "print(d.train.images.shape, d.test.images.shape, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "(12000, 28, 28, 1) (10000, 28, 28, 1) False", out.stderr
+
+
+def test_fashion_mnist_beside_mnist_gets_its_own_images(data_dir):
+    """Both sets use the same archive names; TFDS must not reuse MNIST's unpacked files."""
+    config = cnn.load_config(str(REPO / "configs" / "fashion_mnist.py"))
+    config.data.data_dir = data_dir
+    config.data.manual_dir = str(SHARED_DATASETS / "fashion_mnist")
+    fashion = cnn.load_dataset(config.data)
+    assert fashion.class_names[:2] == ["T-shirt/top", "Trouser"]
+    assert np.bincount(fashion.train.labels).tolist() == [6000] * 10  # MNIST's classes are uneven
+    assert len(fashion.test) == 10000

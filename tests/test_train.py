@@ -1,0 +1,123 @@
+"""Real training runs on the digits inside scikit-learn, through the notebook API."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import cnn
+from cnn import data as data_lib
+from cnn import train
+
+
+def test_digits_learns_and_writes_the_workdir(config_path, tmp_path):
+    config = cnn.load_config(config_path("digits"))
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+
+    assert run.results["test_accuracy"] >= 0.95
+    assert len(run.history) == config.train.num_epochs
+    assert run.history[-1]["train_loss"] < run.history[0]["train_loss"]
+    assert int(run.state.step) == run.results["steps"] == config.train.num_epochs * (1437 // config.train.batch_size)
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, config.train.num_epochs + 1))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test_accuracy"] == run.results["test_accuracy"] and results["seed"] == config.seed
+    assert {"test_loss", "epochs", "steps", "train_seconds"} <= results.keys()
+    assert "Total params: 76,522" in (tmp_path / "summary.txt").read_text()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+    # The returned state predicts: accuracy recomputed by hand matches the reported one.
+    test = data_lib.load(config.data).test
+    logits = run.model.apply(run.state.variables(), data_lib.preprocess(test.images))
+    assert float((np.argmax(logits, -1) == test.labels).mean()) == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+
+def test_eval_counts_every_example_once():
+    """Padding in the last eval batch must not count: 360 test digits in batches of 100."""
+    config = cnn.load_config("configs/digits.py")
+    dataset = data_lib.load(config.data)
+    model = cnn.build_model(config.model)
+    state = train.create_state(model, optax.sgd(0.1), dataset.input_shape, 0, "softmax_cross_entropy", config.data)
+    logits = model.apply(state.variables(), data_lib.preprocess(dataset.test.images))
+    expected_acc = float((np.argmax(logits, -1) == dataset.test.labels).mean())
+    expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, dataset.test.labels).mean())
+    mesh = cnn.sharding.make_mesh()
+    got = train.evaluate(state, dataset.test, 100, jax.jit(train.eval_step), cnn.sharding.batch_sharding(mesh))
+    assert got["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
+    assert got["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_train_step_is_pure_and_lowers_the_loss():
+    config = cnn.load_config("configs/digits.py")
+    dataset = data_lib.load(config.data)
+    model = cnn.build_model(config.model)
+    state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0,
+                               "softmax_cross_entropy", config.data)
+    batch = next(data_lib.train_batches(dataset.train, 64, 0, 1))
+    step = jax.jit(train.train_step)
+    a, metrics_a = step(state, batch)
+    b, metrics_b = step(state, batch)  # same inputs, same outputs
+    np.testing.assert_array_equal(metrics_a["loss"], metrics_b["loss"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+    for _ in range(20):
+        a, metrics = step(a, batch)
+    assert float(metrics["loss"]) < 0.5 * float(metrics_a["loss"])
+
+
+def test_sigmoid_loss_and_accuracy():
+    logits = jnp.array([[2.0], [-1.0], [0.5]])
+    labels = jnp.array([1, 1, 0])
+    losses, correct = train.compute_loss("sigmoid_binary_cross_entropy", logits, labels)
+    p = jax.nn.sigmoid(logits[:, 0])
+    np.testing.assert_allclose(losses, -(labels * jnp.log(p) + (1 - labels) * jnp.log(1 - p)), rtol=1e-5)
+    np.testing.assert_array_equal(correct, [1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optimizer.name": "sgd", "optimizer.learning_rate": 0.05, "optimizer.nesterov": True},
+    {"optimizer.name": "adam", "optimizer.schedule": "warmup_cosine", "optimizer.warmup_epochs": 1},
+    {"optimizer.name": "adamw", "optimizer.weight_decay": 1e-4, "optimizer.schedule": "warmup_cosine"},
+])
+def test_optimizers_and_schedules_learn(tmp_path, overrides):
+    config = cnn.load_config("configs/digits.py")
+    config.train.num_epochs = 3
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    assert run.results["test_accuracy"] > 0.85
+
+
+def test_batch_norm_and_dropout_state_in_training(tmp_path):
+    config = cnn.load_config("configs/digits.py")
+    config.train.num_epochs = 3
+    config.model.layers = ("Conv2D(16, 3, padding='same')", "BatchNormalization()", "Activation('relu')",
+                           "MaxPooling2D(2)", "Flatten()", "Dropout(0.3)", "Dense(10, activation='softmax')")
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    stats = run.state.batch_stats["batch_normalization"]
+    assert float(jnp.abs(stats["mean"]).sum()) > 0  # running averages were updated
+    assert run.results["test_accuracy"] > 0.85
+    assert "Non-trainable params: 32" in (tmp_path / "summary.txt").read_text()
+
+
+def test_same_seed_same_result(tmp_path):
+    config = cnn.load_config("configs/digits.py")
+    config.train.num_epochs = 2
+    a = cnn.train_and_evaluate(config, str(tmp_path / "a"))
+    b = cnn.train_and_evaluate(config, str(tmp_path / "b"))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.state.params, b.state.params)
+    assert a.history[-1]["test_loss"] == b.history[-1]["test_loss"]
+
+
+def test_model_runs_on_an_array_without_training():
+    model = cnn.build_model(["Conv2D(8, 3, activation='relu')", "Flatten()", "Dense(10, activation='softmax')"])
+    x = np.random.default_rng(0).random((3, 8, 8, 1), np.float32)
+    variables = model.init(jax.random.key(0), x)
+    probs = model.apply(variables, x)
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
