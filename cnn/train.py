@@ -24,7 +24,7 @@ from flax.training import train_state
 
 from cnn import config as config_lib
 from cnn import data as data_lib
-from cnn import models, sharding
+from cnn import checkpoint, models, sharding
 from cnn.config import ConfigError
 from cnn.summary import summary
 from cnn.writer import MetricWriter
@@ -135,7 +135,11 @@ def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, step_fn,
 
 
 def check_workdir(workdir: str) -> None:
-    """Fails before any work if `workdir` cannot be written."""
+    """Fails before any work if `workdir` cannot be written or holds an earlier run."""
+    for name in ("results.json", "checkpoints"):
+        if os.path.exists(os.path.join(workdir, name)):
+            raise ConfigError(f"workdir={workdir!r} already holds a run ({name} exists); pass a new --workdir, "
+                              "or delete that folder to start over")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -151,7 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains the configured model, evaluating on the test split after every epoch.
 
     Writes to `workdir`: summary.txt, config.json, metrics.jsonl (one record
-    per epoch), TensorBoard event files and results.json.
+    per epoch), TensorBoard event files, checkpoints/ (the final state) and
+    results.json.
     """
     start = time.time()
     config_lib.validate(config)
@@ -224,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                   f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
                   f"({record['images_per_second']:,.0f} img/s)", flush=True)
 
+    checkpoint.save(workdir, state)
     last = history[-1]
     results = {
         "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],

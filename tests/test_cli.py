@@ -77,3 +77,10 @@ def test_manual_dir_with_the_wrong_files(tmp_path):
 def test_missing_config_file(tmp_path):
     proc = run_cli("--config=configs/nope.py", f"--workdir={tmp_path}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_a_finished_workdir_is_not_overwritten(tmp_path):
+    (tmp_path / "results.json").write_text('{"test_accuracy": 0.99}')
+    proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}")
+    assert proc.returncode == 2 and "already holds a run (results.json exists)" in proc.stderr
+    assert (tmp_path / "results.json").read_text() == '{"test_accuracy": 0.99}'

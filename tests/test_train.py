@@ -121,3 +121,16 @@ def test_model_runs_on_an_array_without_training():
     probs = model.apply(variables, x)
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_final_checkpoint_restores_the_trained_state(tmp_path):
+    config = cnn.load_config("configs/digits.py")
+    config.train.num_epochs = 2
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    dataset = data_lib.load(config.data)
+    fresh = train.create_state(run.model, train.make_optimizer(config.optimizer, 1437 // 32, 2),
+                               dataset.input_shape, seed=1, loss="softmax_cross_entropy", data=config.data)
+    restored = cnn.checkpoint.restore(str(tmp_path), fresh)
+    assert int(restored.step) == int(run.state.step)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, run.state.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, run.state.opt_state)
