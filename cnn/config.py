@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 10
     c.train.batch_size = 128
     c.train.eval_batch_size = 1000
+    # Checkpoints: every this many steps (0: only at epoch ends) and at the
+    # end of every epoch, keeping the newest few. A rerun resumes from them.
+    c.train.checkpoint_every_steps = 500
+    c.train.keep_checkpoints = 3
     # Devices to split each batch over; 0 means every local device. A CPU is
     # one device unless this asks for more (see sharding.set_cpu_devices).
     c.train.num_devices = 0
@@ -130,6 +134,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int("train.num_epochs", t.num_epochs)
     _positive_int("train.batch_size", t.batch_size)
     _positive_int("train.eval_batch_size", t.eval_batch_size)
+    _positive_int("train.keep_checkpoints", t.keep_checkpoints)
+    _need(isinstance(t.checkpoint_every_steps, numbers.Integral) and t.checkpoint_every_steps >= 0,
+          "train.checkpoint_every_steps", t.checkpoint_every_steps, "0 (epoch ends only) or a positive integer")
     _need(isinstance(t.num_devices, numbers.Integral) and t.num_devices >= 0,
           "train.num_devices", t.num_devices, "0 (all local devices) or a positive integer")
 

@@ -246,10 +246,14 @@ def _say(message: str) -> None:
 # --- Batches --------------------------------------------------------------------
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Full batches in an order fixed by (seed, epoch); the last partial batch is dropped."""
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int, skip: int = 0
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Full batches in an order fixed by (seed, epoch), from batch `skip` on; the last partial batch is dropped.
+
+    The order depends on nothing else, so a resumed run sees the same batches.
+    """
     order = np.random.default_rng([seed, epoch]).permutation(len(split))
-    for start in range(0, len(order) - batch_size + 1, batch_size):
+    for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
         idx = order[start:start + batch_size]
         yield {"image": split.images[idx], "label": split.labels[idx]}
 

@@ -169,7 +169,7 @@ def _padding(value: str) -> str:
 
 
 def _activation_name(value: str | None) -> str | None:
-    if value is not None and value not in ACTIVATIONS:
+    if value is not None and (not isinstance(value, str) or value not in ACTIVATIONS):
         raise ConfigError(f"activation={value!r} is unknown; known: {', '.join(ACTIVATIONS)}")
     return value
 

@@ -22,23 +22,24 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # JAX logs its backend probing at INFO
-    from cnn import sharding, train
+    from cnn import train
 
     try:
         config = FLAGS.config
-        num_devices = config.train.num_devices  # config_flags defers a bad file's error to the first read
+        config.train  # config_flags defers a bad file's error to the first read
     except OSError as e:
         detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
         print(f"error: --config could not be loaded ({detail}); pass a file such as configs/mnist.py",
               file=sys.stderr)
         sys.exit(2)
-    # Before anything touches a device: how many host devices the CPU is.
-    sharding.set_cpu_devices(num_devices)
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except train.Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: stopped, not finished
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

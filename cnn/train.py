@@ -7,11 +7,15 @@ the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import types
 from typing import Any
 
 import flax
@@ -135,11 +139,7 @@ def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, step_fn,
 
 
 def check_workdir(workdir: str) -> None:
-    """Fails before any work if `workdir` cannot be written or holds an earlier run."""
-    for name in ("results.json", "checkpoints"):
-        if os.path.exists(os.path.join(workdir, name)):
-            raise ConfigError(f"workdir={workdir!r} already holds a run ({name} exists); pass a new --workdir, "
-                              "or delete that folder to start over")
+    """Fails before any work if `workdir` cannot be written."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-test-{os.getpid()}")
@@ -151,12 +151,41 @@ def check_workdir(workdir: str) -> None:
             from None
 
 
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved and the same command resumes."""
+
+
+class Diverged(ConfigError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """Turns SIGTERM (how clusters pre-empt jobs) into a flag the loop checks after each step."""
+    flag = types.SimpleNamespace(raised=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(flag, "raised", True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_json(path: str, content: dict) -> None:
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Trains the configured model, evaluating on the test split after every epoch.
 
     Writes to `workdir`: summary.txt, config.json, metrics.jsonl (one record
-    per epoch), TensorBoard event files, checkpoints/ (the final state) and
-    results.json.
+    per epoch), TensorBoard event files, checkpoints/ and results.json. If
+    `workdir` holds checkpoints of this model, training continues from the
+    newest one, mid-epoch included, and ends exactly as an uninterrupted run.
     """
     start = time.time()
     config_lib.validate(config)
@@ -179,68 +208,100 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     steps_per_epoch = len(dataset.train) // train_cfg.batch_size
     tx = make_optimizer(config.optimizer, steps_per_epoch, train_cfg.num_epochs)
     state = create_state(model, tx, dataset.input_shape, config.seed, loss, config.data)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
+    checkpoints = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints)
+    restored = checkpoints.restore(state)
+    state, sums = restored if restored else (state, zeros)
+    step = int(state.step)
+
+    replicated = sharding.replicated(mesh)
+    state, sums = jax.device_put((state, sums), replicated)
     batch_sharding = sharding.batch_sharding(mesh)
-    p_train_step = jax.jit(train_step, in_shardings=(sharding.replicated(mesh), batch_sharding),
-                           out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)), donate_argnums=0)
-    p_eval_step = jax.jit(eval_step, in_shardings=(sharding.replicated(mesh), batch_sharding),
-                          out_shardings=sharding.replicated(mesh))
+    p_train_step = jax.jit(train_step, in_shardings=(replicated, batch_sharding),
+                           out_shardings=(replicated, replicated), donate_argnums=0)
+    p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
     table = summary(model, dataset.input_shape)
     print(table)
     print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images of {dataset.input_shape}, "
           f"{dataset.num_classes} classes; {steps_per_epoch} steps/epoch on {mesh.size} {mesh.devices.flat[0].platform}"
           f" device(s); loss {loss}", flush=True)
+    if restored:
+        print(f"resuming from the checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, batch "
+              f"{step % steps_per_epoch})", flush=True)
     with open(os.path.join(workdir, "summary.txt"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2) + "\n")
 
-    history = []
-    train_seconds = 0.0
-    with MetricWriter(workdir) as writer:
-        for epoch in range(1, train_cfg.num_epochs + 1):
+    def save_checkpoint(recent_losses: list[jax.Array], epoch: int) -> None:
+        """Saves unless a loss since the last save is NaN or infinite; then stops naming the step."""
+        if recent_losses:
+            values = np.asarray(jax.device_get(jnp.stack(recent_losses)))
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                latest = checkpoints.latest_step()
+                kept = f"the last good checkpoint (step {latest}) is kept" if latest is not None else \
+                    "no checkpoint had been saved yet"
+                raise Diverged(
+                    f"the training loss became {values[bad[0]]} at step {step - len(values) + bad[0] + 1} "
+                    f"(epoch {epoch}); stopped without saving: {kept}; lower optimizer.learning_rate (now "
+                    f"{config.optimizer.learning_rate})")
+        checkpoints.save(state, sums)
+
+    every = train_cfg.checkpoint_every_steps
+    with MetricWriter(workdir, step) as writer, _sigterm_flag() as sigterm:
+        for epoch in range(step // steps_per_epoch + 1, train_cfg.num_epochs + 1):
             epoch_start = time.time()
-            sums = None
-            batches = data_lib.train_batches(dataset.train, train_cfg.batch_size, config.seed, epoch)
-            for batch in _progress(batches, steps_per_epoch, f"epoch {epoch}/{train_cfg.num_epochs}"):
+            skip = step - (epoch - 1) * steps_per_epoch  # batches of this epoch done before a resume
+            batches = data_lib.train_batches(dataset.train, train_cfg.batch_size, config.seed, epoch, skip)
+            recent = []
+            for batch in _progress(batches, steps_per_epoch - skip, f"epoch {epoch}/{train_cfg.num_epochs}"):
                 state, metrics = p_train_step(state, jax.device_put(batch, batch_sharding))
-                sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-            sums = jax.device_get(sums)
-            if not np.isfinite(sums["loss"]):
-                raise ConfigError(f"the training loss became {sums['loss']} in epoch {epoch}; lower "
-                                         f"optimizer.learning_rate (now {config.optimizer.learning_rate})")
+                sums = jax.tree_util.tree_map(jnp.add, sums, metrics)
+                recent.append(metrics["loss"])
+                step += 1
+                if sigterm.raised or (every and step % every == 0 and step % steps_per_epoch):
+                    save_checkpoint(recent, epoch)
+                    recent = []
+                    if sigterm.raised:
+                        checkpoints.close()
+                        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {checkpoints.directory}; "
+                                        "run the same command to resume")
+            epoch_sums = jax.device_get(sums)
+            if not np.isfinite(epoch_sums["loss"]):
+                save_checkpoint(recent, epoch)  # raises Diverged naming the step
             train_time = time.time() - epoch_start
-            train_seconds += train_time
             test = evaluate(state, dataset.test, eval_batch_size, p_eval_step, batch_sharding)
             record = {
-                "epoch": epoch, "step": epoch * steps_per_epoch,
-                "train_loss": float(sums["loss"]) / steps_per_epoch,
-                "train_accuracy": float(sums["accuracy"]) / steps_per_epoch,
+                "epoch": epoch, "step": step,
+                "train_loss": float(epoch_sums["loss"]) / steps_per_epoch,
+                "train_accuracy": float(epoch_sums["accuracy"]) / steps_per_epoch,
                 "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                 "epoch_seconds": time.time() - epoch_start,
-                "images_per_second": steps_per_epoch * train_cfg.batch_size / train_time,
+                "images_per_second": (steps_per_epoch - skip) * train_cfg.batch_size / train_time,
                 "elapsed_seconds": time.time() - start,
             }
-            history.append(record)
             writer.write(record)
+            sums = jax.device_put(zeros, replicated)
+            save_checkpoint(recent, epoch)  # after the record: a resume never redoes a logged epoch
             print(f"epoch {epoch:>3}/{train_cfg.num_epochs}  train loss {record['train_loss']:.4f} "
                   f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
                   f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
                   f"({record['images_per_second']:,.0f} img/s)", flush=True)
+        history = writer.history
+    checkpoints.close()
 
-    checkpoint.save(workdir, state)
     last = history[-1]
     results = {
         "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
         "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
-        "epochs": train_cfg.num_epochs, "steps": int(state.step), "train_seconds": train_seconds,
-        "total_seconds": time.time() - start, "seed": config.seed,
-        "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
+        "epochs": train_cfg.num_epochs, "steps": step,
+        "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - start,
+        "seed": config.seed, "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
         "devices": mesh.size,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    _write_json(os.path.join(workdir, "results.json"), results)
     print(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
           f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
     return TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)

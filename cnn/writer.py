@@ -14,14 +14,37 @@ class MetricWriter:
     `tensorboard --logdir=WORKDIR` reads them and training never imports TF.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, step: int = 0):
+        """Keeps the records up to `step` (where a resumed run continues) and drops later ones.
+
+        `self.history` holds the kept records. A torn last line, from a
+        process killed mid-write, is dropped too.
+        """
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "w")
+        path = os.path.join(workdir, "metrics.jsonl")
+        self.history = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    if record["step"] > step:
+                        break
+                    self.history.append(record)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a")
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
     def write(self, record: dict) -> None:
-        self._jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
+        record = {**record, "time": time.time()}
+        self.history.append(record)
+        self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         step = record["step"]
         for key, value in record.items():

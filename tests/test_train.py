@@ -130,7 +130,8 @@ def test_final_checkpoint_restores_the_trained_state(tmp_path):
     dataset = data_lib.load(config.data)
     fresh = train.create_state(run.model, train.make_optimizer(config.optimizer, 1437 // 32, 2),
                                dataset.input_shape, seed=1, loss="softmax_cross_entropy", data=config.data)
-    restored = cnn.checkpoint.restore(str(tmp_path), fresh)
+    restored, epoch_sums = cnn.checkpoint.Checkpoints(str(tmp_path)).restore(fresh)
     assert int(restored.step) == int(run.state.step)
+    assert float(epoch_sums["loss"]) == 0.0  # saved at an epoch end
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, run.state.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, run.state.opt_state)

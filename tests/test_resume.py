@@ -1,0 +1,162 @@
+"""Crash, pre-emption and damage: a rerun of the same command ends exactly as an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import cnn
+from cnn import train
+from conftest import REPO
+
+# 16x16 digits in batches of 16: 89 steps an epoch, slow enough to be killed mid-run.
+ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=3", "--config.train.batch_size=16",
+        "--config.data.image_size=(16, 16)", "--config.train.checkpoint_every_steps=7",
+        "--config.train.keep_checkpoints=2", "--config.model.layers=('Conv2D(16, 3, activation=\"relu\")', "
+        "'MaxPooling2D(2)', 'Dropout(0.2)', 'Flatten()', 'Dense(64, activation=\"relu\")', 'Dense(10)')"]
+TIMING = {"epoch_seconds", "images_per_second", "elapsed_seconds", "time"}
+
+
+def start(workdir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "cnn.main", *ARGS, f"--workdir={workdir}", *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(workdir, *extra):
+    proc = start(workdir, *extra)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def metrics(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def final_params(workdir):
+    config = cnn.load_config(str(REPO / "configs" / "digits.py"))
+    config.data.image_size = (16, 16)
+    config.model.layers = ("Conv2D(16, 3, activation='relu')", "MaxPooling2D(2)", "Dropout(0.2)", "Flatten()",
+                           "Dense(64, activation='relu')", "Dense(10)")
+    model = cnn.build_model(config.model)
+    fresh = train.create_state(model, train.make_optimizer(config.optimizer, 89, 3), (16, 16, 1), 0,
+                               "softmax_cross_entropy", config.data)
+    state, _ = cnn.checkpoint.Checkpoints(str(workdir)).restore(fresh)
+    return int(state.step), state.params, state.opt_state
+
+
+def saved_steps(workdir):
+    """Finished checkpoints only (orbax writes into NAME.orbax-checkpoint-tmp first)."""
+    folder = workdir / "checkpoints"
+    return [int(d) for d in os.listdir(folder) if d.isdigit()] if folder.exists() else []
+
+
+def wait_for_checkpoint(workdir, after_step, proc):
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= after_step for s in saved_steps(workdir)):
+            return
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    finish(workdir)
+    return workdir
+
+
+def assert_same_run(workdir, reference):
+    assert metrics(workdir) == metrics(reference)
+    step, params, opt_state = final_params(workdir)
+    ref_step, ref_params, ref_opt_state = final_params(reference)
+    assert step == ref_step == 3 * 89
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, opt_state, ref_opt_state)
+    assert json.loads((workdir / "results.json").read_text())["test_accuracy"] == \
+        json.loads((reference / "results.json").read_text())["test_accuracy"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, reference, seed):
+    kill_after = random.Random(seed).choice([7, 50, 89, 120, 180, 230])
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, kill_after, proc)
+    time.sleep(random.Random(seed).random() * 0.05)  # anywhere, mid-save included
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "results.json").exists(), "the run finished before it could be killed"
+    out, _ = finish(tmp_path)
+    assert "resuming from the checkpoint at step" in out
+    assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, 30, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err
+    assert "SIGTERM: saved a checkpoint at step" in err and "run the same command to resume" in err
+    finish(tmp_path)
+    assert_same_run(tmp_path, reference)
+
+
+def test_finished_run_rerun_changes_nothing(tmp_path, reference):
+    finish(tmp_path)
+    before = metrics(tmp_path)
+    out, _ = finish(tmp_path)
+    assert "resuming from the checkpoint at step 267" in out and "\nepoch " not in out
+    assert metrics(tmp_path) == before
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    finish(tmp_path, "--config.train.num_epochs=1")
+    latest = max(saved_steps(tmp_path))
+    for root, _, files in os.walk(tmp_path / "checkpoints" / str(latest)):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+    out, err = finish(tmp_path, "--config.train.num_epochs=2")
+    assert f"checkpoint at step {latest} is damaged" in err
+    assert "resuming from the checkpoint at step" in out
+    assert len(os.listdir(tmp_path / "damaged_checkpoints")) == 1  # set aside, not deleted
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2 * 89
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    finish(tmp_path, "--config.train.num_epochs=1")
+    args = [a for a in ARGS if not a.startswith("--config.model.layers")]
+    proc = subprocess.run([sys.executable, "-m", "cnn.main", *args, f"--workdir={tmp_path}",
+                           "--config.model.layers=('Conv2D(8, 3)', 'Flatten()', 'Dense(10)')"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert "was made by a different model" in err
+    assert "conv2d/kernel: checkpoint (3, 3, 1, 16), config (3, 3, 1, 8)" in err
+    proc = start(tmp_path, "--config.optimizer.name=sgd")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "was made with a different optimizer" in err
+    assert not (tmp_path / "damaged_checkpoints").exists()  # refused, not mistaken for damage
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, reference):
+    finish(tmp_path, "--config.train.num_epochs=1")
+    proc = start(tmp_path, "--config.optimizer.learning_rate=1e30")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err
+    line = [l for l in err.splitlines() if l.startswith("error: ")][0]
+    assert "the training loss became nan at step" in line and "the last good checkpoint (step 89) is kept" in line
+    assert int(line.split(" at step ")[1].split()[0]) > 89
+    assert max(saved_steps(tmp_path)) == 89
+    step, params, _ = final_params(tmp_path)  # still restores, and is finite
+    assert step == 89 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
