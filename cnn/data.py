@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -157,6 +158,16 @@ def _builder(data: ml_collections.ConfigDict):
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ConfigError(f"data.name={data.name!r} is not a known dataset; {hint}use 'digits' (offline, built in) "
                           "or any TFDS image-classification dataset such as 'mnist' or 'fashion_mnist'") from None
+    except ValueError as e:  # a known dataset with an unknown config, e.g. 'eurosat/rgbb'
+        base = data.name.split("/")[0].split(":")[0]
+        try:
+            known = [f"{base}/{c.name}" for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+        except Exception:
+            known = []
+        found = re.search(r"BuilderConfig \S+ not found", str(e))
+        detail = found.group(0) if found else str(e).splitlines()[0][:200]
+        raise ConfigError(f"data.name={data.name!r}: {detail}"
+                          + (f"; {base} has {', '.join(map(repr, known[:8]))}" if known else "")) from None
 
 
 def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[str]]:
