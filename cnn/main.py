@@ -45,5 +45,40 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
 
 
+def _unknown_field(argv: list[str]) -> str | None:
+    """Names the first `--config.a.b=v` override whose field the config file lacks."""
+    from cnn.config import load
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    try:
+        config = load(path)
+    except Exception:
+        return None
+    for arg in argv:
+        if not arg.startswith("--config.") or "=" not in arg:
+            continue
+        node, parts = config, arg[len("--config."):].split("=", 1)[0].split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(parts[:i]) or "the config"
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
+                return f"{arg.split('=')[0]}: {where} has no field {part!r}; its fields: {known}"
+            node = node[part]
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every mistake reported as one line and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # config_flags applying an override
+        message = _unknown_field(argv) or f"a --config override could not be applied ({e})"
+    print(f"error: {message}\nusage: python -m cnn.main --config=configs/mnist.py --workdir=DIR "
+          "[--config.section.field=value ...]", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -80,3 +80,14 @@ def test_manual_dir_with_the_wrong_files(tmp_path):
 def test_missing_config_file(tmp_path):
     proc = run_cli("--config=configs/nope.py", f"--workdir={tmp_path}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.train.nope=1", "--config.train.nope: train has no field 'nope'; its fields: batch_size"),
+    ("--config.trian.num_epochs=1", "--config.trian.num_epochs: the config has no field 'trian'"),
+    ("--config.train.num_epochs=abc", "flag --config.train.num_epochs=abc: invalid literal for int()"),
+])
+def test_bad_flags_are_one_line(tmp_path, flag, message):
+    proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", flag)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {message}"), proc.stderr
