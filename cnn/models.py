@@ -55,9 +55,6 @@ class Sequential(nn.Module):
             x = layers_lib.ACTIVATIONS[output_activation](x)
         return x
 
-    def layer_names(self) -> list[str]:
-        return parse_stack(tuple(self.layers))[2]
-
 
 def build_model(model_config: ml_collections.ConfigDict | Sequence[str]) -> Sequential:
     """Builds the model from `config.model` (or a list of specs), checking every spec."""
