@@ -30,6 +30,7 @@ from cnn import config as config_lib
 from cnn import data as data_lib
 from cnn import checkpoint, models, sharding
 from cnn.config import ConfigError
+from cnn.progress import progress
 from cnn.summary import summary
 from cnn.writer import MetricWriter
 
@@ -256,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             skip = step - (epoch - 1) * steps_per_epoch  # batches of this epoch done before a resume
             batches = data_lib.train_batches(dataset.train, train_cfg.batch_size, config.seed, epoch, skip)
             recent = []
-            for batch in _progress(batches, steps_per_epoch - skip, f"epoch {epoch}/{train_cfg.num_epochs}"):
+            for batch in progress(batches, steps_per_epoch - skip, f"epoch {epoch}/{train_cfg.num_epochs}"):
                 state, metrics = p_train_step(state, jax.device_put(batch, batch_sharding))
                 sums = jax.tree_util.tree_map(jnp.add, sums, metrics)
                 recent.append(metrics["loss"])
@@ -306,11 +307,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
     return TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
 
-
-def _progress(batches, total: int, description: str):
-    """A progress bar on a terminal; the plain iterator otherwise (logs stay clean)."""
-    if not sys.stderr.isatty():
-        return batches
-    from tqdm import tqdm
-
-    return tqdm(batches, total=total, desc=description, leave=False, unit="step", dynamic_ncols=True)
