@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
 
 
@@ -89,9 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
     # end of every epoch, keeping the newest few. A rerun resumes from them.
     c.train.checkpoint_every_steps = 500
     c.train.keep_checkpoints = 3
-    # Devices to split each batch over; 0 means every local device. A CPU is
-    # one device unless this asks for more (see sharding.set_cpu_devices).
+    # Devices to split each batch over; 0 means every local device. On a CPU
+    # 0 splits it into one host device per core (see sharding.py).
     c.train.num_devices = 0
+    # 'bfloat16' computes the forward and backward pass in bf16 while the
+    # parameters and optimizer state stay float32 (mixed precision).
+    c.train.compute_dtype = "float32"
     return c
 
 
@@ -139,6 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "train.checkpoint_every_steps", t.checkpoint_every_steps, "0 (epoch ends only) or a positive integer")
     _need(isinstance(t.num_devices, numbers.Integral) and t.num_devices >= 0,
           "train.num_devices", t.num_devices, "0 (all local devices) or a positive integer")
+    _need(t.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype", t.compute_dtype,
+          f"one of {', '.join(COMPUTE_DTYPES)}")
 
     o = config.optimizer
     _need(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")

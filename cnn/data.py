@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -257,23 +256,19 @@ def _say(message: str) -> None:
 # --- Batches --------------------------------------------------------------------
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int, skip: int = 0
-                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Full batches in an order fixed by (seed, epoch), from batch `skip` on; the last partial batch is dropped.
+def epoch_index(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The example indices of each full batch of an epoch, [steps, batch_size]; the last partial batch is dropped.
 
-    The order depends on nothing else, so a resumed run sees the same batches.
+    The order depends on (seed, epoch) alone, so a resumed run, or a run
+    over more devices or processes, sees the same batches.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(len(split))
-    for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
-        yield {"image": split.images[idx], "label": split.labels[idx]}
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    steps = n // batch_size
+    return order[:steps * batch_size].reshape(steps, batch_size)
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every example once, in batches of one fixed shape; padding has mask 0."""
-    n = len(split)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        mask = idx < n
-        idx = np.where(mask, idx, 0)
-        yield {"image": split.images[idx], "label": split.labels[idx], "mask": mask}
+def eval_index(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every example once, in batches of one fixed shape: (indices, mask), both [steps, batch_size]; padding has mask 0."""
+    index = np.arange(-(-n // batch_size) * batch_size).reshape(-1, batch_size)
+    mask = index < n
+    return np.where(mask, index, 0), mask

@@ -14,6 +14,10 @@ from cnn.config import ConfigError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for metrics, summaries and results.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process (multi-host) run; "
+                    "without it, JAX_DISTRIBUTED=1 or a SLURM job with several tasks reads the cluster's environment.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes-1 (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,7 +26,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # JAX logs its backend probing at INFO
-    from cnn import train
+    from cnn import sharding, train
 
     try:
         config = FLAGS.config
@@ -33,6 +37,10 @@ def main(argv: list[str]) -> None:
               file=sys.stderr)
         sys.exit(2)
     try:
+        if FLAGS.coordinator_address and (FLAGS.num_processes is None or FLAGS.process_id is None):
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
+        sharding.set_cpu_devices(config.train.num_devices)
+        sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         train.train_and_evaluate(config, FLAGS.workdir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,26 +16,48 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+class Progress:
+    """Counts work done out of `total`; `update(n)` after each piece, `close()` at the end."""
+
+    def __init__(self, total: int, description: str, unit: str = "step", every: float = 30.0,
+                 leave: bool = False):
+        self.total, self.description, self.unit, self.every = total, description, unit, every
+        self.done = 0
+        self.start = self.last = time.time()
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=description, leave=leave, unit=unit, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.time()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.start)
+            left = (self.total - self.done) / rate if rate else float("inf")
+            print(f"{self.description}: {self.done}/{self.total} {self.unit}s, {rate:,.1f} {self.unit}/s, "
+                  f"{format_seconds(left)} left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def progress(items: Iterable[T], total: int, description: str, unit: str = "step", every: float = 30.0,
              leave: bool = False) -> Iterator[T]:
     """Yields `items`, showing how far through `total` the loop is and how long the rest will take."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=description, leave=leave, unit=unit, dynamic_ncols=True)
-        return
-    start = last = time.time()
-    done = 0
-    for item in items:
-        yield item
-        done += 1
-        now = time.time()
-        if now - last >= every and done < total:
-            last = now
-            rate = done / (now - start)
-            left = (total - done) / rate if rate else float("inf")
-            print(f"{description}: {done}/{total} {unit}s, {rate:,.1f} {unit}/s, {format_seconds(left)} left",
-                  file=sys.stderr, flush=True)
+    bar = Progress(total, description, unit, every, leave)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
 
 
 def format_seconds(seconds: float) -> str:

@@ -1,6 +1,6 @@
-"""Data parallelism: one mesh axis, 'data'; the batch is split over it and the
-train state is replicated. The same code runs on one CPU, several CPU host
-devices, GPUs or TPUs; with one device it costs nothing.
+"""Data parallelism: one mesh axis, 'data'; every batch is split over it and
+the train state is replicated. The same code runs on one CPU, a CPU split
+into host devices, GPUs, TPUs, and several processes (hosts).
 """
 
 from __future__ import annotations
@@ -14,24 +14,60 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnn.config import ConfigError
 
 
-def set_cpu_devices(num_devices: int) -> None:
-    """Splits the CPU into `num_devices` host devices (one if 0).
-
-    XLA runs a CNN's backward pass mostly on one core, so on 2 cores two host
-    devices train the MNIST CNN ~2x faster. It is not the default: with
-    jaxlib 0.10.2 on a 2-core machine, XLA's in-process CPU all-reduce hung
-    in about half of the runs (one device waits forever at the rendezvous
-    and XLA aborts after 40 s). Must run before JAX first touches a device;
-    after that the devices are fixed and this leaves them.
-    """
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
     try:
-        jax.config.update("jax_num_cpu_devices", max(num_devices, 1))
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_cpu_devices(num_devices: int) -> None:
+    """Splits the CPU into `num_devices` host devices; 0 means one per core.
+
+    XLA runs most of a CNN's backward pass on one core, so data parallelism
+    over host devices is how a step uses every core: on 2 cores two devices
+    train the MNIST CNN about 2x faster than one. XLA's CPU collectives run
+    on its intra-op thread pool, which by default has one thread per core;
+    with as many devices as threads, one device blocked at an all-reduce can
+    starve the other of the thread it needs to get there, and XLA aborts
+    after 40 s. Two threads per device (PJRT_NPROC) avoid that.
+
+    Must run before JAX first touches a device; after that the devices are
+    fixed and this leaves them (a notebook that already used JAX).
+    """
+    count = num_devices if isinstance(num_devices, int) and num_devices > 0 else cpu_count()
+    os.environ.setdefault("PJRT_NPROC", str(max(2 * count, cpu_count())))
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
-        pass  # the backend is already up (e.g. a notebook that ran JAX before)
+        pass
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-process (multi-host) run; a no-op when nothing asks for one.
+
+    With a coordinator address the three values come from the caller (flags);
+    without one, `jax.distributed.initialize()` reads a cluster's own
+    environment (SLURM, Open MPI, TPU pods) when `JAX_DISTRIBUTED=1` or SLURM
+    started several tasks. CPU processes talk over gloo (TCP).
+    """
+    cluster = os.environ.get("JAX_DISTRIBUTED") == "1" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if coordinator_address is None and not cluster:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D mesh over the first `num_devices` local devices (all if 0)."""
+    """A 1-D 'data' mesh: the first `num_devices` local devices (all if 0), or every device of every process."""
+    if jax.process_count() > 1:
+        if num_devices not in (0, jax.local_device_count()):
+            raise ConfigError(f"train.num_devices={num_devices}: a multi-process run uses every device of every "
+                              f"process; set train.num_devices=0")
+        return Mesh(np.array(jax.devices()), ("data",))
     devices = jax.local_devices()
     if num_devices > len(devices):
         raise ConfigError(f"train.num_devices={num_devices} but only {len(devices)} {devices[0].platform} "
@@ -40,6 +76,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Splits the first axis (the examples) over the mesh."""
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
@@ -51,3 +88,27 @@ def check_batch(field: str, batch_size: int, mesh: Mesh) -> None:
     if batch_size % mesh.size:
         raise ConfigError(f"{field}={batch_size} does not divide over {mesh.size} devices; use a multiple of "
                           f"{mesh.size}, or set train.num_devices to a divisor of it")
+
+
+def process_slice(batch_size: int) -> slice:
+    """The columns of a global batch that this process feeds to its own devices."""
+    per_process = batch_size // jax.process_count()
+    start = jax.process_index() * per_process
+    return slice(start, start + per_process)
+
+
+def put_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """A host batch onto the mesh, split over its first axis.
+
+    In a multi-process run each process passes only its own part of the
+    global batch (`process_slice`) and the parts form one global array.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
+
+
+def to_host(tree):
+    """A replicated device tree as numpy, in every process (no cross-process gather needed)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                                  else x, tree)

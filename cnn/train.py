@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import threading
 import time
 import types
@@ -30,7 +29,7 @@ from cnn import config as config_lib
 from cnn import data as data_lib
 from cnn import checkpoint, models, sharding
 from cnn.config import ConfigError
-from cnn.progress import progress
+from cnn.progress import Progress
 from cnn.summary import summary
 from cnn.writer import MetricWriter
 
@@ -38,8 +37,9 @@ from cnn.writer import MetricWriter
 class TrainState(train_state.TrainState):
     """Flax's TrainState plus what a step needs besides the parameters.
 
-    `loss`, `mean` and `std` are static (part of the compiled program, not
-    arrays), so the steps below are functions of (state, batch) alone.
+    `loss`, `mean`, `std` and `compute_dtype` are static (part of the
+    compiled program, not arrays), so the steps below are functions of
+    (state, batch) alone.
     """
 
     batch_stats: Any
@@ -47,16 +47,29 @@ class TrainState(train_state.TrainState):
     loss: str = flax.struct.field(pytree_node=False, default="softmax_cross_entropy")
     mean: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
     std: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
+    compute_dtype: str = flax.struct.field(pytree_node=False, default="float32")
 
     def variables(self, params=None) -> dict:
-        out = {"params": self.params if params is None else params}
+        """The model's variables, with parameters cast to the compute dtype (a no-op in float32).
+
+        Mixed precision: the cast is inside the differentiated function, so
+        gradients arrive in float32 and the optimizer only sees float32.
+        """
+        params = self.params if params is None else params
+        if self.compute_dtype != "float32":
+            params = jax.tree_util.tree_map(lambda p: p.astype(self.compute_dtype), params)
+        out = {"params": params}
         if self.batch_stats:
             out["batch_stats"] = self.batch_stats
         return out
 
+    def inputs(self, images: jax.Array) -> jax.Array:
+        return data_lib.preprocess(images, self.mean, self.std).astype(self.compute_dtype)
+
 
 def compute_loss(loss: str, logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example loss and correctness (1.0 or 0.0) from the model's logits."""
+    """Per-example loss and correctness (1.0 or 0.0) from the model's logits, in float32."""
+    logits = logits.astype(jnp.float32)
     if loss == "sigmoid_binary_cross_entropy":
         z = logits[:, 0]
         return optax.sigmoid_binary_cross_entropy(z, labels.astype(z.dtype)), ((z > 0) == (labels == 1)).astype(
@@ -67,7 +80,7 @@ def compute_loss(loss: str, logits: jax.Array, labels: jax.Array) -> tuple[jax.A
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy."""
-    x = data_lib.preprocess(batch["image"], state.mean, state.std)
+    x = state.inputs(batch["image"])
     rng = jax.random.fold_in(state.dropout_rng, state.step)
 
     def loss_fn(params):
@@ -81,10 +94,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainSta
     return state, {"loss": loss, "accuracy": accuracy}
 
 
+def train_step_and_sum(state: TrainState, sums: dict[str, jax.Array], batch: dict[str, jax.Array]
+                       ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
+    """`train_step`, adding its loss and accuracy to the epoch's running `sums` in the same compiled call.
+
+    Returns the step's loss too, for the NaN check before each checkpoint.
+    (Fusing several steps into one call with `lax.scan` was measured and
+    rejected: XLA:CPU runs convolutions inside a loop 10-40x slower.)
+    """
+    state, metrics = train_step(state, batch)
+    return state, jax.tree_util.tree_map(jnp.add, sums, metrics), metrics["loss"]
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums of loss and correct predictions over the batch's real (mask 1) examples."""
-    x = data_lib.preprocess(batch["image"], state.mean, state.std)
-    logits = state.apply_fn(state.variables(), x, train=False, logits=True)
+    logits = state.apply_fn(state.variables(), state.inputs(batch["image"]), train=False, logits=True)
     losses, correct = compute_loss(state.loss, logits, batch["label"])
     mask = batch["mask"].astype(jnp.float32)
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
@@ -109,12 +133,13 @@ def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epo
 
 
 def create_state(model: models.Sequential, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
-                 seed: int, loss: str, data: ml_collections.ConfigDict) -> TrainState:
+                 seed: int, loss: str, data: ml_collections.ConfigDict, compute_dtype: str = "float32"
+                 ) -> TrainState:
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
     variables = jax.jit(model.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables.get("batch_stats", {}),
-        dropout_rng=dropout_rng, loss=loss,
+        dropout_rng=dropout_rng, loss=loss, compute_dtype=compute_dtype,
         mean=None if data.mean is None else tuple(data.mean), std=None if data.std is None else tuple(data.std))
 
 
@@ -129,14 +154,39 @@ class TrainResult:
     class_names: list[str]
 
 
-def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, step_fn, batch_sharding) -> dict[str, float]:
-    """Loss and accuracy over every example of `split`."""
+def host_batch(split: data_lib.Split, index: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """This process's part of the batch `index` names (all of it unless several processes share the batch)."""
+    columns = sharding.process_slice(len(index))
+    out = {"image": split.images[index[columns]], "label": split.labels[index[columns]]}
+    if mask is not None:
+        out["mask"] = mask[columns]
+    return out
+
+
+def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, eval_fn, batch_sharding) -> dict[str, float]:
+    """Loss and accuracy over every example of `split`, in padded batches of one shape."""
+    index, mask = data_lib.eval_index(len(split), batch_size)
     totals = None
-    for batch in data_lib.eval_batches(split, batch_size):
-        out = step_fn(state, jax.device_put(batch, batch_sharding))
+    for i in range(len(index)):
+        out = eval_fn(state, sharding.put_batch(host_batch(split, index[i], mask[i]), batch_sharding))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
+    totals = sharding.to_host(totals)
     return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock), so logged times include imports and start-up."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def check_workdir(workdir: str) -> None:
@@ -187,11 +237,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     per epoch), TensorBoard event files, checkpoints/ and results.json. If
     `workdir` holds checkpoints of this model, training continues from the
     newest one, mid-epoch included, and ends exactly as an uninterrupted run.
+    In a multi-process run every process calls this; only the first writes.
     """
-    start = time.time()
+    start = process_start_time()
     config_lib.validate(config)
-    check_workdir(workdir)
-    sharding.set_cpu_devices(config.train.num_devices)
+    sharding.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
+    lead = jax.process_index() == 0
+    if lead:
+        check_workdir(workdir)
     train_cfg = config.train
 
     dataset = data_lib.load(config.data)
@@ -208,37 +261,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     steps_per_epoch = len(dataset.train) // train_cfg.batch_size
     tx = make_optimizer(config.optimizer, steps_per_epoch, train_cfg.num_epochs)
-    state = create_state(model, tx, dataset.input_shape, config.seed, loss, config.data)
-    zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
+    state = create_state(model, tx, dataset.input_shape, config.seed, loss, config.data, train_cfg.compute_dtype)
+    zeros = {"loss": np.zeros((), np.float32), "accuracy": np.zeros((), np.float32)}  # host: device copies are donated
     checkpoints = checkpoint.Checkpoints(workdir, keep=train_cfg.keep_checkpoints)
     restored = checkpoints.restore(state)
     state, sums = restored if restored else (state, zeros)
     step = int(state.step)
 
     replicated = sharding.replicated(mesh)
-    state, sums = jax.device_put((state, sums), replicated)
     batch_sharding = sharding.batch_sharding(mesh)
-    p_train_step = jax.jit(train_step, in_shardings=(replicated, batch_sharding),
-                           out_shardings=(replicated, replicated), donate_argnums=0)
-    p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+    state, sums = jax.device_put((state, sums), replicated)
+    run_step = jax.jit(train_step_and_sum, in_shardings=(replicated, replicated, batch_sharding),
+                       out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+    run_eval = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
     table = summary(model, dataset.input_shape)
-    print(table)
-    print(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images of {dataset.input_shape}, "
-          f"{dataset.num_classes} classes; {steps_per_epoch} steps/epoch on {mesh.size} {mesh.devices.flat[0].platform}"
-          f" device(s); loss {loss}", flush=True)
+    say = print if lead else (lambda *a, **k: None)
+    say(table)
+    say(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images of {dataset.input_shape}, "
+        f"{dataset.num_classes} classes; {steps_per_epoch} steps/epoch on {mesh.size} {mesh.devices.flat[0].platform}"
+        f" device(s){f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}; loss {loss}"
+        f"{'; ' + train_cfg.compute_dtype + ' compute' if train_cfg.compute_dtype != 'float32' else ''}", flush=True)
     if restored:
-        print(f"resuming from the checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, batch "
-              f"{step % steps_per_epoch})", flush=True)
-    with open(os.path.join(workdir, "summary.txt"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+        say(f"resuming from the checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, batch "
+            f"{step % steps_per_epoch})", flush=True)
+    if lead:
+        with open(os.path.join(workdir, "summary.txt"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
 
     def save_checkpoint(recent_losses: list[jax.Array], epoch: int) -> None:
         """Saves unless a loss since the last save is NaN or infinite; then stops naming the step."""
         if recent_losses:
-            values = np.asarray(jax.device_get(jnp.stack(recent_losses)))
+            values = sharding.to_host(jnp.stack(recent_losses))
             bad = np.flatnonzero(~np.isfinite(values))
             if bad.size:
                 latest = checkpoints.latest_step()
@@ -251,17 +307,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpoints.save(state, sums)
 
     every = train_cfg.checkpoint_every_steps
-    with MetricWriter(workdir, step) as writer, _sigterm_flag() as sigterm:
+    with MetricWriter(workdir, step, enabled=lead) as writer, _sigterm_flag() as sigterm:
         for epoch in range(step // steps_per_epoch + 1, train_cfg.num_epochs + 1):
             epoch_start = time.time()
-            skip = step - (epoch - 1) * steps_per_epoch  # batches of this epoch done before a resume
-            batches = data_lib.train_batches(dataset.train, train_cfg.batch_size, config.seed, epoch, skip)
-            recent = []
-            for batch in progress(batches, steps_per_epoch - skip, f"epoch {epoch}/{train_cfg.num_epochs}"):
-                state, metrics = p_train_step(state, jax.device_put(batch, batch_sharding))
-                sums = jax.tree_util.tree_map(jnp.add, sums, metrics)
-                recent.append(metrics["loss"])
+            first = step - (epoch - 1) * steps_per_epoch  # batches of this epoch done before a resume
+            index = data_lib.epoch_index(len(dataset.train), train_cfg.batch_size, config.seed, epoch)
+            recent, input_seconds = [], 0.0
+            bar = Progress(steps_per_epoch - first, f"epoch {epoch}/{train_cfg.num_epochs}") if lead else None
+            for i in range(first, steps_per_epoch):
+                t = time.time()
+                batch = sharding.put_batch(host_batch(dataset.train, index[i]), batch_sharding)
+                input_seconds += time.time() - t
+                state, sums, loss_value = run_step(state, sums, batch)
+                recent.append(loss_value)
                 step += 1
+                bar and bar.update()
                 if sigterm.raised or (every and step % every == 0 and step % steps_per_epoch):
                     save_checkpoint(recent, epoch)
                     recent = []
@@ -269,27 +329,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         checkpoints.close()
                         raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {checkpoints.directory}; "
                                         "run the same command to resume")
-            epoch_sums = jax.device_get(sums)
+            bar and bar.close()
+            epoch_sums = sharding.to_host(sums)
             if not np.isfinite(epoch_sums["loss"]):
                 save_checkpoint(recent, epoch)  # raises Diverged naming the step
             train_time = time.time() - epoch_start
-            test = evaluate(state, dataset.test, eval_batch_size, p_eval_step, batch_sharding)
+            test = evaluate(state, dataset.test, eval_batch_size, run_eval, batch_sharding)
             record = {
                 "epoch": epoch, "step": step,
                 "train_loss": float(epoch_sums["loss"]) / steps_per_epoch,
                 "train_accuracy": float(epoch_sums["accuracy"]) / steps_per_epoch,
                 "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                 "epoch_seconds": time.time() - epoch_start,
-                "images_per_second": (steps_per_epoch - skip) * train_cfg.batch_size / train_time,
-                "elapsed_seconds": time.time() - start,
+                "images_per_second": (steps_per_epoch - first) * train_cfg.batch_size / train_time,
+                "input_seconds": input_seconds,
+                "elapsed_seconds": time.time() - start,  # since the process started, imports included
             }
             writer.write(record)
             sums = jax.device_put(zeros, replicated)
             save_checkpoint(recent, epoch)  # after the record: a resume never redoes a logged epoch
-            print(f"epoch {epoch:>3}/{train_cfg.num_epochs}  train loss {record['train_loss']:.4f} "
-                  f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
-                  f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
-                  f"({record['images_per_second']:,.0f} img/s)", flush=True)
+            say(f"epoch {epoch:>3}/{train_cfg.num_epochs}  train loss {record['train_loss']:.4f} "
+                f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
+                f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
+                f"({record['images_per_second']:,.0f} img/s) at {record['elapsed_seconds']:.1f}s", flush=True)
         history = writer.history
     checkpoints.close()
 
@@ -300,10 +362,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "epochs": train_cfg.num_epochs, "steps": step,
         "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - start,
         "seed": config.seed, "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
-        "devices": mesh.size,
+        "devices": mesh.size, "processes": jax.process_count(),
     }
-    _write_json(os.path.join(workdir, "results.json"), results)
-    print(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
-          f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
+    if lead:
+        _write_json(os.path.join(workdir, "results.json"), results)
+    say(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
+        f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
     return TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
-

@@ -14,11 +14,12 @@ class MetricWriter:
     `tensorboard --logdir=WORKDIR` reads them and training never imports TF.
     """
 
-    def __init__(self, workdir: str, step: int = 0):
+    def __init__(self, workdir: str, step: int = 0, enabled: bool = True):
         """Keeps the records up to `step` (where a resumed run continues) and drops later ones.
 
         `self.history` holds the kept records. A torn last line, from a
-        process killed mid-write, is dropped too.
+        process killed mid-write, is dropped too. With `enabled` False (every
+        process but the first of a multi-process run) it only keeps history.
         """
         from tensorboardX import SummaryWriter
 
@@ -34,6 +35,9 @@ class MetricWriter:
                     if record["step"] > step:
                         break
                     self.history.append(record)
+        self.enabled = enabled
+        if not enabled:
+            return
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -44,6 +48,8 @@ class MetricWriter:
     def write(self, record: dict) -> None:
         record = {**record, "time": time.time()}
         self.history.append(record)
+        if not self.enabled:
+            return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         step = record["step"]
@@ -53,6 +59,8 @@ class MetricWriter:
                                     value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._jsonl.close()
         self._tb.close()
 

@@ -58,7 +58,8 @@ def test_train_step_is_pure_and_lowers_the_loss():
     model = cnn.build_model(config.model)
     state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0,
                                "softmax_cross_entropy", config.data)
-    batch = next(data_lib.train_batches(dataset.train, 64, 0, 1))
+    index = data_lib.epoch_index(len(dataset.train), 64, 0, 1)[0]
+    batch = {"image": dataset.train.images[index], "label": dataset.train.labels[index]}
     step = jax.jit(train.train_step)
     a, metrics_a = step(state, batch)
     b, metrics_b = step(state, batch)  # same inputs, same outputs
