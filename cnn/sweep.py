@@ -143,6 +143,7 @@ class Trial:
 class Sweep:
     path: str
     config: str  # absolute path of the base config
+    config_name: str  # as the sweep file names it: the same wherever the checkout lives
     trials: list[Overrides]
     fixed: Overrides
     metric: str
@@ -214,7 +215,7 @@ def load_sweep(path: str, metric: str | None = None) -> Sweep:
         metric)
     if goal not in ("max", "min"):
         raise ConfigError(f"{path}: goal={goal!r} is not valid: expected 'max' or 'min'")
-    return Sweep(os.path.abspath(path), config_path, trials, fixed, metric, goal)
+    return Sweep(os.path.abspath(path), config_path, spec_dict["config"], trials, fixed, metric, goal)
 
 
 def _short_keys(keys: Sequence[str]) -> dict[str, str]:
@@ -262,7 +263,7 @@ def make_trials(sweep: Sweep, workdir: str, extra: Sequence[str] = ()) -> list[T
 
 
 def _identity(trial: Trial, sweep: Sweep) -> dict:
-    return {"config": sweep.config, "overrides": {k: _value_text(v) for k, v in {**sweep.fixed,
+    return {"config": sweep.config_name, "overrides": {k: _value_text(v) for k, v in {**sweep.fixed,
                                                                                  **trial.overrides}.items()}}
 
 
@@ -278,9 +279,11 @@ def check_resumable(trials: Sequence[Trial], sweep: Sweep) -> None:
             continue
         with open(record) as f:
             before = json.load(f)
-        if before != _identity(trial, sweep):
-            raise ConfigError(f"{trial.workdir} was run with other settings ({before['overrides']}, config "
-                              f"{before['config']}); use a new --workdir or delete that folder")
+        now = _identity(trial, sweep)
+        if before != now:
+            raise ConfigError(f"{trial.workdir} was run with other settings (config {before['config']}, "
+                              f"{before['overrides']}; now {now['config']}, {now['overrides']}); "
+                              "use a new --workdir or delete that folder")
 
 
 def _die_with_parent() -> None:
@@ -552,13 +555,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = collect(trials, sweep, status)
     csv_path, png_path = os.path.join(args.workdir, "results.csv"), os.path.join(args.workdir, "sweep.png")
     write_csv(rows, csv_path)
-    print(format_table(rows, sweep))
     if not any(not math.isnan(_number(r.get(sweep.metric))) for r in rows) and any(s == "done" for s in
                                                                                      status.values()):
         known = sorted({k for r in rows for k, v in r.items() if isinstance(v, numbers.Real)} - set(sweep.keys))
         print(f"error: metric {sweep.metric!r} is in no results.json; pass --metric as one of {', '.join(known)}",
               file=sys.stderr)
         return 2
+    print(format_table(rows, sweep))
     if sweep.keys:
         plot(rows, sweep, png_path)
     counts = {s: sum(v.split(" ")[0] == s for v in status.values()) for s in ("done", "failed", "stopped")}
