@@ -479,7 +479,8 @@ def plot(rows: Sequence[Mapping[str, Any]], sweep: Sweep, path: str) -> None:
         if len(groups) <= 8:  # few enough lines to tell apart: how the key acts at each setting of the others
             for label, members in groups.items():
                 members.sort(key=lambda r: position[r[key]])
-                ax.plot([position[r[key]] for r in members], [_number(r[sweep.metric]) for r in members], "o-",
+                ax.plot([position[r[key]] for r in members], [_number(r[sweep.metric]) for r in members],
+                        "o-" if numeric else "o",  # a line between names would suggest an order they lack
                         label=", ".join(f"{short[k]}={v}" for k, v in zip(others, label)))
             if len(groups) > 1:
                 ax.legend(fontsize="small")

@@ -97,8 +97,8 @@ def test_dry_run_in_a_shell_then_sweep_fails_one_trial_and_resumes(tmp_path):
     """The workflow end to end: commands for a cluster, collecting, a failing trial, a lost result rerun."""
     work = tmp_path / "sweep"
     sweep_file = write_sweep(tmp_path / "s.py",
-                             "product({'optimizer.learning_rate': [0.003, 0.001]}) + [{'train.batch_size': 5000}]")
-    names = ["learning_rate=0.003", "learning_rate=0.001", "batch_size=5000"]
+                             "product({'optimizer.learning_rate': [0.003, 0.001]}) + [{'train.batch_size': 'lots'}]")
+    names = ["learning_rate=0.003", "learning_rate=0.001", "batch_size=lots"]
 
     dry = run_sweep(sweep_file, f"--workdir={work}", "--dry_run")
     assert dry.returncode == 0, dry.stderr
@@ -118,8 +118,8 @@ def test_dry_run_in_a_shell_then_sweep_fails_one_trial_and_resumes(tmp_path):
     proc = run_sweep(sweep_file, f"--workdir={work}", "--parallel=2")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "3 trials, 1 already done, 2 to run, 2 at a time" in proc.stdout
-    assert "FAILED batch_size=5000 (exit 2)" in proc.stdout
-    assert "train.batch_size=5000 is larger than the digits training split" in proc.stdout
+    assert "FAILED batch_size=lots (exit 2)" in proc.stdout
+    assert "error: flag --config.train.batch_size=lots: invalid literal for int()" in proc.stdout
     rows = read_csv(work / "results.csv")
     assert list(rows) == names
     assert [rows[n]["status"] for n in names] == ["done", "done", "failed (exit 2)"]
@@ -172,3 +172,27 @@ def test_shipped_sweeps_dry_run(tmp_path, name, count):
     proc = run_sweep(f"experiments/{name}.py", f"--workdir={tmp_path}", "--dry_run")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == count
+
+
+def test_trial_folders_from_other_settings_are_refused(tmp_path, capsys):
+    sweep_file = write_sweep(tmp_path / "s.py", "product({'seed': [0]})")
+    (tmp_path / "w" / "seed=0").mkdir(parents=True)
+    (tmp_path / "w" / "seed=0" / "trial.json").write_text(json.dumps(
+        {"config": "configs/digits.py", "overrides": {"train.num_epochs": "5", "seed": "0"}}))
+    assert sweep_lib.main([sweep_file, f"--workdir={tmp_path / 'w'}"]) == 2
+    err = capsys.readouterr().err
+    assert "seed=0 was run with other settings" in err and "use a new --workdir" in err
+
+
+def test_plot_of_a_random_search_and_names(tmp_path):
+    """Plotting needs only the rows: many distinct values become a scatter, names become labelled positions."""
+    trials = sweep_lib.sample(12, {"optimizer.learning_rate": sweep_lib.log_uniform(1e-4, 1), "model.preset": [
+        "flax_cnn", "lenet5", "vgg"]}, seed=3)
+    rows = [{"trial": sweep_lib.trial_name(t), "status": "done", **t, "test_accuracy": 0.5 + i / 30}
+            for i, t in enumerate(trials)] + [{"trial": "x", "status": "failed (exit 1)",
+                                               "optimizer.learning_rate": 0.5, "model.preset": "vgg"}]
+    sweep = sweep_lib.Sweep("s.py", "c.py", "c.py", trials, {}, "test_accuracy", "max")
+    sweep_lib.plot(rows, sweep, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    assert sweep_lib.ranked(rows, "test_accuracy", "max")[-1]["trial"] == "x"
+    assert "rank" in sweep_lib.format_table(rows, sweep).splitlines()[0]
