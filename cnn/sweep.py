@@ -325,15 +325,9 @@ def run_trials(trials: Sequence[Trial], sweep: Sweep, parallel: int, log: Callab
     log(f"sweep: {len(trials)} trials, {len(status)} already done, {len(pending)} to run, {parallel} at a time, "
         f"in {os.path.dirname(trials[0].workdir)}")
     running: dict[subprocess.Popen, tuple[Trial, float]] = {}
-    signals = []
-
-    def on_signal(signum, _frame):
-        signals.append(signum)
-        for proc in running:
-            proc.send_signal(signal.SIGTERM if len(signals) == 1 else signal.SIGKILL)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    start, durations = time.time(), []
+    signals: list[int] = []  # the handler only records; the loop forwards, so a child started meanwhile is included
+    previous = {s: signal.signal(s, lambda signum, _: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    start, durations, forwarded = time.time(), [], 0
     env = _child_env(parallel)
     try:
         while pending or running:
@@ -351,6 +345,10 @@ def run_trials(trials: Sequence[Trial], sweep: Sweep, parallel: int, log: Callab
                 running[proc] = (trial, time.time())
             if signals and not running:
                 break
+            if len(signals) > forwarded:
+                forwarded = len(signals)
+                for proc in running:
+                    proc.send_signal(signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 trial, began = running.pop(proc)
@@ -376,11 +374,11 @@ def run_trials(trials: Sequence[Trial], sweep: Sweep, parallel: int, log: Callab
         for s, handler in previous.items():
             signal.signal(s, handler)
     for trial in pending:
-        status.setdefault(trial.name, "stopped" if signals else "not run")
+        status.setdefault(trial.name, "not run")
     if signals:
         stopped = sum(s == "stopped" for s in status.values())
-        log(f"sweep: interrupted; {stopped} trials stopped (their checkpoints are kept); "
-            "run the same command to resume")
+        log(f"sweep: interrupted; {stopped} running trial(s) stopped and kept their checkpoints, {len(pending)} not "
+            "started; run the same command to resume")
     return status, (signals[0] if signals else None)
 
 

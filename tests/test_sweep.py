@@ -152,7 +152,7 @@ def test_sigterm_stops_trials_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
-    assert "interrupted; 1 trials stopped" in out and "SIGTERM: saved a checkpoint" in log.read_text()
+    assert "interrupted; 1 running trial(s) stopped" in out and "SIGTERM: saved a checkpoint" in log.read_text()
     assert read_csv(work / "results.csv")["seed=0"]["status"] == "stopped"
 
     # Resume with fewer epochs (extra --config flags reach every trial) so the test stays short.
