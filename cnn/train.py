@@ -293,6 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         history = writer.history
     checkpoints.close()
 
+    from cnn.plots import write_plots  # here: plots and predict import this module
+    from cnn.predict import dataset_info
+
     last = history[-1]
     results = {
         "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
@@ -301,9 +304,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - start,
         "seed": config.seed, "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
         "devices": mesh.size,
+        **dataset_info(dataset),  # class names, input shape: cnn.predict then needs no dataset
     }
     _write_json(os.path.join(workdir, "results.json"), results)
     print(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
           f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
-    return TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
+    run = TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
+    write_plots(workdir, run, dataset)
+    return run
 
