@@ -97,10 +97,13 @@ def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
                 ax.yaxis.set_major_formatter(PercentFormatter(1.0))
             if row == 0:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch: one point, centred, integer ticks
+            else:
+                ax.set_xlim(0, max(times) * 1.05 or 1)
             ax.legend(loc="best")
     last = history[-1]
     fig.suptitle(f"{title + ': ' if title else ''}learning curves, final test accuracy {last['test_accuracy']:.2%} "
-                 f"(loss {last['test_loss']:.4f}) after {len(history)} epochs")
+                 f"(loss {last['test_loss']:.4f}) after {len(history)} epoch{'s' if len(history) != 1 else ''}")
     return fig
 
 
