@@ -164,23 +164,29 @@ def filters(run: TrainResult, max_filters: int = 64) -> Figure:
 def activations(run: TrainResult, images: np.ndarray) -> dict[str, np.ndarray]:
     """Each convolution layer's output (after its activation) for uint8 `images`, by layer name."""
     state = run.state
-    x = data_lib.preprocess(images, state.mean, state.std)
-    _, captured = state.apply_fn(state.variables(), x, train=False, capture_intermediates=True,
-                                 mutable=["intermediates"])
-    return {name: np.asarray(captured["intermediates"][name]["__call__"][-1]) for name, _ in _conv_layers(run)}
+    names = [name for name, _ in _conv_layers(run)]
+
+    @jax.jit  # one compilation, not one per operation
+    def outputs(variables, images):
+        x = data_lib.preprocess(images, state.mean, state.std)
+        _, captured = state.apply_fn(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+        return {name: captured["intermediates"][name]["__call__"][-1] for name in names}
+
+    return {name: np.asarray(a) for name, a in outputs(state.variables(), np.asarray(images)).items()}
 
 
-def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | None = None, max_channels: int = 8
-                 ) -> Figure:
+def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | None = None, max_channels: int = 8,
+                 probs: np.ndarray | None = None) -> Figure:
     """What every convolution layer makes of a few images: one block per image, one row per layer.
 
     Each row shows the `max_channels` channels most active on these images
     (the same channels for every image, so they compare), labelled by
-    layer, output shape and channel number.
+    layer, output shape and channel number. `probs`, the images' class
+    probabilities if already computed, saves computing them again.
     """
     images = np.asarray(images)[:6]
     maps = activations(run, images)
-    probs = probabilities(run, images)
+    probs = probabilities(run, images) if probs is None else np.asarray(probs)[:6]
     names = list(maps)
     fig = _figure(8, 2)
     if not names:
@@ -324,7 +330,7 @@ def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_i
     figures = {"learning_curves": lambda: learning_curves(run.history, title)}
     if _conv_layers(run):
         figures["filters"] = lambda: filters(run)
-        figures["feature_maps"] = lambda: feature_maps(run, test.images[sample], test.labels[sample])
+        figures["feature_maps"] = lambda: feature_maps(run, test.images[sample], test.labels[sample], probs=probs[sample])
     figures["confusion_matrix"] = lambda: confusion_matrix(run, test, probs)
     figures["misclassified"] = lambda: misclassified(run, test, probs)
 
