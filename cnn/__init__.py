@@ -28,8 +28,8 @@ from cnn import checkpoint
 from cnn.summary import summary
 from cnn.train import TrainResult, TrainState, eval_step, train_and_evaluate, train_step
 from cnn import plots
-from cnn.predict import load as load_run
-from cnn.predict import predict
+from cnn.prediction import load as load_run
+from cnn.prediction import predict
 
 __all__ = [
     "ConfigError", "Sequential", "TrainResult", "TrainState", "base_config", "build_model", "eval_step",

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from cnn import data as data_lib
-from cnn.predict import probabilities
+from cnn.prediction import probabilities
 from cnn.models import parse_stack
 from cnn.progress import progress
 from cnn.train import TrainResult

@@ -294,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoints.close()
 
     from cnn.plots import write_plots  # here: plots and predict import this module
-    from cnn.predict import dataset_info
+    from cnn.prediction import dataset_info
 
     last = history[-1]
     results = {

@@ -23,7 +23,7 @@ def visualize(workdir: str, num_images: int = 3) -> list[str]:
     """Loads the run in `workdir` and its test split, and writes every picture; returns the PNG paths."""
     from cnn import data as data_lib
     from cnn import plots
-    from cnn.predict import load, read_config
+    from cnn.prediction import load, read_config
 
     run = load(workdir)
     dataset = data_lib.load(read_config(workdir).data)
