@@ -97,6 +97,11 @@ def load(workdir: str) -> train_lib.TrainResult:
     training has none yet, and then the dataset is loaded to find them.
     """
     config = read_config(workdir)
+    directory = os.path.join(workdir, "checkpoints")
+    no_checkpoint = ConfigError(f"workdir={workdir!r} has no checkpoint yet; train first (python -m cnn.main "
+                                f"--config=CONFIG --workdir={workdir}) or pass the workdir of a run that saved one")
+    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+        raise no_checkpoint  # before any work
     results = _read_json(os.path.join(workdir, "results.json")) or {}
     if not {"class_names", "input_shape"} <= results.keys():
         results = {**results, **dataset_info(data_lib.load(config.data))}
@@ -107,16 +112,13 @@ def load(workdir: str) -> train_lib.TrainResult:
     # The optimizer gives the checkpoint's structure; its schedule's length does not matter here.
     tx = train_lib.make_optimizer(config.optimizer, 1, config.train.num_epochs)
     fresh = train_lib.create_state(model, tx, input_shape, config.seed, loss, config.data)
-    restored = None
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        checkpoints = checkpoint.Checkpoints(workdir)
-        try:
-            restored = checkpoints.restore(fresh)
-        finally:
-            checkpoints.close()
-    if restored is None:
-        raise ConfigError(f"workdir={workdir!r} has no checkpoint yet; train first (python -m cnn.main "
-                          f"--config=CONFIG --workdir={workdir}) or pass the workdir of a run that saved one")
+    checkpoints = checkpoint.Checkpoints(workdir)
+    try:
+        restored = checkpoints.restore(fresh)
+    finally:
+        checkpoints.close()
+    if restored is None:  # every one was damaged, and set aside
+        raise no_checkpoint
     history = []
     try:
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -242,7 +244,8 @@ def convert(image, shape: Sequence[int], info: dict[str, Any] | None = None, inv
 
     extent = info.get("ink_extent")
     box = None
-    if frame and extent and min(background, 255 - background) < 64:  # a plain background, as in training
+    if frame and extent and image.size != (width, height) and min(background, 255 - background) < 64:
+        # Another size, on a plain background as in training: find the object.
         gray = np.asarray(image.convert("L"))
         box, _ = _ink_box(gray, background)
     if box is not None:  # crop to the object, then frame it as the training images frame theirs

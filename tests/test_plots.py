@@ -23,11 +23,15 @@ PICTURES = ("learning_curves", "filters", "feature_maps", "confusion_matrix", "m
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("digits"))
+    """Digits trained for 2 epochs, once per session: test_plots.py and test_predict.py share the workdir."""
+    workdir = tmp_path_factory.getbasetemp() / "digits-2-epochs"
     config = cnn.load_config(os.path.join(REPO, "configs", "digits.py"))
     config.train.num_epochs = 2
-    run = cnn.train_and_evaluate(config, workdir)
-    return workdir, run, cnn.load_dataset(config.data)
+    if (workdir / "results.json").exists():
+        run = cnn.load_run(str(workdir))
+    else:
+        run = cnn.train_and_evaluate(config, str(workdir))
+    return str(workdir), run, cnn.load_dataset(config.data)
 
 
 def test_training_ends_with_every_picture_as_a_png(trained):
