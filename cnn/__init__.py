@@ -27,7 +27,6 @@ from cnn.models import Sequential, build_model
 from cnn import checkpoint
 from cnn.summary import summary
 from cnn.train import TrainResult, TrainState, eval_step, train_and_evaluate, train_step
-from cnn import plots
 from cnn.prediction import load as load_run
 from cnn.prediction import predict
 
@@ -35,3 +34,12 @@ __all__ = [
     "ConfigError", "Sequential", "TrainResult", "TrainState", "base_config", "build_model", "eval_step",
     "load_config", "load_dataset", "load_run", "plots", "predict", "summary", "train_and_evaluate", "train_step",
 ]
+
+
+def __getattr__(name: str):
+    """`cnn.plots` is imported on first use: matplotlib adds ~1 s to every start, and training needs it only at the end."""
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module("cnn.plots")
+    raise AttributeError(f"module 'cnn' has no attribute {name!r}")
