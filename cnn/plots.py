@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -257,15 +258,16 @@ def confusion_matrix(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
     np.add.at(counts, (split.labels, predicted), 1)
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     longest = max(len(c) for c in run.class_names)
-    side = max(5.0, 0.45 * n + 0.07 * longest + 2.5)
+    side = min(max(5.0, 0.45 * n + 0.07 * longest + 2.5), 14.0)
     fig = _figure(side + 1.2, side)
     ax = fig.subplots()
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class", format=PercentFormatter(1.0))
     if n <= 40:
+        size = 10 if n <= 20 else 7
         ax.set_xticks(range(n), run.class_names, rotation=45 if longest > 2 else 0, ha="right" if longest > 2
-                      else "center", rotation_mode="anchor")
-        ax.set_yticks(range(n), run.class_names)
+                      else "center", rotation_mode="anchor", fontsize=size)
+        ax.set_yticks(range(n), run.class_names, fontsize=size)
     if n <= 25:
         size = 9 if n <= 12 else 7
         for i in range(n):
@@ -273,8 +275,9 @@ def confusion_matrix(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
                 if counts[i, j]:
                     ax.text(j, i, f"{counts[i, j]}", ha="center", va="center", fontsize=size,
                             color="white" if fractions[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    index = "" if n <= 40 else " (index into class_names in results.json)"
+    ax.set_xlabel(f"predicted class{index}")
+    ax.set_ylabel(f"true class{index}")
     accuracy = float(np.trace(counts)) / max(counts.sum(), 1)
     ax.set_title(f"Confusion matrix, {title}: {accuracy:.2%} of {counts.sum():,} images right")
     return fig
@@ -316,8 +319,20 @@ def _sample(split: data_lib.Split, count: int) -> np.ndarray:
     return np.sort(first)[:count]
 
 
-def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_images: int = 3) -> list[str]:
-    """Draws every picture, saves each as WORKDIR/plots/NAME.png and adds it to TensorBoard; returns the paths."""
+def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_images: int = 3,
+                warn_only: bool = False) -> list[str]:
+    """Draws every picture, saves each as WORKDIR/plots/NAME.png and adds it to TensorBoard; returns the paths.
+
+    `warn_only` (training sets it): a failure is one warning line, not an
+    error, so a picture never fails a finished training run.
+    """
+    if warn_only:
+        try:
+            return write_plots(workdir, run, dataset, num_images)
+        except Exception as e:  # noqa: BLE001 - the run's results are already written
+            print(f"warning: the pictures could not be drawn ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"python -m cnn.visualize --workdir={workdir} retries", file=sys.stderr, flush=True)
+            return []
     from PIL import Image
     from tensorboardX import SummaryWriter
 
