@@ -97,8 +97,11 @@ def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
             if metric == "accuracy":
                 ax.yaxis.set_major_formatter(PercentFormatter(1.0))
             if row == 0:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)  # one epoch: one point, centred, integer ticks
+                if len(epochs) <= 12:
+                    ax.set_xticks(epochs)  # whole epochs only, even for a one-epoch run
+                else:
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
             else:
                 ax.set_xlim(0, max(times) * 1.05 or 1)
             ax.legend(loc="best")

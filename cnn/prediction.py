@@ -186,6 +186,9 @@ def convert(image, shape: Sequence[int], info: dict[str, Any] | None = None, inv
     """
     from PIL import Image, ImageOps
 
+    if len(shape) != 3:
+        raise ConfigError(f"the model takes inputs shaped {tuple(shape)}, not images (height, width, channels); "
+                          "pass arrays of exactly that shape to cnn.predict")
     height, width, channels = (int(v) for v in shape)
     if channels not in (1, 3):
         raise ConfigError(f"the model takes {channels}-channel images; only 1 (grayscale) or 3 (RGB) can be made "
@@ -238,9 +241,12 @@ def convert(image, shape: Sequence[int], info: dict[str, Any] | None = None, inv
     if flip:
         image = ImageOps.invert(image)
         background = 255 - background
-        done.append("inverted (light background; the training images have dark ones)" if invert == "auto"
-                    and trained_on < 64 else "inverted (dark background; the training images have light ones)"
-                    if invert == "auto" else "inverted")
+        if invert == "yes":
+            done.append("inverted (as asked)")
+        elif trained_on < 64:
+            done.append("inverted (light background; the training images have dark ones)")
+        else:
+            done.append("inverted (dark background; the training images have light ones)")
 
     extent = info.get("ink_extent")
     box = None
@@ -254,7 +260,7 @@ def convert(image, shape: Sequence[int], info: dict[str, Any] | None = None, inv
         canvas = Image.new(want, (side, side), _fill(want, background, image))
         canvas.paste(image.crop((left, top, right, bottom)), ((side - (right - left)) // 2, (side - (bottom - top)) // 2))
         image = canvas
-        done.append(f"cropped to the drawing and centred with a margin, as in training (it spans {extent:.0%})")
+        done.append(f"cropped to the drawing and centred to span {extent:.0%} of the image, as in training")
     elif image.width * height != image.height * width:  # pad, not stretch, to the model's aspect ratio
         new_w = max(image.width, -(-image.height * width // height))
         new_h = max(image.height, -(-image.width * height // width))
