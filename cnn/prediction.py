@@ -256,11 +256,16 @@ def convert(image, shape: Sequence[int], info: dict[str, Any] | None = None, inv
         box, _ = _ink_box(gray, background)
     if box is not None:  # crop to the object, then frame it as the training images frame theirs
         top, left, bottom, right = box
-        side = max(math.ceil(max(bottom - top, right - left) / extent), 1)
+        h, w = bottom - top, right - left
+        # Centred on its centre of mass, as MNIST's digits are; the canvas grows if that needs more room.
+        weight = np.abs(gray[top:bottom, left:right].astype(np.float64) - background)
+        cy = float((weight.sum(axis=1) * np.arange(h)).sum() / weight.sum()) + 0.5
+        cx = float((weight.sum(axis=0) * np.arange(w)).sum() / weight.sum()) + 0.5
+        side = max(math.ceil(max(h, w) / extent), 2 * math.ceil(max(cy, h - cy, cx, w - cx)), 1)
         canvas = Image.new(want, (side, side), _fill(want, background, image))
-        canvas.paste(image.crop((left, top, right, bottom)), ((side - (right - left)) // 2, (side - (bottom - top)) // 2))
+        canvas.paste(image.crop((left, top, right, bottom)), (round(side / 2 - cx), round(side / 2 - cy)))
         image = canvas
-        done.append(f"cropped to the drawing and centred to span {extent:.0%} of the image, as in training")
+        done.append(f"cropped to the drawing and centred on its centre of mass to span {extent:.0%} of the image, as in training")
     elif image.width * height != image.height * width:  # pad, not stretch, to the model's aspect ratio
         new_w = max(image.width, -(-image.height * width // height))
         new_h = max(image.height, -(-image.width * height // width))

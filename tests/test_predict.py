@@ -86,6 +86,19 @@ def test_convert_flattens_inverts_and_resizes():
     assert kept[0, 0, 0] > 200
 
 
+def test_convert_frames_a_drawing_like_the_training_images():
+    """A small drawing in a corner of a big page ends up centred, as big as the training digits (here half)."""
+    page = np.full((400, 600), 255, np.uint8)
+    page[20:120, 30:60] = 0  # a black bar near the top-left corner
+    array, notes = prediction.convert(page, (20, 20, 1), {"border_brightness": 0.0, "ink_extent": 0.5})
+    ink = np.argwhere(array[..., 0] > 128)
+    assert 9 <= ink[:, 0].max() - ink[:, 0].min() + 1 <= 11  # 100 px tall -> half of 20
+    assert np.allclose(ink.mean(axis=0), 9.5, atol=1.0)  # centred on its centre of mass
+    assert "centred on its centre of mass" in notes[0]
+    plain, notes = prediction.convert(page, (20, 20, 1), {"border_brightness": 0.0, "ink_extent": 0.5}, frame=False)
+    assert "padded to 600x600" in notes[0] and np.argwhere(plain[..., 0] > 128).mean(axis=0)[0] < 6
+
+
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run([sys.executable, "-m", "cnn.predict", *args], capture_output=True, text=True, env=env,
