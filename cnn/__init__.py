@@ -12,6 +12,12 @@ or build a model and apply it without training:
     model = cnn.build_model(["Conv2D(8, 3, activation='relu')", "Flatten()", "Dense(10)"])
     variables = model.init(jax.random.key(0), x)
     model.apply(variables, x)
+
+and look inside a trained one:
+
+    run = cnn.load_run("/tmp/digits")  # config.json + the newest checkpoint
+    cnn.predict(run, images, top_k=3)  # [[(class name, probability), ...], ...]
+    cnn.plots.filters(run)  # a matplotlib Figure; see cnn/plots.py for the others
 """
 
 from cnn.config import ConfigError, base_config
@@ -21,8 +27,19 @@ from cnn.models import Sequential, build_model
 from cnn import checkpoint
 from cnn.summary import summary
 from cnn.train import TrainResult, TrainState, eval_step, train_and_evaluate, train_step
+from cnn.prediction import load as load_run
+from cnn.prediction import predict
 
 __all__ = [
     "ConfigError", "Sequential", "TrainResult", "TrainState", "base_config", "build_model", "eval_step",
-    "load_config", "load_dataset", "summary", "train_and_evaluate", "train_step",
+    "load_config", "load_dataset", "load_run", "plots", "predict", "summary", "train_and_evaluate", "train_step",
 ]
+
+
+def __getattr__(name: str):
+    """`cnn.plots` is imported on first use: matplotlib adds ~1 s to every start, and training needs it only at the end."""
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module("cnn.plots")
+    raise AttributeError(f"module 'cnn' has no attribute {name!r}")

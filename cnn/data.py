@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from cnn.config import ConfigError
+from cnn.progress import progress
 
 EMBEDDED = ("digits",)
 
@@ -234,7 +235,7 @@ def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collec
         examples = [source[i] for i in range(len(source))]
     size = None if data.image_size is None else tuple(int(v) for v in data.image_size)
     images = []
-    for example in examples:
+    for example in progress(examples, len(examples), f"decoding {data.name} {split}", unit="image"):
         image = np.asarray(example[image_key], np.uint8)
         if image.ndim == 2:
             image = image[..., None]

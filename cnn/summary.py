@@ -6,17 +6,53 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from cnn.config import ConfigError
 from cnn.layers import format_shape, parameter_count
-from cnn.models import Sequential, parse_stack
+from cnn.models import Sequential, build_model, parse_stack
 
 
-def summary(model: Sequential, input_shape: Sequence[int]) -> str:
+def dataset_input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The (height, width, channels) of `config.data`'s images, from the dataset's description, without loading it."""
+    if data.name == "digits":
+        shape = (8, 8, 1)
+    else:
+        from cnn.data import _builder
+
+        info = _builder(data).info
+        keys = info.supervised_keys
+        if not keys or len(keys) != 2 or not hasattr(info.features[keys[0]], "shape"):
+            raise ConfigError(f"data.name={data.name!r} is not an image-classification dataset "
+                              "(it has no (image, label) supervised keys)")
+        shape = tuple(info.features[keys[0]].shape)
+        if len(shape) == 2:
+            shape = (*shape, 1)
+    if data.image_size is not None:
+        shape = (*(int(v) for v in data.image_size), shape[-1])
+    if None in shape:
+        raise ConfigError(f"data.name={data.name!r} has images of varying size {shape}; set data.image_size=(height, "
+                          "width), or pass input_shape to summary()")
+    return tuple(int(v) for v in shape)
+
+
+def summary(model: Sequential | ml_collections.ConfigDict, input_shape: Sequence[int] | None = None) -> str:
     """Returns the table Keras' `model.summary()` prints, for one example shaped `input_shape`.
 
-    Nothing is computed: shapes come from `jax.eval_shape`. BatchNormalization
-    moving statistics count as non-trainable, as in Keras.
+    `model` may be a whole config: the model is built from `config.model`
+    and, unless `input_shape` is given, the shape comes from the dataset's
+    description (its images are not loaded). Nothing is computed: shapes
+    come from `jax.eval_shape`. BatchNormalization moving statistics count
+    as non-trainable, as in Keras.
     """
+    if isinstance(model, ml_collections.ConfigDict):
+        config = model
+        model = build_model(config.model)
+        if input_shape is None:
+            input_shape = dataset_input_shape(config.data)
+    elif input_shape is None:
+        raise ConfigError("summary(model) needs input_shape, e.g. summary(model, (28, 28, 1)); or pass a config, "
+                          "whose dataset gives it")
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     _, state = jax.eval_shape(lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]),

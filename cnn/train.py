@@ -355,6 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         history = writer.history
     checkpoints.close()
 
+    from cnn.plots import write_plots  # here: plots and predict import this module
+    from cnn.prediction import dataset_info
+
     last = history[-1]
     results = {
         "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
@@ -363,9 +366,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - start,
         "seed": config.seed, "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
         "devices": mesh.size, "processes": jax.process_count(),
+        **dataset_info(dataset),  # class names, input shape: cnn.predict then needs no dataset
     }
+    run = TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
     if lead:
         _write_json(os.path.join(workdir, "results.json"), results)
-    say(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
-        f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}")
-    return TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)
+        print(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
+              f"({results['train_seconds']:.1f}s training); results in {os.path.join(workdir, 'results.json')}",
+              flush=True)
+        # Pictures on this process alone, from a host copy of the (replicated) state.
+        local = run if jax.process_count() == 1 else dataclasses.replace(run, state=sharding.to_host(state))
+        write_plots(workdir, local, dataset, warn_only=True)
+    return run

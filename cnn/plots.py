@@ -1,0 +1,370 @@
+"""Pictures of a trained model: learning curves, filters, feature maps, confusion matrix, mistakes.
+
+Each function returns a `matplotlib.figure.Figure` made without pyplot, so
+it works headless (no display, no global state) and shows inline in a
+notebook. `write_plots` saves them all as PNGs in WORKDIR/plots/ and adds
+them to the TensorBoard event files; training calls it at the end, and
+`python -m cnn.visualize --workdir=DIR` redraws them from the checkpoint.
+
+    run = cnn.load_run("runs/mnist")                       # or cnn.train_and_evaluate(...)
+    test = cnn.load_dataset(cnn.load_config("configs/mnist.py").data).test
+    cnn.plots.confusion_matrix(run, test)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from cnn import data as data_lib
+from cnn.prediction import probabilities
+from cnn.models import parse_stack
+from cnn.progress import progress
+from cnn.train import TrainResult
+
+CONV_KINDS = ("Conv1D", "Conv2D")
+
+
+class PlotFigure(Figure):
+    """A Figure that a notebook shows inline even when pyplot was never imported."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100)
+        return buffer.getvalue()
+
+
+def _figure(width: float, height: float) -> PlotFigure:
+    return PlotFigure(figsize=(width, height), layout="constrained")
+
+
+def _show_image(ax, image: np.ndarray) -> None:
+    """Draws a uint8 (H, W, C) image: grayscale in gray, RGB as is; no ticks."""
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(image[..., :3], interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _conv_layers(run: TrainResult) -> list[tuple[str, str]]:
+    """(Keras-style name, kind) of every convolution layer, in order."""
+    stack, _, names = parse_stack(tuple(run.model.layers))
+    return [(name, layer.kind) for layer, name in zip(stack, names) if layer.kind in CONV_KINDS]
+
+
+def _title_name(run: TrainResult) -> str:
+    return str(run.results.get("dataset", "")) or "model"
+
+
+# --- Learning curves ----------------------------------------------------------
+
+
+def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
+    """Train and test loss and accuracy against epoch (top) and against wall time (bottom).
+
+    `history` is `run.history`, or the records of WORKDIR/metrics.jsonl.
+    """
+    fig = _figure(10, 7)
+    axes = fig.subplots(2, 2)
+    if not history:
+        fig.suptitle(f"{title}: no epochs recorded yet" if title else "no epochs recorded yet")
+        return fig
+    epochs = [r["epoch"] for r in history]
+    seconds = [r.get("elapsed_seconds", 0.0) for r in history]
+    unit, scale = ("seconds", 1) if seconds[-1] < 120 else ("minutes", 60) if seconds[-1] < 7200 else ("hours", 3600)
+    times = [s / scale for s in seconds]
+    marker = "o" if len(history) <= 30 else None  # a one-epoch run still shows its point
+    for row, (xs, xlabel) in enumerate(((epochs, "epoch"), (times, f"wall time since the run started ({unit})"))):
+        for col, (metric, label) in enumerate((("loss", "loss"), ("accuracy", "accuracy"))):
+            ax = axes[row, col]
+            for split, colour in (("train", "tab:blue"), ("test", "tab:orange")):
+                ys = [r[f"{split}_{metric}"] for r in history]
+                ax.plot(xs, ys, marker=marker, markersize=4, color=colour, label=split)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} by {'epoch' if row == 0 else 'wall time'}")
+            ax.grid(alpha=0.3)
+            if metric == "accuracy":
+                ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            if row == 0:
+                if len(epochs) <= 12:
+                    ax.set_xticks(epochs)  # whole epochs only, even for a one-epoch run
+                else:
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+            else:
+                ax.set_xlim(0, max(times) * 1.05 or 1)
+            ax.legend(loc="best")
+    last = history[-1]
+    fig.suptitle(f"{title + ': ' if title else ''}learning curves, final test accuracy {last['test_accuracy']:.2%} "
+                 f"(loss {last['test_loss']:.4f}) after {len(history)} epoch{'s' if len(history) != 1 else ''}")
+    return fig
+
+
+# --- Filters ------------------------------------------------------------------
+
+
+def filters(run: TrainResult, max_filters: int = 64) -> Figure:
+    """The first convolution layer's filters as a grid of small images.
+
+    Grayscale inputs: one diverging colour scale shared by all filters (red
+    excites, blue inhibits). RGB inputs: each filter as a colour image,
+    scaled to its own range.
+    """
+    convs = _conv_layers(run)
+    fig = _figure(8, 2)
+    if not convs:
+        fig.suptitle("this model has no convolution layer")
+        return fig
+    name, kind = convs[0]
+    kernel = np.asarray(jax.device_get(run.state.params[name]["kernel"]), np.float32)
+    if kind == "Conv1D":  # (width, in, out) -> an image of (in, width) per filter
+        kernel = kernel.transpose(1, 0, 2)[..., None, :].transpose(0, 1, 3, 2)  # (in, width, 1, out)
+    count = kernel.shape[-1]
+    shown = min(count, max_filters)
+    cols = min(shown, 8)
+    rows = math.ceil(shown / cols)
+    in_channels = kernel.shape[2]
+    rgb = in_channels == 3
+    fig = _figure(1.15 * cols + (1.0 if not rgb else 0.2), 1.25 * rows + 0.9)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    limit = float(np.abs(kernel).max()) or 1.0
+    image = None
+    for i, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= shown:
+            ax.set_axis_off()
+            continue
+        w = kernel[..., i]
+        if rgb:
+            lo, hi = w.min(), w.max()
+            ax.imshow((w - lo) / (hi - lo or 1.0), interpolation="nearest")
+        else:
+            image = ax.imshow(w.mean(axis=-1), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"{i}", fontsize=8, pad=2)
+    if image is not None:
+        fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight")
+    size = "x".join(map(str, kernel.shape[:2] if kind == "Conv2D" else kernel.shape[1:2]))
+    inputs = {1: "a grayscale input", 3: "RGB input"}.get(in_channels, f"the mean of {in_channels} input channels")
+    more = f", first {shown} of {count} shown" if shown < count else ""
+    fig.suptitle(f"First convolution layer ({name}): {count} filters of {size} on {inputs}{more}")
+    return fig
+
+
+# --- Feature maps -------------------------------------------------------------
+
+
+def activations(run: TrainResult, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Each convolution layer's output (after its activation) for uint8 `images`, by layer name."""
+    state = run.state
+    names = [name for name, _ in _conv_layers(run)]
+
+    @jax.jit  # one compilation, not one per operation
+    def outputs(variables, images):
+        x = data_lib.preprocess(images, state.mean, state.std)
+        _, captured = state.apply_fn(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+        return {name: captured["intermediates"][name]["__call__"][-1] for name in names}
+
+    return {name: np.asarray(a) for name, a in outputs(state.variables(), np.asarray(images)).items()}
+
+
+def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | None = None, max_channels: int = 8,
+                 probs: np.ndarray | None = None) -> Figure:
+    """What every convolution layer makes of a few images: one block per image, one row per layer.
+
+    Each row shows the `max_channels` channels most active on these images
+    (the same channels for every image, so they compare), labelled by
+    layer, output shape and channel number. `probs`, the images' class
+    probabilities if already computed, saves computing them again.
+    """
+    images = np.asarray(images)[:6]
+    maps = activations(run, images)
+    probs = probabilities(run, images) if probs is None else np.asarray(probs)[:6]
+    names = list(maps)
+    fig = _figure(8, 2)
+    if not names:
+        fig.suptitle("this model has no convolution layer")
+        return fig
+    picks = {}
+    for name in names:
+        a = maps[name]
+        strength = a.reshape(len(a), -1, a.shape[-1]).mean(axis=(0, 1))
+        picks[name] = np.sort(np.argsort(-strength, kind="stable")[:max_channels])
+    cols = 1 + max(len(p) for p in picks.values())
+    rows = len(names)
+    fig = _figure(1.05 * cols + 0.6, (1.1 * rows + 0.45) * len(images) + 0.5)
+    blocks = np.atleast_1d(fig.subfigures(len(images), 1))
+    for index, (block, image) in enumerate(zip(blocks, images)):
+        predicted = int(np.argmax(probs[index]))
+        said = f"predicted {run.class_names[predicted]} ({probs[index, predicted]:.0%})"
+        if labels is not None:
+            said = f"true {run.class_names[int(labels[index])]}, {said}"
+        block.suptitle(f"Image {index + 1}: {said}", fontsize=10, fontweight="bold")
+        axes = block.subplots(rows, cols, squeeze=False)
+        for r, name in enumerate(names):
+            for c in range(cols):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    if r == 0:
+                        _show_image(ax, image)
+                        ax.set_title("input", fontsize=8, pad=2)
+                    else:
+                        ax.set_axis_off()
+                    continue
+                if c - 1 >= len(picks[name]):
+                    ax.set_axis_off()
+                    continue
+                channel = int(picks[name][c - 1])
+                m = maps[name][index, ..., channel]
+                if m.ndim == 1:  # Conv1D: a curve along the sequence
+                    ax.plot(m, linewidth=0.8)
+                else:
+                    ax.imshow(m, cmap="viridis", interpolation="nearest")
+                ax.set_title(f"ch {channel}", fontsize=8, pad=2)
+                if c == 1:
+                    shape = "x".join(map(str, maps[name].shape[1:]))
+                    ax.set_ylabel(f"{name}\n{shape}", fontsize=8)
+    fig.suptitle(f"Feature maps of every convolution layer ({cols - 1} most active channels each; "
+                 "brighter = stronger)", fontsize=11)
+    return fig
+
+
+# --- Confusion matrix and mistakes --------------------------------------------
+
+
+def _probs(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None) -> np.ndarray:
+    if probs is None:
+        probs = probabilities(run, split.images, description="predicting the test split")
+    return probs
+
+
+def confusion_matrix(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None,
+                     title: str = "test split") -> Figure:
+    """Counts of (true class, predicted class) over `split`, shaded by the fraction of each true class."""
+    probs = _probs(run, split, probs)
+    n = len(run.class_names)
+    predicted = probs.argmax(-1)
+    counts = np.zeros((n, n), np.int64)
+    np.add.at(counts, (split.labels, predicted), 1)
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    longest = max(len(c) for c in run.class_names)
+    side = min(max(5.0, 0.45 * n + 0.07 * longest + 2.5), 14.0)
+    fig = _figure(side + 1.2, side)
+    ax = fig.subplots()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class", format=PercentFormatter(1.0))
+    if n <= 40:
+        size = 10 if n <= 20 else 7
+        ax.set_xticks(range(n), run.class_names, rotation=45 if longest > 2 else 0, ha="right" if longest > 2
+                      else "center", rotation_mode="anchor", fontsize=size)
+        ax.set_yticks(range(n), run.class_names, fontsize=size)
+    if n <= 25:
+        size = 9 if n <= 12 else 7
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, f"{counts[i, j]}", ha="center", va="center", fontsize=size,
+                            color="white" if fractions[i, j] > 0.5 else "black")
+    index = "" if n <= 40 else " (index into class_names in results.json)"
+    ax.set_xlabel(f"predicted class{index}")
+    ax.set_ylabel(f"true class{index}")
+    accuracy = float(np.trace(counts)) / max(counts.sum(), 1)
+    ax.set_title(f"Confusion matrix, {title}: {accuracy:.2%} of {counts.sum():,} images right")
+    return fig
+
+
+def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None, max_images: int = 24
+                  ) -> Figure:
+    """The most confidently wrong images of `split`, with true and predicted class and the model's confidence."""
+    probs = _probs(run, split, probs)
+    predicted = probs.argmax(-1)
+    wrong = np.flatnonzero(predicted != split.labels)
+    confidence = probs[np.arange(len(probs)), predicted]
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_images]
+    if not len(wrong):
+        fig = _figure(6, 2)
+        fig.suptitle(f"No misclassified images: all {len(split):,} are right")
+        return fig
+    cols = min(len(wrong), 6)
+    rows = math.ceil(len(wrong) / cols)
+    fig = _figure(1.75 * cols, 2.05 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, i in zip(axes, wrong):
+        _show_image(ax, split.images[i])
+        ax.set_title(f"true: {run.class_names[split.labels[i]]}\npred: {run.class_names[predicted[i]]} "
+                     f"({confidence[i]:.0%})", fontsize=8)
+    for ax in axes[len(wrong):]:
+        ax.set_axis_off()
+    total = int((predicted != split.labels).sum())
+    fig.suptitle(f"Misclassified: the {len(wrong)} most confident of {total:,} mistakes in {len(split):,} images")
+    return fig
+
+
+# --- All of them, to files and TensorBoard ----------------------------------------------
+
+
+def _sample(split: data_lib.Split, count: int) -> np.ndarray:
+    """Indices of the first test image of each of `count` different classes (fewer if there are fewer)."""
+    _, first = np.unique(split.labels, return_index=True)
+    return np.sort(first)[:count]
+
+
+def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_images: int = 3,
+                warn_only: bool = False) -> list[str]:
+    """Draws every picture, saves each as WORKDIR/plots/NAME.png and adds it to TensorBoard; returns the paths.
+
+    `warn_only` (training sets it): a failure is one warning line, not an
+    error, so a picture never fails a finished training run.
+    """
+    if warn_only:
+        try:
+            return write_plots(workdir, run, dataset, num_images)
+        except Exception as e:  # noqa: BLE001 - the run's results are already written
+            print(f"warning: the pictures could not be drawn ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"python -m cnn.visualize --workdir={workdir} retries", file=sys.stderr, flush=True)
+            return []
+    from PIL import Image
+    from tensorboardX import SummaryWriter
+
+    out_dir = os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    test = dataset.test
+    probs = probabilities(run, test.images, description="predicting the test split")
+    sample = _sample(test, num_images)
+    title = dataset.name
+    figures = {"learning_curves": lambda: learning_curves(run.history, title)}
+    if _conv_layers(run):
+        figures["filters"] = lambda: filters(run)
+        figures["feature_maps"] = lambda: feature_maps(run, test.images[sample], test.labels[sample], probs=probs[sample])
+    figures["confusion_matrix"] = lambda: confusion_matrix(run, test, probs)
+    figures["misclassified"] = lambda: misclassified(run, test, probs)
+
+    paths = []
+    step = int(jax.device_get(run.state.step))
+    with SummaryWriter(logdir=workdir) as writer:
+        for name, make in progress(figures.items(), len(figures), "drawing pictures", unit="picture"):
+            fig = make()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            path = os.path.join(out_dir, f"{name}.png")
+            with open(f"{path}.tmp", "wb") as f:
+                f.write(buffer.getvalue())
+            os.replace(f"{path}.tmp", path)
+            paths.append(path)
+            pixels = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+            writer.add_image(f"plots/{name}", pixels, step, dataformats="HWC")
+    print(f"pictures: {', '.join(os.path.basename(p) for p in paths)} in {out_dir} (and TensorBoard)", flush=True)
+    return paths
