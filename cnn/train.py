@@ -307,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpoints.save(state, sums)
 
     every = train_cfg.checkpoint_every_steps
+    startup_seconds = None
     with MetricWriter(workdir, step, enabled=lead) as writer, _sigterm_flag() as sigterm:
         for epoch in range(step // steps_per_epoch + 1, train_cfg.num_epochs + 1):
             epoch_start = time.time()
@@ -319,6 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 batch = sharding.put_batch(host_batch(dataset.train, index[i]), batch_sharding)
                 input_seconds += time.time() - t
                 state, sums, loss_value = run_step(state, sums, batch)
+                if startup_seconds is None:  # process start to the end of the first step, compilation included
+                    jax.block_until_ready(loss_value)
+                    startup_seconds = time.time() - start
                 recent.append(loss_value)
                 step += 1
                 bar and bar.update()
@@ -365,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         "epochs": train_cfg.num_epochs, "steps": step,
         "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - start,
         "seed": config.seed, "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
-        "devices": mesh.size, "processes": jax.process_count(),
+        "startup_seconds": startup_seconds, "devices": mesh.size, "processes": jax.process_count(),
         **dataset_info(dataset),  # class names, input shape: cnn.predict then needs no dataset
     }
     run = TrainResult(state=state, model=model, history=history, results=results, class_names=dataset.class_names)

@@ -1,0 +1,198 @@
+"""Benchmarks for the performance targets, each against a peer measured in the same run.
+
+    python experiments/benchmark.py throughput        # cnn's train step vs PyTorch eager, same model and batch
+    python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax example's recipe, from process start
+
+`throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
+avg-pool, dense 256, dense 10; float32, SGD with momentum, global batch 128)
+through cnn's own compiled step on every local device (one per core on a
+CPU), alternating timed blocks with PyTorch eager (`pip install -e
+'.[bench]'`) so both see the same machine state, and prints the median of
+each. `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
+metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
+final accuracy, start-up time, data-loading share and peak memory. The peer
+is the Flax example's recipe (constant SGD 0.1, momentum 0.9, 10 epochs).
+Both need MNIST prepared (`--data_dir`, or `--manual_dir` pointing at the
+original archives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAX_CNN = (
+    "Conv2D(32, 3, activation='relu', padding='same')", "AveragePooling2D(2)",
+    "Conv2D(64, 3, activation='relu', padding='same')", "AveragePooling2D(2)",
+    "Flatten()", "Dense(256, activation='relu')", "Dense(10)",
+)
+
+
+def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str):
+    """A closure running `steps` of cnn's real training step (the one train_and_evaluate compiles)."""
+    from cnn import sharding
+
+    sharding.set_cpu_devices(num_devices)
+    import jax
+    import jax.numpy as jnp
+
+    from cnn import config as config_lib, models, train
+
+    config = config_lib.base_config()
+    config.model.layers = FLAX_CNN
+    config.train.compute_dtype = compute_dtype
+    mesh = sharding.make_mesh(num_devices)
+    model = models.build_model(config.model)
+    state = train.create_state(model, train.make_optimizer(config.optimizer, 100, 1), (28, 28, 1), 0,
+                               "softmax_cross_entropy", config.data, compute_dtype)
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    step = jax.jit(train.train_step_and_sum, in_shardings=(replicated, replicated, batch_sharding),
+                   out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, batch_size, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, (8, batch_size)).astype(np.int32)
+    carry = {"state": jax.device_put(state, replicated),
+             "sums": jax.device_put({"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}, replicated)}
+
+    def run(steps: int) -> None:
+        for i in range(steps):  # as in train_and_evaluate: a host batch put on the mesh each step
+            batch = sharding.put_batch({"image": images[i % 8], "label": labels[i % 8]}, batch_sharding)
+            carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], batch)
+        jax.block_until_ready(loss)
+
+    device = f"{mesh.size} x {jax.devices()[0].device_kind}"
+    return run, device
+
+
+def torch_trainer(batch_size: int, device: str):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+            self.dense1, self.dense2 = nn.Linear(64 * 7 * 7, 256), nn.Linear(256, 10)
+
+        def forward(self, x):
+            x = F.avg_pool2d(F.relu(self.conv1(x)), 2)
+            x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
+            return self.dense2(F.relu(self.dense1(x.flatten(1))))
+
+    model = CNN().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+    images = torch.tensor(rng.integers(0, 256, (8, batch_size, 1, 28, 28), dtype=np.uint8))
+    labels = torch.tensor(rng.integers(0, 10, (8, batch_size)))
+
+    def run(steps: int) -> None:
+        for i in range(steps):  # uint8 batch from the host, scaled on the device, as cnn does
+            x = images[i % 8].to(device).float() / 255.0
+            y = labels[i % 8].to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+        loss.item()
+
+    return run, f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads"
+
+
+def throughput(args) -> None:
+    run_jax, jax_device = jax_trainer(args.batch_size, args.num_devices, args.compute_dtype)
+    import jax
+
+    torch_device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+    run_torch, torch_name = torch_trainer(args.batch_size, torch_device)
+    for run in (run_jax, run_torch):
+        run(args.steps)  # compile / warm up
+    times = {"cnn": [], "torch": []}
+    for _ in range(args.blocks):  # alternate, so drift in the machine's state hits both alike
+        for name, run in (("cnn", run_jax), ("torch", run_torch)):
+            start = time.perf_counter()
+            run(args.steps)
+            times[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    cnn_rate, torch_rate = statistics.median(times["cnn"]), statistics.median(times["torch"])
+    print(f"Flax MNIST CNN, batch {args.batch_size}, {args.compute_dtype}, median of {args.blocks} blocks of "
+          f"{args.steps} steps")
+    print(f"  cnn   ({jax_device}): {cnn_rate:9,.0f} images/s   (blocks: {', '.join(f'{t:,.0f}' for t in times['cnn'])})")
+    print(f"  torch ({torch_name}): {torch_rate:9,.0f} images/s   "
+          f"(blocks: {', '.join(f'{t:,.0f}' for t in times['torch'])})")
+    print(f"  ratio cnn / torch: {cnn_rate / torch_rate:.2f}x")
+
+
+def run_main(config: str, workdir: str, overrides: list[str]) -> dict:
+    """Runs `python -m cnn.main` in a fresh process; returns its figures."""
+    command = [sys.executable, "-m", "cnn.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.time()
+    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    wall = time.time() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    reached = next((r for r in history if r["test_accuracy"] >= 0.99), None)
+    return {
+        "wall": wall, "final": results["test_accuracy"], "epochs": results["epochs"],
+        "reached_at": reached and reached["elapsed_seconds"], "reached_epoch": reached and reached["epoch"],
+        "startup": results["startup_seconds"],
+        "input_share": sum(r["input_seconds"] for r in history) / results["train_seconds"],
+        "peak_mb": max(peak_kb, before) / 1024, "images_per_second": statistics.median(
+            r["images_per_second"] for r in history),
+    }
+
+
+def time_to_accuracy(args) -> None:
+    data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
+    data += [f"--config.data.manual_dir={args.manual_dir}"] if args.manual_dir else []
+    recipes = {"configs/mnist.py": "configs/mnist.py"}
+    if not args.skip_peer:
+        recipes["Flax example recipe"] = "experiments/flax_example_recipe.py"
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config in recipes.items():
+            rows[name] = run_main(config, os.path.join(tmp, str(len(rows))), data)
+    for name, r in rows.items():
+        reached = (f"99.0% at {r['reached_at']:.1f}s (epoch {r['reached_epoch']})" if r["reached_at"]
+                   else "never reached 99.0%")
+        print(f"{name:>22}: {reached}; final {r['final']:.2%} after {r['epochs']} epochs ({r['wall']:.0f}s); "
+              f"start-up {r['startup']:.1f}s; data loading {r['input_share']:.1%} of training; "
+              f"{r['images_per_second']:,.0f} img/s; peak memory {r['peak_mb']:,.0f} MB")
+    if len(rows) == 2:
+        ours, peer = rows["configs/mnist.py"], rows["Flax example recipe"]
+        if ours["reached_at"] and peer["reached_at"]:
+            print(f"time to 99.0%: {peer['reached_at'] / ours['reached_at']:.1f}x faster than the Flax example recipe")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--batch_size", type=int, default=128)
+    t.add_argument("--num_devices", type=int, default=0, help="0: every local device (one per core on a CPU)")
+    t.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+    t.add_argument("--steps", type=int, default=40, help="steps per timed block")
+    t.add_argument("--blocks", type=int, default=7)
+    a = sub.add_parser("time_to_accuracy")
+    a.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
+    a.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
+    a.add_argument("--skip_peer", action="store_true", help="skip the Flax example recipe (about 4 minutes on 2 cores)")
+    args = parser.parse_args()
+    {"throughput": throughput, "time_to_accuracy": time_to_accuracy}[args.benchmark](args)
+
+
+if __name__ == "__main__":
+    main()
