@@ -56,7 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache = True
 
     c.model = ml_collections.ConfigDict()
+    # A named architecture instead of `layers`: 'flax_cnn', 'keras_seed',
+    # 'keras_seed_binary', 'lenet5', 'vgg' or 'resnet20', optionally with
+    # overrides written as a call, e.g. "vgg(widths=(32, 64), depths=(2, 2))"
+    # (see cnn/presets.py). Set `layers = ()` when using one.
+    c.model.preset = config_dict.placeholder(str)
+    # Units of a preset's output layer; None means the dataset's class count
+    # where the caller passes it to models.build_model.
+    c.model.num_classes = config_dict.placeholder(int)
     # Keras-style layer specs, one string per layer; see cnn/layers.py.
+    # These defaults are the 'flax_cnn' preset for ten classes.
     c.model.layers = (
         "Conv2D(32, 3, activation='relu', padding='same')",
         "AveragePooling2D(2)",
@@ -172,6 +181,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.manual_dir is not None and not os.path.isdir(d.manual_dir):
         raise ConfigError(f"data.manual_dir={d.manual_dir!r} is not a folder; point it at the folder "
                           "holding the dataset's original archive files")
-    if not isinstance(config.model.layers, (tuple, list)) or not config.model.layers:
-        raise ConfigError(f"model.layers={config.model.layers!r} is not valid: expected a tuple of layer specs "
-                          "such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)')")
+    m = config.model
+    if m.get("num_classes") is not None:
+        _positive_int("model.num_classes", m.num_classes)
+    if m.get("preset") is not None:
+        from cnn import presets  # no flax import: checks the name and the overrides only
+
+        presets.parse(m.preset)
+        if m.layers:
+            raise ConfigError(f"model.preset={m.preset!r} and model.layers are both set; keep one: set "
+                              "model.layers=() to use the preset, or model.preset=None to use the layers")
+    elif not isinstance(m.layers, (tuple, list)) or not m.layers:
+        raise ConfigError(f"model.layers={m.layers!r} is not valid: expected a tuple of layer specs "
+                          "such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), "
+                          "or set model.preset such as 'resnet20'")
