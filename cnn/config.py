@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
+PAD_MODES = ("constant", "reflect")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
 
 
@@ -54,6 +55,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Keep decoded arrays next to the prepared data so later runs skip
     # decoding (and TensorFlow).
     c.data.cache = True
+    # Image channels after loading: 1 (RGB to grey), 3 (grey to RGB) or None
+    # (as stored).
+    c.data.channels = config_dict.placeholder(int)
+    # Training augmentation, per example inside the compiled step
+    # (data.augment): pad by this many pixels and crop back at a random
+    # offset (0: off), the padding zeros ('constant') or mirrored ('reflect');
+    # and mirror half of the images left to right.
+    c.data.crop_padding = 0
+    c.data.pad_mode = "constant"
+    c.data.flip = False
+    # Text sets: words kept in the vocabulary (built from the training split;
+    # ids 0 and 1 are padding and unknown words), and the ids per text (longer
+    # texts are cut, shorter padded). max_length is also the length of
+    # 'synthetic_series'.
+    c.data.vocab_size = 20000
+    c.data.max_length = 256
 
     c.model = ml_collections.ConfigDict()
     # A named architecture instead of `layers`: 'flax_cnn', 'keras_seed',
@@ -178,6 +195,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _pair_of_numbers("data.mean", d.mean)
         _pair_of_numbers("data.std", d.std, len(d.mean))
         _need(all(s > 0 for s in d.std), "data.std", d.std, "positive numbers")
+    if d.channels is not None:
+        _need(d.channels in (1, 3) and not isinstance(d.channels, bool), "data.channels", d.channels,
+              "1 (grey), 3 (RGB) or None (as stored)")
+    _need(isinstance(d.crop_padding, numbers.Integral) and not isinstance(d.crop_padding, bool)
+          and d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "0 (no random crop) or a positive integer")
+    _need(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
+    _need(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")
+    _need(isinstance(d.vocab_size, numbers.Integral) and not isinstance(d.vocab_size, bool) and d.vocab_size >= 3,
+          "data.vocab_size", d.vocab_size, "an integer >= 3 (ids 0 and 1 are padding and unknown words)")
+    _positive_int("data.max_length", d.max_length)
     if d.manual_dir is not None and not os.path.isdir(d.manual_dir):
         raise ConfigError(f"data.manual_dir={d.manual_dir!r} is not a folder; point it at the folder "
                           "holding the dataset's original archive files")
