@@ -181,7 +181,9 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        _spatial(x, 2, "ResidualBlock")
+        if x.ndim != 4:
+            raise ShapeError(f"ResidualBlock needs inputs shaped (height, width, channels) but got "
+                             f"{format_shape(x.shape)}; it exists in 2D only, for images before Flatten()")
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
         conv = functools.partial(nn.Conv, self.filters, (3, 3), padding="SAME", use_bias=False)
         y = nn.relu(norm()(conv(strides=self.strides)(x)))
