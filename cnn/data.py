@@ -65,8 +65,8 @@ class Dataset:
 
 
 def load(data: ml_collections.ConfigDict) -> Dataset:
-    """Loads both splits of `data.name` into memory, resized (`data.image_size`) and with
-    `data.channels` channels if those are set."""
+    """Loads both splits of `data.name` into memory, resized to `data.image_size` and converted to
+    `data.channels` where those are set."""
     if data.name == "digits":
         dataset = _load_digits()
     elif data.name == "synthetic_series":
@@ -178,8 +178,8 @@ def _load_synthetic_series(length: int, train_size: int = 3000, test_size: int =
     """Noisy sine, square, sawtooth and triangle waves (N, length, 1), classified by shape.
 
     Frequency (1 to 6 cycles), phase, amplitude, offset and noise are drawn per
-    example from a fixed seed, so the set is the same everywhere; a small
-    Conv1D net gets well above chance, a dense net on raw values much less.
+    example from a fixed seed, so the set is the same everywhere and needs no
+    download.
     """
     rng = np.random.default_rng(1998)
     n = train_size + test_size

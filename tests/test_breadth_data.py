@@ -113,3 +113,10 @@ def test_bad_data_fields_name_the_field(field, value, message):
     config.data[field] = value
     with pytest.raises(cnn.ConfigError, match=message.replace("(", r"\(")):
         cnn.config.validate(config)
+
+
+@pytest.mark.slow
+def test_series_config_really_learns_the_wave_shapes(tmp_path):
+    """1D convolutions end to end on real (synthetic) series: chance is 25%; 10 epochs reach ~90% (~15 s)."""
+    run = cnn.train_and_evaluate(cnn.load_config("configs/series.py"), str(tmp_path))
+    assert run.results["test_accuracy"] > 0.8
