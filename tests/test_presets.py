@@ -79,3 +79,21 @@ def test_preset_and_layers_together_or_neither_are_refused():
         cnn.config.validate(config)
     with pytest.raises(cnn.ConfigError, match="model.preset is not set"):
         models.build_model(config.model)
+
+
+def test_presets_table_configs_fit_every_dataset():
+    """experiments/presets_table.py moves each preset's config to MNIST, Fashion-MNIST or CIFAR-10; all must fit."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("presets_table", REPO / "experiments" / "presets_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for dataset in table.DATASETS:
+        for preset in table.PRESET_CONFIGS:
+            config = table.preset_config(preset, dataset, 1, None, None)
+            cnn.config.validate(config)
+            channels = 3 if dataset == "cifar10" else 1
+            size = tuple(config.data.image_size or ((32, 32) if dataset == "cifar10" else (28, 28)))
+            models.check_head(models.build_model(config.model), (*size, channels), 10, config.loss)
