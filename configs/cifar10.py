@@ -1,7 +1,8 @@
 """CIFAR-10 (32x32x3, 10 classes): the dataset's usual preprocessing, with the Flax example CNN.
 
 Per-channel normalisation with the training set's mean and std, and the
-standard augmentation (pad 4 and crop back to 32x32, random horizontal flip).
+standard augmentation (pad 4 and crop back to 32x32, random horizontal flip;
+cnn.data.augment does it, and applies once train.py's step calls it).
 resnet20.py and vgg.py start from here and change the model and recipe.
 """
 
