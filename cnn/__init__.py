@@ -24,7 +24,7 @@ from cnn.config import ConfigError, base_config
 from cnn.config import load as load_config
 from cnn.data import load as load_dataset
 from cnn.models import Sequential, build_model
-from cnn import checkpoint
+from cnn import checkpoint, presets
 from cnn.summary import summary
 from cnn.train import TrainResult, TrainState, eval_step, train_and_evaluate, train_step
 from cnn.prediction import load as load_run

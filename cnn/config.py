@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+PAD_MODES = ("constant", "reflect")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
 
 
@@ -55,9 +56,34 @@ def base_config() -> ml_collections.ConfigDict:
     # Keep decoded arrays next to the prepared data so later runs skip
     # decoding (and TensorFlow).
     c.data.cache = True
+    # Image channels after loading: 1 (RGB to grey), 3 (grey to RGB) or None
+    # (as stored).
+    c.data.channels = config_dict.placeholder(int)
+    # Training augmentation, per example inside the compiled step
+    # (data.augment): pad by this many pixels and crop back at a random
+    # offset (0: off), the padding zeros ('constant') or mirrored ('reflect');
+    # and mirror half of the images left to right.
+    c.data.crop_padding = 0
+    c.data.pad_mode = "constant"
+    c.data.flip = False
+    # Text sets: words kept in the vocabulary (built from the training split;
+    # ids 0 and 1 are padding and unknown words), and the ids per text (longer
+    # texts are cut, shorter padded). max_length is also the length of
+    # 'synthetic_series'.
+    c.data.vocab_size = 20000
+    c.data.max_length = 256
 
     c.model = ml_collections.ConfigDict()
+    # A named architecture instead of `layers`: 'flax_cnn', 'keras_seed',
+    # 'keras_seed_binary', 'lenet5', 'vgg' or 'resnet20', optionally with
+    # overrides written as a call, e.g. "vgg(widths=(32, 64), depths=(2, 2))"
+    # (see cnn/presets.py). Set `layers = ()` when using one.
+    c.model.preset = config_dict.placeholder(str)
+    # Units of a preset's output layer; None means the dataset's class count
+    # where the caller passes it to models.build_model.
+    c.model.num_classes = config_dict.placeholder(int)
     # Keras-style layer specs, one string per layer; see cnn/layers.py.
+    # These defaults are the 'flax_cnn' preset for ten classes.
     c.model.layers = (
         "Conv2D(32, 3, activation='relu', padding='same')",
         "AveragePooling2D(2)",
@@ -175,9 +201,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _pair_of_numbers("data.mean", d.mean)
         _pair_of_numbers("data.std", d.std, len(d.mean))
         _need(all(s > 0 for s in d.std), "data.std", d.std, "positive numbers")
+    if d.channels is not None:
+        _need(d.channels in (1, 3) and not isinstance(d.channels, bool), "data.channels", d.channels,
+              "1 (grey), 3 (RGB) or None (as stored)")
+    _need(isinstance(d.crop_padding, numbers.Integral) and not isinstance(d.crop_padding, bool)
+          and d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "0 (no random crop) or a positive integer")
+    _need(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
+    _need(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")
+    _need(isinstance(d.vocab_size, numbers.Integral) and not isinstance(d.vocab_size, bool) and d.vocab_size >= 3,
+          "data.vocab_size", d.vocab_size, "an integer >= 3 (ids 0 and 1 are padding and unknown words)")
+    _positive_int("data.max_length", d.max_length)
     if d.manual_dir is not None and not os.path.isdir(d.manual_dir):
         raise ConfigError(f"data.manual_dir={d.manual_dir!r} is not a folder; point it at the folder "
                           "holding the dataset's original archive files")
-    if not isinstance(config.model.layers, (tuple, list)) or not config.model.layers:
-        raise ConfigError(f"model.layers={config.model.layers!r} is not valid: expected a tuple of layer specs "
-                          "such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)')")
+    m = config.model
+    if m.get("num_classes") is not None:
+        _positive_int("model.num_classes", m.num_classes)
+    if m.get("preset") is not None:
+        from cnn import presets  # no flax import: checks the name and the overrides only
+
+        presets.parse(m.preset)
+        if m.layers:
+            raise ConfigError(f"model.preset={m.preset!r} and model.layers are both set; keep one: set "
+                              "model.layers=() to use the preset, or model.preset=None to use the layers")
+    elif not isinstance(m.layers, (tuple, list)) or not m.layers:
+        raise ConfigError(f"model.layers={m.layers!r} is not valid: expected a tuple of layer specs "
+                          "such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), "
+                          "or set model.preset such as 'resnet20'")

@@ -1,14 +1,18 @@
-"""Datasets as in-memory uint8 arrays, and the batches a training loop reads.
+"""Datasets as in-memory arrays, and the batches a training loop reads.
 
-Two sources, chosen by `config.data.name`:
+Sources, chosen by `config.data.name`:
 - 'digits': the 8x8 handwritten digits that ship inside scikit-learn, so a
   first run needs no network and no preparation;
+- 'synthetic_series': seeded one-channel waveforms in four shapes, a time
+  series task that needs no download;
 - any TFDS image-classification dataset ('mnist', 'fashion_mnist',
-  'eurosat/rgb', ...), prepared with TFDS (offline from `data.manual_dir`) and
-  decoded once into a cache of arrays beside the prepared files, so later runs
-  skip decoding and never import TensorFlow.
+  'eurosat/rgb', ...) or text-classification dataset ('imdb_reviews'),
+  prepared with TFDS (offline from `data.manual_dir`) and decoded once into a
+  cache of arrays beside the prepared files, so later runs skip decoding and
+  never import TensorFlow.
 
-Images stay uint8 until `preprocess`, which runs inside the compiled step.
+Images stay uint8 until `preprocess`, which runs inside the compiled step;
+token ids (int32) and series (float32) pass through it unchanged.
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ import numpy as np
 from cnn.config import ConfigError
 from cnn.progress import progress
 
-EMBEDDED = ("digits",)
+EMBEDDED = ("digits", "synthetic_series")
+# Token ids 0 and 1 of a text vocabulary: padding and out-of-vocabulary words.
+PAD, OOV = 0, 1
 
 
 @dataclasses.dataclass
 class Split:
-    images: np.ndarray  # uint8, (N, height, width, channels)
+    # The inputs, named for the common case: uint8 images (N, height, width,
+    # channels), int32 token ids (N, length) or float32 series (N, length, channels).
+    images: np.ndarray
     labels: np.ndarray  # int32, (N,)
 
     def __len__(self) -> int:
@@ -57,15 +65,24 @@ class Dataset:
 
 
 def load(data: ml_collections.ConfigDict) -> Dataset:
-    """Loads both splits of `data.name` into memory, resized if `data.image_size` is set."""
+    """Loads both splits of `data.name` into memory, resized to `data.image_size` and converted to
+    `data.channels` where those are set."""
     if data.name == "digits":
         dataset = _load_digits()
+    elif data.name == "synthetic_series":
+        dataset = _load_synthetic_series(data.get("max_length") or 128)
     else:
         dataset = _load_tfds(data)
-    if data.image_size is not None:
-        size = tuple(int(v) for v in data.image_size)
-        for split in (dataset.train, dataset.test):
-            split.images = resize(split.images, size)
+    is_image = dataset.train.images.dtype == np.uint8 and dataset.train.images.ndim == 4
+    for field in ("image_size", "channels"):
+        if data.get(field) is not None and not is_image:
+            raise ConfigError(f"data.{field}={data[field]!r} applies to images, but {data.name} holds sequences "
+                              f"shaped {dataset.input_shape}; leave data.{field}=None")
+    for split in (dataset.train, dataset.test):
+        if data.image_size is not None:
+            split.images = resize(split.images, tuple(int(v) for v in data.image_size))
+        if data.get("channels") is not None:
+            split.images = to_channels(split.images, data.channels)
     if data.mean is not None and len(data.mean) not in (1, dataset.input_shape[-1]):
         raise ConfigError(f"data.mean={tuple(data.mean)!r} has {len(data.mean)} values but the images have "
                           f"{dataset.input_shape[-1]} channels")
@@ -74,11 +91,59 @@ def load(data: ml_collections.ConfigDict) -> Dataset:
 
 def preprocess(images: jax.Array, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
                ) -> jax.Array:
-    """uint8 images to float32 in [0, 1], then (x - mean) / std if given (data.mean, data.std)."""
+    """uint8 images to float32 in [0, 1], then (x - mean) / std if given (data.mean, data.std).
+
+    Other inputs (int32 token ids, float32 series) are returned unchanged, so
+    the same compiled step trains on text and time series.
+    """
+    if images.dtype != jnp.uint8:
+        return images
     x = images.astype(jnp.float32) / 255.0
     if mean is not None:
         x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return x
+
+
+def augment(images: jax.Array, rng: jax.Array, crop_padding: int = 0, flip: bool = False,
+            pad_mode: str = "constant") -> jax.Array:
+    """Random crops and horizontal flips of a uint8 NHWC batch, a different draw per example.
+
+    Each image is padded by `crop_padding` pixels on every side (zeros for
+    pad_mode='constant', mirrored for 'reflect') and cropped back to its size
+    at a random offset; with `flip`, half of the images, at random, are
+    mirrored left to right. Pure and shape-preserving, so it runs inside the
+    compiled train step (on the device, no host work), and a given `rng`
+    always gives the same batch. The arguments other than the arrays are
+    static: data.crop_padding, data.flip and data.pad_mode.
+    """
+    if images.ndim != 4:
+        return images  # token ids and series are not images
+    n, height, width, channels = images.shape
+    crop_rng, flip_rng = jax.random.split(rng)
+    if crop_padding:
+        p = crop_padding
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=pad_mode)
+        offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * p + 1)
+        images = jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (height, width, channels))
+                          )(padded, offsets)
+    if flip:
+        mirror = jax.random.bernoulli(flip_rng, 0.5, (n,))
+        images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1, :], images)
+    return images
+
+
+def to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 images to `channels` channels: RGB to grey by luma (ITU-R 601), grey to RGB by repeating."""
+    have = images.shape[-1]
+    if have == channels:
+        return images
+    if have == 3 and channels == 1:
+        grey = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None]
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    raise ConfigError(f"data.channels={channels!r}: cannot convert images with {have} channels; use 1 (grey), "
+                      f"3 (RGB) or None (keep {have})")
 
 
 def resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -109,6 +174,59 @@ def _load_digits() -> Dataset:
     return Dataset("digits", Split(x_train, y_train), Split(x_test, y_test), [str(i) for i in range(10)])
 
 
+def _load_synthetic_series(length: int, train_size: int = 3000, test_size: int = 1000) -> Dataset:
+    """Noisy sine, square, sawtooth and triangle waves (N, length, 1), classified by shape.
+
+    Frequency (1 to 6 cycles), phase, amplitude, offset and noise are drawn per
+    example from a fixed seed, so the set is the same everywhere and needs no
+    download.
+    """
+    rng = np.random.default_rng(1998)
+    n = train_size + test_size
+    labels = rng.integers(0, 4, n).astype(np.int32)
+    t = np.linspace(0, 1, length, endpoint=False, dtype=np.float32)
+    cycles = rng.uniform(1, 6, (n, 1)) * t + rng.uniform(0, 1, (n, 1))
+    frac = cycles - np.floor(cycles)
+    waves = np.stack([np.sin(2 * np.pi * cycles), np.where(frac < 0.5, 1.0, -1.0), 2 * frac - 1,
+                      4 * np.abs(frac - 0.5) - 1])  # (4, n, length)
+    x = waves[labels, np.arange(n)] * rng.uniform(0.5, 2, (n, 1)) + rng.normal(0, 0.5, (n, 1))
+    x = (x + rng.normal(0, 0.3, x.shape)).astype(np.float32)[..., None]
+    names = ["sine", "square", "sawtooth", "triangle"]
+    return Dataset("synthetic_series", Split(x[:train_size], labels[:train_size]),
+                   Split(x[train_size:], labels[train_size:]), names)
+
+
+# --- Text -----------------------------------------------------------------------
+
+_MARKUP = re.compile(r"<[^>]+>")
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def words(text: str | bytes) -> list[str]:
+    """Lowercase words, with HTML tags such as imdb_reviews' <br /> removed."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return _WORD.findall(_MARKUP.sub(" ", text.lower()))
+
+
+def build_vocabulary(texts: list[str | bytes], size: int) -> list[str]:
+    """The `size - 2` most frequent words (ties by first appearance), after the pad and OOV ids."""
+    import collections
+
+    counts = collections.Counter(w for text in texts for w in words(text))
+    return ["<pad>", "<oov>", *(w for w, _ in counts.most_common(size - 2))]
+
+
+def encode(texts: list[str | bytes], vocabulary: list[str], max_length: int) -> np.ndarray:
+    """int32 ids (N, max_length): the first max_length words, padded with PAD at the end."""
+    index = {w: i for i, w in enumerate(vocabulary)}
+    ids = np.full((len(texts), max_length), PAD, np.int32)
+    for row, text in enumerate(texts):
+        tokens = [index.get(w, OOV) for w in words(text)[:max_length]]
+        ids[row, :len(tokens)] = tokens
+    return ids
+
+
 # --- TFDS ---------------------------------------------------------------------
 
 
@@ -117,25 +235,30 @@ def data_dir(data: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
-def _cache_path(data: ml_collections.ConfigDict, split: str) -> str:
-    return os.path.join(data_dir(data), "cnn_cache", data.name.replace("/", "__").replace(":", "-"), f"{split}.npz")
+def _cache_path(data: ml_collections.ConfigDict, split: str, text: bool = False) -> str:
+    name = data.name.replace("/", "__").replace(":", "-")
+    if text:  # token ids depend on the vocabulary and the length
+        name += f"__v{data.vocab_size}_l{data.max_length}"
+    return os.path.join(data_dir(data), "cnn_cache", name, f"{split}.npz")
 
 
 def _load_tfds(data: ml_collections.ConfigDict) -> Dataset:
     splits = {}
     class_names = None
     if data.cache:
-        for split in (data.train_split, data.test_split):
-            path = _cache_path(data, split)
-            if os.path.exists(path):
-                with np.load(path) as f:
-                    splits[split] = Split(f["images"], f["labels"])
-                    class_names = [str(n) for n in f["class_names"]]
+        for text in (False, True):  # which one is known only once read; finding the file says it
+            paths = [_cache_path(data, split, text) for split in (data.train_split, data.test_split)]
+            if all(os.path.exists(p) for p in paths):
+                for split, path in zip((data.train_split, data.test_split), paths):
+                    with np.load(path) as f:
+                        splits[split] = Split(f["images"], f["labels"])
+                        class_names = [str(n) for n in f["class_names"]]
+                break
     if len(splits) < 2:
-        splits, class_names = _read_tfds(data)
+        splits, class_names, text = _read_tfds(data)
         if data.cache:
             for split, arrays in splits.items():
-                _write_cache(_cache_path(data, split), arrays, class_names)
+                _write_cache(_cache_path(data, split, text), arrays, class_names)
     return Dataset(data.name, splits[data.train_split], splits[data.test_split], class_names)
 
 
@@ -170,13 +293,16 @@ def _builder(data: ml_collections.ConfigDict):
                           + (f"; {base} has {', '.join(map(repr, known[:8]))}" if known else "")) from None
 
 
-def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[str]]:
+def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[str], bool]:
+    """Both splits as arrays, the class names, and whether the inputs are text (token ids)."""
+    import tensorflow_datasets as tfds
+
     builder = _builder(data)
     info = builder.info
     keys = info.supervised_keys
     if not keys or len(keys) != 2 or not hasattr(info.features[keys[1]], "num_classes"):
-        raise ConfigError(f"data.name={data.name!r} is not an image-classification dataset "
-                          "(it has no (image, label) supervised keys)")
+        raise ConfigError(f"data.name={data.name!r} is not an image- or text-classification dataset "
+                          "(it has no (input, label) supervised keys)")
     image_key, label_key = keys
     for field, split in (("data.train_split", data.train_split), ("data.test_split", data.test_split)):
         base = split.split("[")[0].split("+")[0]
@@ -184,10 +310,40 @@ def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[
             raise ConfigError(f"{field}={split!r} is not a split of {data.name}; it has "
                               f"{', '.join(info.splits.keys())} (slices such as 'train[:90%]' work too)")
     _prepare(builder, data)
+    class_names = list(info.features[label_key].names)
+    if isinstance(info.features[image_key], tfds.features.Text):
+        return _read_text(builder, image_key, label_key, data), class_names, True
     splits = {}
     for split in (data.train_split, data.test_split):
         splits[split] = _decode(builder, split, image_key, label_key, data)
-    return splits, list(info.features[label_key].names)
+    return splits, class_names, False
+
+
+def _examples(builder, split: str) -> list[dict]:
+    source = builder.as_data_source(split=split)
+    try:
+        return source.__getitems__(range(len(source)))  # one bulk read: ~2x faster than indexing
+    except TypeError:  # tfds.testing.mock_data's sources only index
+        return [source[i] for i in range(len(source))]
+
+
+def _read_text(builder, text_key: str, label_key: str, data: ml_collections.ConfigDict) -> dict[str, Split]:
+    """Token ids for both splits, with a vocabulary built from the training split alone.
+
+    Prepared array_record sources give the text as UTF-8 bytes (mock data as
+    str); either reads without TensorFlow.
+    """
+    start = time.time()
+    raw = {split: _examples(builder, split) for split in (data.train_split, data.test_split)}
+    vocabulary = build_vocabulary([e[text_key] for e in raw[data.train_split]], data.vocab_size)
+    splits = {}
+    for split, examples in raw.items():
+        ids = encode([e[text_key] for e in examples], vocabulary, data.max_length)
+        labels = np.fromiter((e[label_key] for e in examples), np.int32, len(examples))
+        splits[split] = Split(ids, labels)
+    _say(f"Tokenised {data.name}: {len(vocabulary):,} words from {data.train_split}, "
+         f"{sum(map(len, splits.values())):,} texts to {data.max_length} ids in {time.time() - start:.1f}s")
+    return splits
 
 
 def _prepare(builder, data: ml_collections.ConfigDict) -> None:
@@ -228,11 +384,7 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
 def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collections.ConfigDict) -> Split:
     """Reads one split into arrays. Prepared array_record data reads without TensorFlow."""
     start = time.time()
-    source = builder.as_data_source(split=split)
-    try:
-        examples = source.__getitems__(range(len(source)))  # one bulk read: ~2x faster than indexing
-    except TypeError:  # tfds.testing.mock_data's sources only index
-        examples = [source[i] for i in range(len(source))]
+    examples = _examples(builder, split)
     size = None if data.image_size is None else tuple(int(v) for v in data.image_size)
     images = []
     for example in progress(examples, len(examples), f"decoding {data.name} {split}", unit="image"):

@@ -151,6 +151,57 @@ class BatchNorm(nn.BatchNorm):
         return super().__call__(x, use_running_average=not train)
 
 
+class Embedding(nn.Embed):
+    """Token ids (batch, length) to vectors (batch, length, features), so Conv1D can read text.
+
+    Ids arrive as float32 where the trainer builds the model from zeros, so
+    they are cast to int32 here; ids up to 2**24 survive the round trip.
+    """
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim != 2:
+            raise ShapeError(f"Embedding needs token ids shaped (None, length) but got {format_shape(x.shape)}; "
+                             "put it first, on a text dataset")
+        return super().__call__(x.astype(jnp.int32))
+
+
+class ResidualBlock(nn.Module):
+    """He et al. (2016)'s basic block: conv-BN-relu-conv-BN plus a shortcut, then relu.
+
+    The shortcut is the identity, or, where the block halves the size or
+    widens the channels, either the paper's parameter-free option A (take
+    every `strides`-th pixel and zero-pad the new channels; its CIFAR nets use
+    this) or option B (a 1x1 convolution and BN). Batch norm uses PyTorch's
+    defaults (momentum 0.9, epsilon 1e-5), as the reference implementations do.
+    """
+
+    filters: int
+    strides: int = 1
+    shortcut: str = "pad"  # 'pad' (option A) or 'conv' (option B)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim != 4:
+            raise ShapeError(f"ResidualBlock needs inputs shaped (height, width, channels) but got "
+                             f"{format_shape(x.shape)}; it exists in 2D only, for images before Flatten()")
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        conv = functools.partial(nn.Conv, self.filters, (3, 3), padding="SAME", use_bias=False)
+        y = nn.relu(norm()(conv(strides=self.strides)(x)))
+        y = norm()(conv()(y))
+        if self.strides == 1 and x.shape[-1] == self.filters:
+            shortcut = x
+        elif self.shortcut == "conv":
+            shortcut = norm()(nn.Conv(self.filters, (1, 1), self.strides, use_bias=False)(x))
+        else:
+            shortcut = x[:, ::self.strides, ::self.strides, :]
+            extra = self.filters - x.shape[-1]
+            if extra < 0:
+                raise ShapeError(f"ResidualBlock({self.filters}) narrows {x.shape[-1]} channels, which "
+                                 "shortcut='pad' cannot do; use shortcut='conv'")
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return nn.relu(y + shortcut)
+
+
 # --- The registry: Keras-named constructors with Keras-style arguments. -----
 
 
@@ -229,6 +280,17 @@ def _flatten() -> nn.Module:
     return Flatten()
 
 
+def _embedding(input_dim: int, output_dim: int) -> nn.Module:
+    return Embedding(num_embeddings=_positive(input_dim, "input_dim"), features=_positive(output_dim, "output_dim"))
+
+
+def _residual_block(filters: int, strides: int = 1, shortcut: str = "pad") -> nn.Module:
+    if shortcut not in ("pad", "conv"):
+        raise ConfigError(f"shortcut={shortcut!r} must be 'pad' (parameter-free, option A) or 'conv' (1x1, option B)")
+    return ResidualBlock(filters=_positive(filters, "filters"), strides=_positive(strides, "strides"),
+                         shortcut=shortcut)
+
+
 LAYERS: dict[str, Callable[..., nn.Module]] = {
     "Conv1D": _conv(1),
     "Conv2D": _conv(2),
@@ -245,6 +307,8 @@ LAYERS: dict[str, Callable[..., nn.Module]] = {
     "Dropout": _dropout,
     "BatchNormalization": _batch_norm,
     "Activation": _activation_layer,
+    "Embedding": _embedding,
+    "ResidualBlock": _residual_block,
 }
 
 

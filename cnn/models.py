@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cnn import layers as layers_lib
+from cnn import presets
 from cnn.config import ConfigError
 
 
@@ -56,11 +57,37 @@ class Sequential(nn.Module):
         return x
 
 
-def build_model(model_config: ml_collections.ConfigDict | Sequence[str]) -> Sequential:
-    """Builds the model from `config.model` (or a list of specs), checking every spec."""
-    specs = model_config if isinstance(model_config, (list, tuple)) else model_config.layers
+def layer_specs(model_config: ml_collections.ConfigDict, num_classes: int | None = None) -> tuple[str, ...]:
+    """The specs `config.model` stands for: `model.layers`, or `model.preset` expanded.
+
+    A preset's output layer gets `model.num_classes` units, else `num_classes`
+    (the dataset's, from a caller that has loaded it).
+    """
+    preset, specs = model_config.get("preset"), model_config.layers
+    if preset and specs:
+        raise ConfigError(f"model.preset={preset!r} and model.layers (with {len(specs)} layers) are both set; "
+                          "keep one: set model.layers=() to use the preset, or model.preset=None to use the layers")
+    if preset:
+        classes = model_config.get("num_classes") or num_classes
+        return presets.expand(preset, classes)
     if not isinstance(specs, (list, tuple)) or not specs:
-        raise ConfigError(f"model.layers={specs!r} must be a non-empty tuple of layer specs")
+        raise ConfigError(f"model.layers={specs!r} is empty and model.preset is not set; set one, e.g. "
+                          f"model.preset='flax_cnn' (known: {', '.join(presets.PRESETS)})")
+    return tuple(specs)
+
+
+def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_classes: int | None = None
+                ) -> Sequential:
+    """Builds the model from `config.model` (or a list of specs), checking every spec.
+
+    `num_classes` sizes a preset's output layer when `model.num_classes` is None.
+    """
+    if isinstance(model_config, (list, tuple)):
+        specs = model_config
+        if not specs:
+            raise ConfigError(f"model.layers={specs!r} must be a non-empty tuple of layer specs")
+    else:
+        specs = layer_specs(model_config, num_classes)
     parse_stack(tuple(specs))  # raises ConfigError on a bad spec
     return Sequential(layers=tuple(specs))
 
@@ -96,7 +123,8 @@ def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, 
     elif units != num_classes:
         raise ConfigError(f"model.layers[{last}]={model.layers[last]!r} gives {units} outputs but the dataset has "
                           f"{num_classes} classes; end the model with Dense({num_classes})"
-                          + (" or Dense(1, activation='sigmoid')" if num_classes == 2 else ""))
+                          + (" or Dense(1, activation='sigmoid')" if num_classes == 2 else "")
+                          + f" (with a model.preset, set model.num_classes={num_classes})")
     if model.output_activation == "sigmoid" and loss != "sigmoid_binary_cross_entropy":
         raise ConfigError("model.layers: a final sigmoid needs loss='sigmoid_binary_cross_entropy' and one output unit")
     return loss

@@ -14,13 +14,9 @@ def get_config():
     config.data.name = "eurosat/rgb"
     config.data.train_split = "train[:80%]"
     config.data.test_split = "train[80%:]"
-    config.model.layers = (
-        "Conv2D(32, (3, 3), activation='relu', padding='valid')",
-        "MaxPooling2D((2, 2))",
-        "Flatten()",
-        "Dense(128, activation='relu')",
-        "Dense(10, activation='softmax')",
-    )
+    config.model.layers = ()
+    config.model.preset = "keras_seed"  # these five layers, as cnn/presets.py writes them
+    config.model.num_classes = 10
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-3
     config.train.num_epochs = 10

@@ -16,6 +16,7 @@ def get_config():
     config.data.train_split = "train"
     config.data.test_split = "test"
     config.data.image_size = (64, 64)
-    config.model.layers = (*config.model.layers[:-1], "Dense(1, activation='sigmoid')")
+    config.model.preset = "keras_seed_binary"
+    config.model.num_classes = 2
     config.loss = "sigmoid_binary_cross_entropy"
     return config

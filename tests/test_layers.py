@@ -139,3 +139,32 @@ def test_head_must_fit_the_dataset():
                              "auto") == "sigmoid_binary_cross_entropy"
     with pytest.raises(cnn.ConfigError, match="needs a two-class dataset"):
         models.check_head(cnn.build_model(["Flatten()", "Dense(1)"]), (8, 8, 1), 10, "sigmoid_binary_cross_entropy")
+
+
+def test_embedding_feeds_conv1d_and_accepts_float_ids():
+    specs = ["Embedding(50, 8)", "Conv1D(4, 3)", "GlobalMaxPooling1D()", "Dense(2)"]
+    model, v = _init(specs, (12,))
+    assert v["params"]["embedding"]["embedding"].shape == (50, 8)
+    ids = jnp.arange(24).reshape(2, 12) % 50
+    np.testing.assert_allclose(model.apply(v, ids), model.apply(v, ids.astype(jnp.float32)))  # trainer inits with floats
+    assert "(None, 12, 8)" in cnn.summary(model, (12,))
+    with pytest.raises(cnn.ConfigError, match=r"Embedding needs token ids shaped \(None, length\)"):
+        models.output_shape(cnn.build_model(["Embedding(5, 2)", "Flatten()"]), (4, 4, 1))
+
+
+def test_residual_block_shortcuts():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    for spec, shape, params in [("ResidualBlock(4)", (2, 8, 8, 4), 2 * 144 + 16),
+                                ("ResidualBlock(8, strides=2)", (2, 4, 4, 8), 288 + 576 + 32),
+                                ("ResidualBlock(8, strides=2, shortcut='conv')", (2, 4, 4, 8), 288 + 576 + 32 + 32 + 16)]:
+        model = cnn.build_model([spec])
+        v = jax.eval_shape(model.init, jax.random.key(0), x)
+        assert models.output_shape(model, (8, 8, 4)) == (1, *shape[1:])
+        assert parameter_count(v["params"]) == params, spec
+    model, v = _init(["ResidualBlock(8, strides=2)"], (8, 8, 4))
+    y, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+    assert y.shape == (2, 4, 4, 8) and float(y.min()) >= 0  # ends in relu
+    with pytest.raises(cnn.ConfigError, match="shortcut='bogus' must be 'pad'"):
+        cnn.build_model(["ResidualBlock(8, shortcut='bogus')"])
+    with pytest.raises(cnn.ConfigError, match="it exists in 2D only"):
+        models.output_shape(cnn.build_model(["ResidualBlock(8)"]), (8, 4))

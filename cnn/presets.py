@@ -1,0 +1,179 @@
+"""Named architectures that expand to layer specs, so `Sequential` stays the one model.
+
+A config names one in `model.preset`, alone or with keyword overrides written
+as a call and parsed like a layer spec (never run):
+
+    config.model.preset = "resnet20"
+    config.model.preset = "vgg(widths=(32, 64, 128), depths=(2, 2, 2))"
+
+Each preset's default reproduces the parameter count of its paper or reference
+implementation (tests/test_presets.py checks them); `PUBLISHED` holds those
+figures and where they come from.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+from collections.abc import Callable, Sequence
+
+from cnn.config import ConfigError
+
+
+def _ints(value, field: str) -> tuple[int, ...]:
+    if (not isinstance(value, (tuple, list)) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ConfigError(f"{field}={value!r} must be a non-empty tuple of positive integers")
+    return tuple(value)
+
+
+def flax_cnn(num_classes: int, widths: Sequence[int] = (32, 64), dense: int = 256) -> list[str]:
+    """The CNN of Flax's MNIST example: (conv 3x3 + relu, average pool 2) per width, dense, output."""
+    convs = [spec for w in _ints(widths, "widths")
+             for spec in (f"Conv2D({w}, 3, activation='relu', padding='same')", "AveragePooling2D(2)")]
+    return [*convs, "Flatten()", f"Dense({dense}, activation='relu')", f"Dense({num_classes})"]
+
+
+def keras_seed(num_classes: int, widths: Sequence[int] = (32,), dense: int = 128) -> list[str]:
+    """The Keras seed model: (Conv2D 3x3 relu, MaxPooling2D 2x2) per width, Dense(128, relu), softmax."""
+    convs = [spec for w in _ints(widths, "widths")
+             for spec in (f"Conv2D({w}, (3, 3), activation='relu', padding='valid')", "MaxPooling2D((2, 2))")]
+    return [*convs, "Flatten()", f"Dense({dense}, activation='relu')", f"Dense({num_classes}, activation='softmax')"]
+
+
+def keras_seed_binary(num_classes: int = 2, widths: Sequence[int] = (32,), dense: int = 128) -> list[str]:
+    """The Keras seed model with one sigmoid unit, for two-class sets and binary cross-entropy."""
+    if num_classes != 2:
+        raise ConfigError(f"keras_seed_binary has one sigmoid output, for two classes, not {num_classes}; "
+                          "use 'keras_seed' for more")
+    return [*keras_seed(2, widths, dense)[:-1], "Dense(1, activation='sigmoid')"]
+
+
+def lenet5(num_classes: int, padding: str = "same") -> list[str]:
+    """LeNet-5 (LeCun et al. 1998) as it is usually rebuilt today.
+
+    C1 6@5x5, S2 average pool, C3 16@5x5, S4 average pool, C5 120@5x5, F6 84,
+    tanh throughout. The paper's C1 sees 32x32 inputs; padding='same' gives a
+    28x28 digit the same 28x28 C1 maps. Differences from the paper: C3 sees
+    all six S2 maps (not the paper's connection table), pooling has no
+    trainable coefficient, and the output is Dense + softmax, not RBF units.
+    """
+    return [f"Conv2D(6, 5, activation='tanh', padding={padding!r})", "AveragePooling2D(2)",
+            "Conv2D(16, 5, activation='tanh')", "AveragePooling2D(2)", "Conv2D(120, 5, activation='tanh')",
+            "Flatten()", "Dense(84, activation='tanh')", f"Dense({num_classes})"]
+
+
+def vgg(num_classes: int, widths: Sequence[int] = (64, 128, 256, 512, 512), depths: Sequence[int] = (2, 2, 3, 3, 3),
+        batch_norm: bool = True, dense: Sequence[int] = ()) -> list[str]:
+    """A VGG-style net (Simonyan & Zisserman 2015): stages of 3x3 convs, each stage ending in a 2x2 max pool.
+
+    The default is VGG-16 for 32x32 inputs as CIFAR code writes it (conv + BN +
+    relu, one linear layer on the 1x1x512 output); `dense` adds hidden layers.
+    """
+    widths, depths = _ints(widths, "widths"), _ints(depths, "depths")
+    if len(widths) != len(depths):
+        raise ConfigError(f"widths={widths!r} and depths={depths!r} must have one entry per stage each")
+    out = []
+    for width, depth in zip(widths, depths):
+        for _ in range(depth):
+            if batch_norm:
+                out += [f"Conv2D({width}, 3, padding='same')", "BatchNormalization(momentum=0.9, epsilon=1e-05)",
+                        "Activation('relu')"]
+            else:
+                out.append(f"Conv2D({width}, 3, activation='relu', padding='same')")
+        out.append("MaxPooling2D(2)")
+    out.append("Flatten()")
+    out += [f"Dense({units}, activation='relu')" for units in (_ints(dense, "dense") if dense else ())]
+    return [*out, f"Dense({num_classes})"]
+
+
+def resnet20(num_classes: int, widths: Sequence[int] = (16, 32, 64), depths: Sequence[int] = (3, 3, 3),
+             shortcut: str = "pad") -> list[str]:
+    """ResNet-20 for 32x32 inputs (He et al. 2016, section 4.2): 6n+2 layers with n = 3.
+
+    A 3x3 conv stem, three stages of `depths` residual blocks whose first block
+    (after the first stage) halves the size, global average pooling and a
+    linear output. depths=(5, 5, 5) gives ResNet-32, (9, 9, 9) ResNet-56.
+    """
+    widths, depths = _ints(widths, "widths"), _ints(depths, "depths")
+    if len(widths) != len(depths):
+        raise ConfigError(f"widths={widths!r} and depths={depths!r} must have one entry per stage each")
+    out = [f"Conv2D({widths[0]}, 3, padding='same', use_bias=False)",
+           "BatchNormalization(momentum=0.9, epsilon=1e-05)", "Activation('relu')"]
+    for stage, (width, depth) in enumerate(zip(widths, depths)):
+        for block in range(depth):
+            strides = 2 if stage > 0 and block == 0 else 1
+            out.append(f"ResidualBlock({width}, strides={strides}, shortcut={shortcut!r})")
+    return [*out, "GlobalAveragePooling2D()", f"Dense({num_classes})"]
+
+
+PRESETS: dict[str, Callable[..., list[str]]] = {
+    "flax_cnn": flax_cnn,
+    "keras_seed": keras_seed,
+    "keras_seed_binary": keras_seed_binary,
+    "lenet5": lenet5,
+    "vgg": vgg,
+    "resnet20": resnet20,
+}
+
+# (input shape, classes, parameter count, where the count is published): each
+# default preset, built for that input, has exactly this many parameters
+# (trainable ones: batch-norm running averages are not parameters in papers).
+PUBLISHED: dict[str, tuple[tuple[int, ...], int, int, str]] = {
+    "flax_cnn": ((28, 28, 1), 10, 824_458, "Flax examples/mnist CNN"),
+    "keras_seed": ((64, 64, 3), 10, 3_938_570, "Keras model.summary() of the seed model"),
+    "keras_seed_binary": ((64, 64, 3), 2, 3_937_409, "Keras model.summary() of the binary seed model"),
+    "lenet5": ((28, 28, 1), 10, 61_706, "LeNet-5 with full C3 and a dense output, as rebuilt in Keras/PyTorch "
+                                        "tutorials; the paper's own net has 60,000 before its 840-weight RBF output"),
+    "vgg": ((32, 32, 3), 10, 14_728_266, "VGG-16 for CIFAR-10 in kuangliu/pytorch-cifar (conv+BN, one linear)"),
+    "resnet20": ((32, 32, 3), 10, 269_722, "He et al. 2016 table 6: 0.27M; akamaster/pytorch_resnet_cifar10: "
+                                           "269,722"),
+}
+
+
+def parse(preset: str, field: str = "model.preset") -> tuple[str, dict]:
+    """Splits 'vgg(widths=(32, 64))' into ('vgg', {'widths': (32, 64)}); a bare name has no overrides."""
+    if not isinstance(preset, str) or not preset.strip():
+        raise ConfigError(f"{field}={preset!r} must be a preset name such as 'resnet20'; known: {', '.join(PRESETS)}")
+    try:
+        node = ast.parse(preset.strip(), mode="eval").body
+        if isinstance(node, ast.Name):
+            name, kwargs, args = node.id, {}, []
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name, args = node.func.id, node.args
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        else:
+            raise SyntaxError
+    except (SyntaxError, ValueError, TypeError):
+        raise ConfigError(f"{field}={preset!r} is not a preset: write a name, or a call with literal keyword "
+                          "arguments such as \"vgg(widths=(32, 64), depths=(2, 2))\"") from None
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{field}={preset!r}: unknown preset {name!r}; {hint}known: {', '.join(PRESETS)}")
+    if args or None in kwargs:
+        raise ConfigError(f"{field}={preset!r}: give overrides by keyword; {name} takes {signature(name)}")
+    try:
+        inspect.signature(PRESETS[name]).bind(1, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{field}={preset!r}: {e}; {name} takes {signature(name)}") from None
+    return name, kwargs
+
+
+def signature(name: str) -> str:
+    """The overrides a preset takes, e.g. 'resnet20(widths=(16, 32, 64), depths=(3, 3, 3), shortcut='pad')'."""
+    params = list(inspect.signature(PRESETS[name]).parameters.values())[1:]
+    return name + "(" + ", ".join(f"{p.name}={p.default!r}" for p in params) + ")"
+
+
+def expand(preset: str, num_classes: int | None, field: str = "model.preset") -> tuple[str, ...]:
+    """The layer specs of `preset` with an output layer for `num_classes` classes."""
+    name, kwargs = parse(preset, field)
+    if num_classes is None:
+        raise ConfigError(f"{field}={preset!r} needs the number of classes for its output layer; set "
+                          "model.num_classes to the dataset's class count")
+    try:
+        return tuple(PRESETS[name](num_classes, **kwargs))
+    except ConfigError as e:
+        raise ConfigError(f"{field}={preset!r}: {e}") from None

@@ -1,0 +1,11 @@
+"""Kuzushiji-MNIST (28x28 cursive Japanese characters, 10 classes) with the MNIST CNN and recipe."""
+
+import os
+
+from cnn.config import load
+
+
+def get_config():
+    config = load(os.path.join(os.path.dirname(__file__), "mnist.py"))
+    config.data.name = "kmnist"
+    return config
