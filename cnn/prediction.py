@@ -107,7 +107,7 @@ def load(workdir: str) -> train_lib.TrainResult:
         results = {**results, **dataset_info(data_lib.load(config.data))}
     class_names = list(results["class_names"])
     input_shape = tuple(results["input_shape"])
-    model = models.build_model(config.model)
+    model = models.build_model(config.model, len(class_names))
     loss = models.check_head(model, input_shape, len(class_names), config.loss)
     # The optimizer gives the checkpoint's structure; its schedule's length does not matter here.
     tx = train_lib.make_optimizer(config.optimizer, 1, config.train.num_epochs)

@@ -108,7 +108,28 @@ def put_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
 
 
+def put_replicated(tree, mesh: Mesh):
+    """A host (or single-device) tree copied to every device of the mesh, across processes too."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, replicated(mesh))
+
+    def leaf(x):
+        if _is_key(x):  # typed PRNG keys travel as their raw data
+            return jax.random.wrap_key_data(leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(replicated(mesh), np.asarray(x))
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def to_host(tree):
     """A replicated device tree as numpy, in every process (no cross-process gather needed)."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
-                                  else x, tree)
+    def leaf(x):
+        if not isinstance(x, jax.Array):
+            return x
+        return x.addressable_data(0) if _is_key(x) else np.asarray(x.addressable_data(0))
+
+    return jax.tree_util.tree_map(leaf, tree)

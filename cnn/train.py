@@ -48,6 +48,7 @@ class TrainState(train_state.TrainState):
     mean: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
     std: tuple[float, ...] | None = flax.struct.field(pytree_node=False, default=None)
     compute_dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    augment: tuple[int, bool, str] = flax.struct.field(pytree_node=False, default=(0, False, "constant"))
 
     def variables(self, params=None) -> dict:
         """The model's variables, with parameters cast to the compute dtype (a no-op in float32).
@@ -80,8 +81,11 @@ def compute_loss(loss: str, logits: jax.Array, labels: jax.Array) -> tuple[jax.A
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy."""
-    x = state.inputs(batch["image"])
     rng = jax.random.fold_in(state.dropout_rng, state.step)
+    images = batch["image"]
+    if state.augment[:2] != (0, False):  # random crops and flips, on the device (data.crop_padding, data.flip)
+        images = data_lib.augment(images, jax.random.fold_in(rng, 1), *state.augment)
+    x = state.inputs(images)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(state.variables(params), x, train=True, logits=True,
@@ -140,6 +144,7 @@ def create_state(model: models.Sequential, tx: optax.GradientTransformation, inp
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables.get("batch_stats", {}),
         dropout_rng=dropout_rng, loss=loss, compute_dtype=compute_dtype,
+        augment=(int(data.crop_padding), bool(data.flip), str(data.pad_mode)),
         mean=None if data.mean is None else tuple(data.mean), std=None if data.std is None else tuple(data.std))
 
 
@@ -248,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_cfg = config.train
 
     dataset = data_lib.load(config.data)
-    model = models.build_model(config.model)
+    model = models.build_model(config.model, dataset.num_classes)
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
     if train_cfg.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} is larger than the {config.data.name} training "
@@ -270,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     replicated = sharding.replicated(mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    state, sums = jax.device_put((state, sums), replicated)
+    state, sums = sharding.put_replicated((state, sums), mesh)
     run_step = jax.jit(train_step_and_sum, in_shardings=(replicated, replicated, batch_sharding),
                        out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
     run_eval = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
@@ -350,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 "elapsed_seconds": time.time() - start,  # since the process started, imports included
             }
             writer.write(record)
-            sums = jax.device_put(zeros, replicated)
+            sums = sharding.put_replicated(zeros, mesh)
             save_checkpoint(recent, epoch)  # after the record: a resume never redoes a logged epoch
             say(f"epoch {epoch:>3}/{train_cfg.num_epochs}  train loss {record['train_loss']:.4f} "
                 f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "

@@ -1,0 +1,67 @@
+"""Data parallelism gives the same training run on 1, 2 or 4 devices, and in two processes.
+
+Each run is a real `python -m cnn.main` on the digits set: the CPU is split
+into host devices (train.num_devices), or two processes join over loopback
+with jax.distributed (gloo collectives), one device each, with the same
+global batch.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=2"]
+
+
+def run(workdir, *extra, wait=True):
+    command = [sys.executable, "-m", "cnn.main", f"--workdir={workdir}", *ARGS, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process.communicate(timeout=300)[0] if wait else process
+
+
+def trajectory(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return np.array([[r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"]]
+                         for r in map(json.loads, f)])
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("devices") / "one"
+    run(workdir, "--config.train.num_devices=1")
+    return trajectory(workdir)
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_more_devices_same_trajectory(tmp_path, one_device, devices):
+    output = run(tmp_path, f"--config.train.num_devices={devices}")
+    assert f"on {devices} cpu device(s)" in output
+    np.testing.assert_allclose(trajectory(tmp_path), one_device, rtol=1e-5)
+
+
+def test_two_processes_match_one(tmp_path, one_device):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    processes = [run(tmp_path, f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+                     "--config.train.num_devices=1", wait=False) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert "on 2 cpu device(s) in 2 processes" in outputs[0]
+    assert "test accuracy" not in outputs[1]  # only process 0 reports and writes
+    np.testing.assert_allclose(trajectory(tmp_path), one_device, rtol=1e-5)
+    assert json.loads((tmp_path / "results.json").read_text())["processes"] == 2
+    assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path):
+    output = run(tmp_path, "--config.train.num_devices=4", "--config.train.batch_size=30")
+    assert "error: train.batch_size=30 does not divide over 4 devices" in output
