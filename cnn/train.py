@@ -179,6 +179,22 @@ def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, eval_fn,
     return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
 
 
+def use_compilation_cache() -> None:
+    """Keeps compiled steps on disk (~/.cache/cnn/xla), so a rerun of a config skips ~3 s of XLA compilation.
+
+    Leaves a cache the user chose (JAX_COMPILATION_CACHE_DIR) alone.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = os.path.join(os.path.expanduser("~"), ".cache", "cnn", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return  # no writable home: compile every time
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def process_start_time() -> float:
     """When this process started (wall clock), so logged times include imports and start-up."""
     try:
@@ -247,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = process_start_time()
     config_lib.validate(config)
     sharding.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
+    use_compilation_cache()
     lead = jax.process_index() == 0
     if lead:
         check_workdir(workdir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 
@@ -21,8 +22,6 @@ class MetricWriter:
         process killed mid-write, is dropped too. With `enabled` False (every
         process but the first of a multi-process run) it only keeps history.
         """
-        from tensorboardX import SummaryWriter
-
         path = os.path.join(workdir, "metrics.jsonl")
         self.history = []
         if os.path.exists(path):
@@ -43,6 +42,14 @@ class MetricWriter:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
         os.replace(tmp, path)
         self._jsonl = open(path, "a")
+        # tensorboardX takes ~1 s to import: done beside start-up's compilation, not before it.
+        self._tb = None
+        self._opening = threading.Thread(target=self._open_tensorboard, args=(workdir,), daemon=True)
+        self._opening.start()
+
+    def _open_tensorboard(self, workdir: str) -> None:
+        from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
     def write(self, record: dict) -> None:
@@ -52,6 +59,7 @@ class MetricWriter:
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        self._opening.join()
         step = record["step"]
         for key, value in record.items():
             if key not in ("epoch", "step"):
@@ -62,6 +70,7 @@ class MetricWriter:
         if not self.enabled:
             return
         self._jsonl.close()
+        self._opening.join()
         self._tb.close()
 
     def __enter__(self) -> "MetricWriter":
