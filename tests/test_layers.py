@@ -168,3 +168,23 @@ def test_residual_block_shortcuts():
         cnn.build_model(["ResidualBlock(8, shortcut='bogus')"])
     with pytest.raises(cnn.ConfigError, match="it exists in 2D only"):
         models.output_shape(cnn.build_model(["ResidualBlock(8)"]), (8, 4))
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("shape, window, padding", [((2, 15, 14, 3), (2, 2), "VALID"), ((2, 8, 6, 3), (2, 2), "SAME"),
+                                                    ((2, 9, 4), (3,), "VALID")])
+def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
+    """Pools whose windows tile the input take a reshape path; values and gradients must equal Flax's pools."""
+    import functools
+
+    import flax.linen as nn
+
+    from cnn.layers import Pool
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = lambda x: Pool(kind=kind, window=window, strides=window, padding=padding).apply({}, x)
+    flax_pool = nn.max_pool if kind == "max" else functools.partial(nn.avg_pool, count_include_pad=False)
+    theirs = lambda x: flax_pool(x, window, window, padding)
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6)
+    grad = lambda f: jax.grad(lambda x: (f(x) ** 2).sum())(x)
+    np.testing.assert_allclose(grad(ours), grad(theirs), rtol=1e-6)
