@@ -136,3 +136,23 @@ def test_final_checkpoint_restores_the_trained_state(tmp_path):
     assert float(epoch_sums["loss"]) == 0.0  # saved at an epoch end
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, run.state.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, run.state.opt_state)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    """Mixed precision: bf16 forward and backward, float32 parameters and updates, and it still learns."""
+    config = cnn.load_config("configs/digits.py")
+    dataset = data_lib.load(config.data)
+    model = cnn.build_model(config.model)
+    state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0, "softmax_cross_entropy",
+                               config.data, compute_dtype="bfloat16")
+    index = data_lib.epoch_index(len(dataset.train), 64, 0, 1)[0]
+    batch = {"image": dataset.train.images[index], "label": dataset.train.labels[index]}
+    assert state.inputs(batch["image"]).dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(state.variables()["params"]))
+    step = jax.jit(train.train_step)
+    first = None
+    for _ in range(20):
+        state, metrics = step(state, batch)
+        first = first if first is not None else float(metrics["loss"])
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))
+    assert float(metrics["loss"]) < 0.5 * first
