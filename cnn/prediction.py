@@ -43,10 +43,12 @@ def dataset_info(dataset: data_lib.Dataset) -> dict[str, Any]:
     (MNIST digits fill ~20 of 28 pixels), so a drawing is framed alike.
     """
     images = dataset.train.images
+    info = {"class_names": [str(n) for n in dataset.class_names], "input_shape": [int(v) for v in dataset.input_shape]}
+    if images.ndim != 4 or images.dtype != np.uint8:
+        return info  # token ids or series: nothing to invert or frame
     edges = [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]]
     border = float(np.mean([e.mean(dtype=np.float64) for e in edges]))
-    info = {"class_names": [str(n) for n in dataset.class_names], "input_shape": [int(v) for v in dataset.input_shape],
-            "border_brightness": round(border, 2)}
+    info["border_brightness"] = round(border, 2)
     if border < 64 or border > 191:
         sample = images[np.random.default_rng(0).permutation(len(images))[:2000]].mean(axis=-1)
         extents = [e for e in (_ink_box(image, border)[1] for image in sample) if e is not None]
