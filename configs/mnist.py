@@ -6,7 +6,7 @@ after each convolution, so Adam can take large steps from the start;
 average pooling, because XLA:CPU runs max pooling's backward pass about 3x
 slower; a one-pixel random shift as augmentation; Adam 3e-3 with a short
 warmup and cosine decay over 6 epochs. The Flax example's own recipe is
-`experiments/flax_example_recipe.py` (or `model.preset='flax_cnn'`).
+`configs/flax_cnn.py` (or `model.preset='flax_cnn'`).
 """
 
 from cnn.config import base_config

@@ -160,7 +160,7 @@ def time_to_accuracy(args) -> None:
     data += [f"--config.data.manual_dir={args.manual_dir}"] if args.manual_dir else []
     recipes = {"configs/mnist.py": "configs/mnist.py"}
     if not args.skip_peer:
-        recipes["Flax example recipe"] = "experiments/flax_example_recipe.py"
+        recipes["Flax example recipe"] = "configs/flax_cnn.py"
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in recipes.items():

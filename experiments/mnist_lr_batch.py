@@ -1,5 +1,5 @@
 """Learning rate x batch size for the Flax example CNN on MNIST (SGD with momentum 0.9, as in
-experiments/flax_example_recipe.py).
+configs/flax_cnn.py).
 
 4 x 3 = 12 trials of 2 epochs each (warmup, then cosine decay to 0), so every
 trial is a complete short schedule: about 12 minutes of training on a 2-core
@@ -13,7 +13,7 @@ from cnn.sweep import product
 
 def get_sweep():
     return dict(
-        config="experiments/flax_example_recipe.py",
+        config="configs/flax_cnn.py",
         fixed={"train.num_epochs": 2, "optimizer.schedule": "warmup_cosine", "optimizer.warmup_epochs": 0.3},
         trials=product({
             "optimizer.learning_rate": [0.01, 0.03, 0.1, 0.3],

@@ -25,7 +25,7 @@ import cnn  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # The config file that ships each preset's recipe.
-PRESET_CONFIGS = {"flax_cnn": "mnist.py", "lenet5": "lenet5.py", "keras_seed": "keras_seed.py",
+PRESET_CONFIGS = {"flax_cnn": "flax_cnn.py", "lenet5": "lenet5.py", "keras_seed": "keras_seed.py",
                   "vgg": "vgg.py", "resnet20": "resnet20.py"}
 # name: (classes, train split, test split, mean, std)
 DATASETS = {

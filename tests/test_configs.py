@@ -11,7 +11,8 @@ from cnn import models
 from conftest import CONFIGS
 
 CONFIG_FILES = sorted(p.stem for p in CONFIGS.glob("*.py"))
-EXPECTED_PARAMETERS = {"keras_seed": 3_938_570, "keras_seed_binary": 3_937_409, "lenet5": 61_706, "mnist": 421_738}
+EXPECTED_PARAMETERS = {"keras_seed": 3_938_570, "keras_seed_binary": 3_937_409, "lenet5": 61_706, "mnist": 421_738,
+                       "flax_cnn": 824_458}
 EMBEDDED_SIZES = {"digits": 1437, "synthetic_series": 3000}
 # Compiling a deep preset takes 10-20 s on 2 cores. The preset configs train
 # a two-stage, one-block-per-stage version; the dataset configs check that their own
@@ -25,7 +26,7 @@ DATASET_CONFIGS = {"kmnist", "emnist_letters", "cifar10", "cifar100", "svhn", "e
 def test_all_configs_are_covered():
     assert {"mnist", "fashion_mnist", "digits", "keras_seed", "keras_seed_binary", "kmnist", "emnist_letters",
             "cifar10", "cifar100", "svhn", "eurosat", "horses_or_humans", "colorectal_histology", "lenet5", "vgg",
-            "resnet20", "imdb", "series"} <= set(CONFIG_FILES)
+            "resnet20", "imdb", "series", "flax_cnn"} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
