@@ -1,20 +1,23 @@
 """LeNet-5 (LeCun et al. 1998) on MNIST: 61,706 parameters (see cnn/presets.py for the variant).
 
 The paper reaches 0.95% test error (99.05% accuracy) without distortions.
-Here: Adam, batch 128, a cosine decay over 10 epochs.
+Here: Adam 2e-3, batch 128, a short warmup and cosine decay over 6 epochs,
+one-pixel random shifts; 99.06% on an H100 (README, Preset results).
 """
 
-import os
-
-from cnn.config import load
+from cnn.config import base_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "mnist.py"))
+    config = base_config()
+    config.data.name = "mnist"
+    config.data.crop_padding = 1
     config.model.layers = ()
     config.model.preset = "lenet5"
     config.model.num_classes = 10
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 2e-3
-    config.optimizer.weight_decay = 0.0
+    config.optimizer.schedule = "warmup_cosine"
+    config.optimizer.warmup_epochs = 0.2
+    config.train.num_epochs = 6
     return config
