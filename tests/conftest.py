@@ -18,3 +18,16 @@ def config_path():
 def _no_user_tfds_dir(monkeypatch, tmp_path):
     """Keeps tests away from the user's ~/tensorflow_datasets."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """Digits trained for 2 epochs once per session, shared by the picture and prediction tests:
+    (workdir, TrainResult, Dataset)."""
+    import cnn
+
+    workdir = tmp_path_factory.getbasetemp() / "digits-2-epochs"
+    config = cnn.load_config(str(CONFIGS / "digits.py"))
+    config.train.num_epochs = 2
+    run = cnn.train_and_evaluate(config, str(workdir))
+    return str(workdir), run, cnn.load_dataset(config.data)

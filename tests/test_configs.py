@@ -1,7 +1,6 @@
 """Every shipped config builds and trains end to end, on TFDS mock data where it names a TFDS set."""
 
 import json
-import pathlib
 
 import pytest
 import tensorflow_datasets as tfds

@@ -14,24 +14,15 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-import cnn
 from cnn import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURES = ("learning_curves", "filters", "feature_maps", "confusion_matrix", "misclassified")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Digits trained for 2 epochs, once per session: test_plots.py and test_predict.py share the workdir."""
-    workdir = tmp_path_factory.getbasetemp() / "digits-2-epochs"
-    config = cnn.load_config(os.path.join(REPO, "configs", "digits.py"))
-    config.train.num_epochs = 2
-    if (workdir / "results.json").exists():
-        run = cnn.load_run(str(workdir))
-    else:
-        run = cnn.train_and_evaluate(config, str(workdir))
-    return str(workdir), run, cnn.load_dataset(config.data)
+@pytest.fixture
+def trained(digits_run):
+    return digits_run
 
 
 def test_training_ends_with_every_picture_as_a_png(trained):

@@ -15,17 +15,10 @@ from cnn import prediction
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Digits trained for 2 epochs, once per session: test_plots.py and test_predict.py share the workdir."""
-    workdir = tmp_path_factory.getbasetemp() / "digits-2-epochs"
-    config = cnn.load_config(os.path.join(REPO, "configs", "digits.py"))
-    config.train.num_epochs = 2
-    if (workdir / "results.json").exists():
-        run = cnn.load_run(str(workdir))
-    else:
-        run = cnn.train_and_evaluate(config, str(workdir))
-    return str(workdir), run, cnn.load_dataset(config.data).test
+@pytest.fixture
+def trained(digits_run):
+    workdir, run, dataset = digits_run
+    return workdir, run, dataset.test
 
 
 def test_results_hold_what_prediction_needs(trained):
