@@ -62,10 +62,6 @@ def _conv_layers(run: TrainResult) -> list[tuple[str, str]]:
     return [(name, layer.kind) for layer, name in zip(stack, names) if layer.kind in CONV_KINDS]
 
 
-def _title_name(run: TrainResult) -> str:
-    return str(run.results.get("dataset", "")) or "model"
-
-
 # --- Learning curves ----------------------------------------------------------
 
 
