@@ -191,22 +191,26 @@ def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
 
 
 @pytest.mark.parametrize("spec, shape", [
-    ("Conv2D(32, 3, padding='same')", (2, 28, 28, 1)),
+    ("Conv2D(32, 3, padding='same')", (2, 28, 28, 1)),  # one input channel: patches times kernel on a CPU
     ("Conv2D(6, 5)", (2, 28, 27, 1)),
     ("Conv2D(4, (3, 2), strides=(2, 3), padding='same')", (2, 29, 28, 1)),
     ("Conv1D(8, 7, strides=2, padding='same')", (3, 50, 1)),
+    ("Conv2D(16, 3, strides=2, use_bias=False)", (2, 12, 12, 3)),  # XLA's convolution
+    ("Conv2D(8, 3, padding='same')", (2, 9, 9, 5)),
 ])
-def test_single_channel_conv_as_patches_matches_xla(spec, shape):
-    """On a CPU a one-channel input's convolution is a patches-times-kernel product; it must equal XLA's convolution."""
-    from jax import lax
+def test_conv_equals_flax_conv(spec, shape):
+    """cnn's Conv computes its convolution and bias gradient its own way; values, gradients,
+    parameter names and initial values must equal nn.Conv's."""
+    import flax.linen as nn
 
     from cnn.layers import parse
 
-    layer = parse(spec).module
+    ours = parse(spec).module
+    flax_conv = nn.Conv(ours.features, ours.kernel_size, ours.strides, ours.padding, use_bias=ours.use_bias)
     x = jax.random.normal(jax.random.key(0), shape)
-    variables = layer.init(jax.random.key(1), x)
-    xla = layer.clone(conv_general_dilated=lax.conv_general_dilated)
-    np.testing.assert_allclose(layer.apply(variables, x), xla.apply(variables, x), rtol=1e-5, atol=1e-5)
+    variables = ours.init(jax.random.key(1), x)
+    assert_close = lambda a, b: jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+    assert_close(variables, flax_conv.init(jax.random.key(1), x))
+    assert_close(ours.apply(variables, x), flax_conv.apply(variables, x))
     grad = lambda m: jax.grad(lambda v, x: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
-    for ours, theirs in zip(jax.tree.leaves(grad(layer)), jax.tree.leaves(grad(xla))):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert_close(grad(ours), grad(flax_conv))
