@@ -1,5 +1,5 @@
 """MNIST, tuned for time to accuracy on a CPU: ends at about 99.5% test
-accuracy after 6 epochs and passes 99.0% at epoch 3 (README, Performance).
+accuracy after 6 epochs and passes 99.0% at epoch 2 (README, Performance).
 
 The Flax example CNN's shape (conv 32, conv 64, dense) with batch norm
 after each convolution, so Adam can take large steps from the start;
