@@ -47,8 +47,9 @@ def set_cpu_devices(num_devices: int) -> None:
     """
     count = num_devices if isinstance(num_devices, int) and num_devices > 0 else cpu_count()
     os.environ.setdefault("PJRT_NPROC", str(max(2 * count, cpu_count())))
-    if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + NO_YNN_FUSIONS).strip()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_FUSIONS}".strip()
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:

@@ -199,7 +199,7 @@ def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
     ("Conv2D(8, 3, padding='same')", (2, 9, 9, 5)),
 ])
 def test_conv_equals_flax_conv(spec, shape):
-    """cnn's Conv computes its convolution and bias gradient its own way; values, gradients,
+    """cnn's Conv computes one-channel convolutions its own way on a CPU; values, gradients,
     parameter names and initial values must equal nn.Conv's."""
     import flax.linen as nn
 
