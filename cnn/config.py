@@ -107,6 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0  # decoupled for adamw, added to grads else
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_epochs = 0.0  # warmup_cosine only
+    # warmup_cosine only: epochs at which the schedule starts a new warmup
+    # and cosine cycle (warm restarts, Loshchilov & Hutter 2017), e.g. (1,)
+    # for a one-epoch cycle that anneals early, then one to train.num_epochs.
+    c.optimizer.restart_epochs = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 10
@@ -186,6 +190,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "optimizer.weight_decay", o.weight_decay, "a number >= 0")
     _need(isinstance(o.warmup_epochs, numbers.Real) and 0 <= o.warmup_epochs <= t.num_epochs,
           "optimizer.warmup_epochs", o.warmup_epochs, f"a number between 0 and train.num_epochs={t.num_epochs}")
+    restarts = o.restart_epochs
+    _need(isinstance(restarts, (tuple, list)) and all(
+        isinstance(e, numbers.Real) and not isinstance(e, bool) for e in restarts) and list(restarts) == sorted(
+        set(restarts)) and all(0 < e < t.num_epochs for e in restarts), "optimizer.restart_epochs", restarts,
+        f"increasing epochs between 0 and train.num_epochs={t.num_epochs}, such as (1,), or () for none")
+    if restarts and o.schedule != "warmup_cosine":
+        raise ConfigError(f"optimizer.restart_epochs={tuple(restarts)} needs optimizer.schedule='warmup_cosine' "
+                          f"(now {o.schedule!r}); set it, or set restart_epochs=()")
 
     _need(config.loss in LOSSES, "loss", config.loss, f"one of {', '.join(LOSSES)}")
 

@@ -122,11 +122,16 @@ def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epo
                    ) -> optax.GradientTransformation:
     """The optax optimizer and learning-rate schedule that `config.optimizer` names."""
     if opt.schedule == "warmup_cosine":
-        total = num_epochs * steps_per_epoch
-        # Capped so a short run (--config.train.num_epochs=1) of a recipe with warmup still has a decay.
-        warmup = min(int(opt.warmup_epochs * steps_per_epoch), total - 1)
-        lr = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=opt.learning_rate, warmup_steps=warmup,
-                                                decay_steps=total, end_value=0.0)
+        # One cycle per span between restarts; one over the whole run without them.
+        bounds = [round(e * steps_per_epoch) for e in (0, *opt.restart_epochs, num_epochs)]
+        if any(end <= begin for begin, end in zip(bounds, bounds[1:])):
+            raise ConfigError(f"optimizer.restart_epochs={tuple(opt.restart_epochs)} leaves a cycle without a step "
+                              f"(an epoch is {steps_per_epoch} steps); space the restarts further apart")
+        cycles = [{"init_value": 0.0, "peak_value": opt.learning_rate, "end_value": 0.0, "decay_steps": end - begin,
+                   # Capped so a short cycle (or --config.train.num_epochs=1) still has a decay.
+                   "warmup_steps": min(int(opt.warmup_epochs * steps_per_epoch), end - begin - 1)}
+                  for begin, end in zip(bounds, bounds[1:])]
+        lr = optax.sgdr_schedule(cycles)
     else:
         lr = opt.learning_rate
     if opt.name == "adamw":

@@ -69,7 +69,8 @@ def test_random_layer_stacks_build_and_run_or_name_the_field(data, shape, classe
 FIELDS = ["seed", "train.num_epochs", "train.batch_size", "train.eval_batch_size", "train.num_devices",
           "train.checkpoint_every_steps", "train.keep_checkpoints", "optimizer.name", "optimizer.learning_rate",
           "optimizer.momentum", "optimizer.b2", "optimizer.weight_decay", "optimizer.schedule",
-          "optimizer.warmup_epochs", "loss", "data.name", "data.image_size", "data.mean", "model.layers"]
+          "optimizer.warmup_epochs", "optimizer.restart_epochs", "loss", "data.name", "data.image_size", "data.mean",
+          "model.layers"]
 
 
 @settings(max_examples=300, deadline=None)

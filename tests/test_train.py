@@ -106,6 +106,22 @@ def test_batch_norm_and_dropout_state_in_training(tmp_path):
     assert "Non-trainable params: 32" in (tmp_path / "summary.txt").read_text()
 
 
+def test_warm_restart_ends_the_first_cycle_as_a_run_of_that_length(tmp_path):
+    """With a restart after epoch 1, epoch 1 anneals fully: it ends exactly as a one-epoch run does."""
+    config = cnn.load_config("configs/digits.py")
+    config.optimizer.schedule, config.optimizer.warmup_epochs = "warmup_cosine", 0.3
+    config.train.num_epochs = 1
+    one = cnn.train_and_evaluate(config, str(tmp_path / "one"))
+    config.train.num_epochs, config.optimizer.restart_epochs = 2, (1,)
+    restarted = cnn.train_and_evaluate(config, str(tmp_path / "restarted"))
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(restarted.history[0][key], one.history[0][key], rtol=1e-5)
+    config.optimizer.restart_epochs = ()  # one cycle over both epochs: epoch 1 ends at a high learning rate
+    single = cnn.train_and_evaluate(config, str(tmp_path / "single"))
+    assert abs(single.history[0]["train_loss"] - one.history[0]["train_loss"]) > 1e-3
+    assert restarted.results["test_accuracy"] > 0.9
+
+
 def test_same_seed_same_result(tmp_path):
     config = cnn.load_config("configs/digits.py")
     config.train.num_epochs = 2
