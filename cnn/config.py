@@ -110,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     # warmup_cosine only: epochs at which the schedule starts a new warmup
     # and cosine cycle (warm restarts, Loshchilov & Hutter 2017), e.g. (1,)
     # for a one-epoch cycle that anneals early, then one to train.num_epochs.
+    # Restarts at or after train.num_epochs are left out, so a shortened run
+    # (--config.train.num_epochs=1) keeps the cycles that fit.
     c.optimizer.restart_epochs = ()
 
     c.train = ml_collections.ConfigDict()
@@ -192,9 +194,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "optimizer.warmup_epochs", o.warmup_epochs, f"a number between 0 and train.num_epochs={t.num_epochs}")
     restarts = o.restart_epochs
     _need(isinstance(restarts, (tuple, list)) and all(
-        isinstance(e, numbers.Real) and not isinstance(e, bool) for e in restarts) and list(restarts) == sorted(
-        set(restarts)) and all(0 < e < t.num_epochs for e in restarts), "optimizer.restart_epochs", restarts,
-        f"increasing epochs between 0 and train.num_epochs={t.num_epochs}, such as (1,), or () for none")
+        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 < e < float("inf") for e in restarts)
+        and list(restarts) == sorted(set(restarts)), "optimizer.restart_epochs", restarts,
+        "increasing positive epochs such as (1,), or () for none")
     if restarts and o.schedule != "warmup_cosine":
         raise ConfigError(f"optimizer.restart_epochs={tuple(restarts)} needs optimizer.schedule='warmup_cosine' "
                           f"(now {o.schedule!r}); set it, or set restart_epochs=()")

@@ -92,6 +92,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
+def chunk_sharding(mesh: Mesh) -> NamedSharding:
+    """Splits the second axis over the mesh: a chunk of batches, [steps, batch, ...], each batch split as above."""
+    return NamedSharding(mesh, PartitionSpec(None, "data"))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -110,7 +115,7 @@ def process_slice(batch_size: int) -> slice:
 
 
 def put_batch(arrays: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """A host batch onto the mesh, split over its first axis.
+    """Host arrays onto the mesh, split over the batch axis `sharding` names (`batch_sharding`, `chunk_sharding`).
 
     In a multi-process run each process passes only its own part of the
     global batch (`process_slice`) and the parts form one global array.

@@ -1,11 +1,31 @@
-"""Fashion-MNIST with the same CNN and recipe as configs/mnist.py."""
+"""Fashion-MNIST: the batch-norm CNN at the Flax example's width (conv 32,
+conv 64, dense 128), Adam 3e-3 with a short warmup and one cosine decay over
+6 epochs, and a one-pixel random shift. configs/mnist.py halves the widths
+and anneals early to reach 99% on MNIST fast; Fashion-MNIST is harder and
+gains from the wider net and the gentler learning rate, and its sweep
+(experiments/fashion_architectures.py) swaps in presets without batch norm,
+for which Adam 1e-2 is too large.
+"""
 
-import os
-
-from cnn.config import load
+from cnn.config import base_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "mnist.py"))
+    config = base_config()
     config.data.name = "fashion_mnist"
+    config.data.crop_padding = 1
+    config.model.layers = (
+        "Conv2D(32, 3, padding='same', use_bias=False)", "BatchNormalization(momentum=0.9)", "Activation('relu')",
+        "AveragePooling2D(2)",
+        "Conv2D(64, 3, padding='same', use_bias=False)", "BatchNormalization(momentum=0.9)", "Activation('relu')",
+        "AveragePooling2D(2)",
+        "Flatten()",
+        "Dense(128, activation='relu')",
+        "Dense(10)",
+    )
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.schedule = "warmup_cosine"
+    config.optimizer.warmup_epochs = 0.2
+    config.train.num_epochs = 6
     return config

@@ -46,7 +46,7 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from cnn import config as config_lib, models, train
+    from cnn import config as config_lib, data as data_lib, models, train
 
     config = config_lib.base_config()
     config.model.layers = FLAX_CNN
@@ -55,19 +55,22 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str):
     model = models.build_model(config.model)
     state = train.create_state(model, train.make_optimizer(config.optimizer, 100, 1), (28, 28, 1), 0,
                                "softmax_cross_entropy", config.data, compute_dtype)
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    step = jax.jit(train.train_step_and_sum, in_shardings=(replicated, replicated, batch_sharding),
+    replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
+    step = jax.jit(train.train_chunk_step, in_shardings=(replicated, replicated, chunk_sharding, replicated),
                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (8, batch_size, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, (8, batch_size)).astype(np.int32)
+    images = rng.integers(0, 256, (1024, 28, 28, 1), dtype=np.uint8)
+    split = data_lib.Split(images, rng.integers(0, 10, 1024).astype(np.int32))
     carry = {"state": jax.device_put(state, replicated),
              "sums": jax.device_put({"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}, replicated)}
 
     def run(steps: int) -> None:
-        for i in range(steps):  # as in train_and_evaluate: a host batch put on the mesh each step
-            batch = sharding.put_batch({"image": images[i % 8], "label": labels[i % 8]}, batch_sharding)
-            carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], batch)
+        # As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step.
+        rows = rng.integers(0, len(split), (steps, batch_size))
+        chunk = train.stage_chunk(split, rows, steps, chunk_sharding)
+        start = sharding.put_replicated(np.int32(carry["state"].step), mesh)
+        for _ in range(steps):
+            carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], chunk, start)
         jax.block_until_ready(loss)
 
     device = f"{mesh.size} x {jax.devices()[0].device_kind}"

@@ -122,6 +122,31 @@ def test_warm_restart_ends_the_first_cycle_as_a_run_of_that_length(tmp_path):
     assert restarted.results["test_accuracy"] > 0.9
 
 
+def test_steps_on_a_staged_chunk_equal_steps_on_host_batches():
+    """The loop's data path: batches staged on the devices and picked by step train as batches put one by one."""
+    from cnn import sharding
+
+    config = cnn.load_config("configs/digits.py")
+    dataset = data_lib.load(config.data)
+    state = train.create_state(cnn.build_model(config.model), optax.adam(1e-3), dataset.input_shape, 0,
+                               "softmax_cross_entropy", config.data)
+    mesh = sharding.make_mesh(0)
+    rows = data_lib.epoch_index(len(dataset.train), 32, 0, 1)[:5]
+    chunk = train.stage_chunk(dataset.train, rows, 8, sharding.chunk_sharding(mesh))
+    assert chunk["image"].shape == (8, 32, 8, 8, 1)
+    np.testing.assert_array_equal(chunk["label"][5:], np.broadcast_to(dataset.train.labels[rows[4]], (3, 32)))
+    sums = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
+    staged, staged_sums = sharding.put_replicated((state, sums), mesh)
+    start = sharding.put_replicated(np.int32(0), mesh)
+    on_host = state
+    for i in range(5):
+        staged, staged_sums, _ = jax.jit(train.train_chunk_step)(staged, staged_sums, chunk, start)
+        on_host, sums, _ = jax.jit(train.train_step_and_sum)(on_host, sums, train.host_batch(dataset.train, rows[i]))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), staged.params,
+                           on_host.params)
+    np.testing.assert_allclose(staged_sums["loss"], sums["loss"], rtol=1e-5)
+
+
 def test_same_seed_same_result(tmp_path):
     config = cnn.load_config("configs/digits.py")
     config.train.num_epochs = 2
