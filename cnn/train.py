@@ -381,6 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             for i in range(first, steps_per_epoch):
                 if (i - first) % steps_per_chunk == 0:
                     t = time.time()
+                    chunk = None  # the previous chunk can go before the next one is made
                     chunk = stage_chunk(dataset.train, index[i:i + steps_per_chunk], steps_per_chunk, chunk_sharding)
                     chunk_start = sharding.put_replicated(np.int32(step), mesh)
                     input_seconds += time.time() - t
