@@ -1,8 +1,8 @@
 """Training and evaluation: the whole path from a config to a trained state.
 
-Read top to bottom: the state, the loss, the two compiled steps, the
-optimizer, then `train_and_evaluate`, which ties them to the data and writes
-the workdir.
+Read top to bottom: the state, the loss, the compiled steps (training, on a
+chunk of batches staged on the devices, and evaluation), the optimizer, then
+`train_and_evaluate`, which ties them to the data and writes the workdir.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from cnn import models
 from conftest import CONFIGS
 
 CONFIG_FILES = sorted(p.stem for p in CONFIGS.glob("*.py"))
-EXPECTED_PARAMETERS = {"keras_seed": 3_938_570, "keras_seed_binary": 3_937_409, "lenet5": 61_706, "mnist": 206_970, "fashion_mnist": 421_738,
-                       "flax_cnn": 824_458}
+EXPECTED_PARAMETERS = {"keras_seed": 3_938_570, "keras_seed_binary": 3_937_409, "lenet5": 61_706, "mnist": 206_970,
+                       "fashion_mnist": 421_738, "flax_cnn": 824_458}
 EMBEDDED_SIZES = {"digits": 1437, "synthetic_series": 3000}
 # Compiling a deep preset takes 10-20 s on 2 cores. The preset configs train
 # a two-stage, one-block-per-stage version; the dataset configs check that their own

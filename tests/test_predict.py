@@ -142,7 +142,7 @@ def test_summary_takes_a_config(config_path):
     assert "Total params: 76,522" in cnn.summary(config)
     assert "(None, 8, 8, 32)" in cnn.summary(config)
     mnist = cnn.load_config(config_path("mnist"))  # not prepared here: the shape comes from the description
-    assert "Total params: 421,930" in cnn.summary(mnist)
+    assert "Total params: 207,066" in cnn.summary(mnist)
     assert "(None, 6, 6, 32)" in cnn.summary(config, (6, 6, 1))
     with pytest.raises(cnn.ConfigError, match="needs input_shape"):
         cnn.summary(cnn.build_model(config.model))
