@@ -20,11 +20,16 @@ from conftest import REPO
 ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=2"]
 
 
-def run(workdir, *extra, wait=True):
+def run(workdir, *extra, wait=True, expect=0):
+    """Runs cnn.main; returns its output once it exits with `expect` (or the process, if not `wait`)."""
     command = [sys.executable, "-m", "cnn.main", f"--workdir={workdir}", *ARGS, *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return process.communicate(timeout=300)[0] if wait else process
+    if not wait:
+        return process
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == expect, f"exit {process.returncode}:\n{output[-3000:]}"
+    return output
 
 
 def trajectory(workdir):
@@ -63,5 +68,5 @@ def test_two_processes_match_one(tmp_path, one_device):
 
 
 def test_batch_that_does_not_divide_is_refused(tmp_path):
-    output = run(tmp_path, "--config.train.num_devices=4", "--config.train.batch_size=30")
+    output = run(tmp_path, "--config.train.num_devices=4", "--config.train.batch_size=30", expect=2)
     assert "error: train.batch_size=30 does not divide over 4 devices" in output
