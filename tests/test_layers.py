@@ -195,6 +195,7 @@ def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
     ("Conv2D(6, 5)", (2, 28, 27, 1)),
     ("Conv2D(4, (3, 2), strides=(2, 3), padding='same')", (2, 29, 28, 1)),
     ("Conv1D(8, 7, strides=2, padding='same')", (3, 50, 1)),
+    ("Conv2D(8, 3, use_bias=False)", (2, 10, 10, 1)),
     ("Conv2D(16, 3, strides=2, use_bias=False)", (2, 12, 12, 3)),  # XLA's convolution
     ("Conv2D(8, 3, padding='same')", (2, 9, 9, 5)),
 ])
