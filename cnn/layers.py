@@ -163,8 +163,47 @@ class Conv(nn.Conv):
                              tuple(self.strides), tuple(map(tuple, pads)), self.precision)
 
 
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                preferred_element_type=None) -> jax.Array:
+    """`lax.dot_general`, except that a Dense layer's inputs times kernel on a CPU take `_matmul`."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    if (jax.default_backend() == "cpu" and rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,)
+            and tuple(rhs_contract) == (0,) and batch == ((), ()) and preferred_element_type is None):
+        return _matmul(lhs, rhs, precision)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+    return jnp.dot(x, kernel, precision=precision)
+
+
+def _matmul_fwd(x, kernel, precision):
+    return _matmul(x, kernel, precision), (x, kernel)
+
+
+def _matmul_bwd(precision, residuals, g):
+    """The input's gradient as g times an explicitly transposed kernel.
+
+    Autodiff contracts g with the kernel's second axis in place, which
+    XLA:CPU runs 1.1-2x slower than a product with a row-major operand;
+    transposing the kernel first costs a small fraction of the product (the
+    barrier keeps XLA from folding the transpose back in). The classic MNIST
+    CNN's training step gets about 4% faster, on one core and on two.
+    """
+    x, kernel = residuals
+    d_x = jnp.dot(g, lax.optimization_barrier(kernel.T), precision=precision)
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    return d_x, jnp.dot(rows(x).T, rows(g), precision=precision)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nn.Dense):
     activation: str | None = None
+    dot_general: Callable[..., jax.Array] = dot_general
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return _activation(self.activation)(super().__call__(x))

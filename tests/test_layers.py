@@ -190,6 +190,28 @@ def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
     np.testing.assert_allclose(grad(ours), grad(theirs), rtol=1e-6)
 
 
+@pytest.mark.parametrize("spec, shape", [("Dense(7, activation='relu')", (5, 12)), ("Dense(3, use_bias=False)", (4, 6)),
+                                         ("Dense(4)", (2, 5, 6))])
+def test_dense_equals_flax_dense(spec, shape):
+    """On a CPU cnn's Dense computes the input gradient its own way; values, gradients, parameter names
+    and initial values must equal nn.Dense's (followed by the same activation)."""
+    import flax.linen as nn
+
+    from cnn.layers import ACTIVATIONS, parse
+
+    ours = parse(spec).module
+    flax_dense = nn.Dense(ours.features, use_bias=ours.use_bias)
+    activation = ACTIVATIONS[ours.activation or "linear"]
+    theirs = lambda v, x: activation(flax_dense.apply(v, x))
+    x = jax.random.normal(jax.random.key(0), shape)
+    variables = ours.init(jax.random.key(1), x)
+    assert_close = lambda a, b: jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+    assert_close(variables, flax_dense.init(jax.random.key(1), x))
+    assert_close(ours.apply(variables, x), theirs(variables, x))
+    grad = lambda f: jax.grad(lambda v, x: (f(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+    assert_close(grad(ours.apply), grad(theirs))
+
+
 @pytest.mark.parametrize("spec, shape", [
     ("Conv2D(32, 3, padding='same')", (2, 28, 28, 1)),  # one input channel: patches times kernel on a CPU
     ("Conv2D(6, 5)", (2, 28, 27, 1)),
