@@ -91,10 +91,15 @@ def _taps(x: jax.Array, window, strides, pads) -> list[jax.Array]:
             for offset in itertools.product(*map(range, window))]
 
 
+def _patch_matrix(x: jax.Array, window, strides, pads) -> jax.Array:
+    """A one-channel input's patches, (N, *out, taps)."""
+    return jnp.concatenate(_taps(x, window, strides, pads), axis=-1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _patches_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, window, strides, pads, precision) -> jax.Array:
     """A one-channel convolution plus bias: patches (N, *out, taps) times kernel (taps, features), plus bias."""
-    return jnp.dot(jnp.concatenate(_taps(x, window, strides, pads), axis=-1), kernel, precision=precision) + bias
+    return jnp.dot(_patch_matrix(x, window, strides, pads), kernel, precision=precision) + bias
 
 
 def _patches_conv_fwd(x, kernel, bias, window, strides, pads, precision):
@@ -116,7 +121,7 @@ def _patches_conv_bwd(window, strides, pads, precision, residuals, g):
     taps = [t.reshape(-1) for t in _taps(x, window, strides, pads)]
     taps = jnp.stack([*taps, jnp.ones_like(taps[0])])
     d_kernel_and_bias = jnp.dot(taps, g.reshape(-1, g.shape[-1]), precision=precision)
-    _, patches_vjp = jax.vjp(lambda x: jnp.concatenate(_taps(x, window, strides, pads), axis=-1), x)
+    _, patches_vjp = jax.vjp(lambda x: _patch_matrix(x, window, strides, pads), x)
     d_x, = patches_vjp(jnp.dot(g, kernel.T, precision=precision))
     return d_x, d_kernel_and_bias[:-1], d_kernel_and_bias[-1]
 
