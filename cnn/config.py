@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
     # 'bfloat16' computes the forward and backward pass in bf16 while the
     # parameters and optimizer state stay float32 (mixed precision).
     c.train.compute_dtype = "float32"
+    # Gradient accumulation: each step's batch in parts of this many examples,
+    # one compiled call each, then one update (the batch size: off). 0 lets
+    # sharding.micro_batch_size choose for the hardware.
+    c.train.micro_batch_size = 0
     return c
 
 
@@ -177,6 +181,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "train.num_devices", t.num_devices, "0 (all local devices) or a positive integer")
     _need(t.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype", t.compute_dtype,
           f"one of {', '.join(COMPUTE_DTYPES)}")
+    _need(isinstance(t.micro_batch_size, numbers.Integral) and not isinstance(t.micro_batch_size, bool)
+          and t.micro_batch_size >= 0
+          and (t.micro_batch_size == 0 or t.batch_size % t.micro_batch_size == 0),
+          "train.micro_batch_size", t.micro_batch_size, "0 (automatic) or a divisor of train.batch_size")
 
     o = config.optimizer
     _need(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")

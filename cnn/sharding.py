@@ -26,26 +26,31 @@ NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def set_cpu_devices(num_devices: int) -> None:
-    """Splits the CPU into `num_devices` host devices; 0 means one per core.
+    """Splits the CPU into `num_devices` host devices; 0 means one per two cores.
 
-    XLA runs most of a CNN's backward pass on one core, so data parallelism
-    over host devices is how a step uses every core: on 2 cores two devices
-    train the MNIST CNN about 2x faster than one. XLA's CPU collectives run
-    on its intra-op thread pool, which by default has one thread per core;
-    with as many devices as threads, one device blocked at an all-reduce can
-    starve the other of the thread it needs to get there, and XLA aborts
-    after 40 s. Two threads per device (PJRT_NPROC) avoid that.
+    XLA runs much of a CNN's backward pass on one thread, so on a CPU a step
+    uses the cores through data parallelism over host devices, each with
+    the threads of two cores for the rest. Measured on the Flax MNIST CNN
+    (experiments/benchmark.py throughput, batch 128, micro-batches as
+    `micro_batch_size` picks them), one device per two cores was the
+    fastest split at every core count tried: 1 device on 2 cores (10-15%
+    ahead of 2), 2 on 4, 4 on 8 (28% ahead of 8), 8 on 16 (18% ahead of 16).
+
+    XLA's CPU collectives run on its intra-op thread pool; with as many
+    devices as threads, one device blocked at an all-reduce can starve
+    another of the thread it needs to get there, and XLA aborts after 40 s.
+    At least two threads per device (PJRT_NPROC) avoid that.
 
     It also turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10), unless
     XLA_FLAGS already sets them: with them the MNIST CNN's step is about 15%
     slower here, since the pooling reductions they take over materialise
     constant buffers as large as the activations and their weight-gradient
-    convolution is slow (experiments/benchmark.py throughput).
+    convolution is slow.
 
     Must run before JAX first touches a device; after that the devices are
     fixed and this leaves them (a notebook that already used JAX).
     """
-    count = num_devices if isinstance(num_devices, int) and num_devices > 0 else cpu_count()
+    count = num_devices if isinstance(num_devices, int) and num_devices > 0 else max(1, cpu_count() // 2)
     os.environ.setdefault("PJRT_NPROC", str(max(2 * count, cpu_count())))
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
@@ -105,6 +110,26 @@ def check_batch(field: str, batch_size: int, mesh: Mesh) -> None:
     if batch_size % mesh.size:
         raise ConfigError(f"{field}={batch_size} does not divide over {mesh.size} devices; use a multiple of "
                           f"{mesh.size}, or set train.num_devices to a divisor of it")
+
+
+CPU_MICRO_BATCH = 64  # examples per device per compiled call, at most, in a CPU's default
+
+
+def micro_batch_size(batch_size: int, mesh: Mesh) -> int:
+    """The default `train.micro_batch_size`: on CPUs, parts of at most 64 examples per device; else the batch.
+
+    On the 2-core development machine, one device training the Flax MNIST
+    CNN ran 4,600 images/s on batches of 128 in one call and 7,100 in two
+    calls of 64 (experiments/benchmark.py throughput --micro_batch_size);
+    past about 64 images per call XLA:CPU's step gets slower per image.
+    GPUs and TPUs want the whole batch in one call. A batch that does not
+    split evenly stays whole.
+    """
+    if mesh.devices.flat[0].platform != "cpu":
+        return batch_size
+    per_device = batch_size // mesh.size
+    parts = -(-per_device // CPU_MICRO_BATCH)
+    return batch_size // parts if per_device % parts == 0 else batch_size
 
 
 def process_slice(batch_size: int) -> slice:

@@ -38,7 +38,7 @@ FLAX_CNN = (
 )
 
 
-def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str):
+def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_batch_size: int = 0):
     """A closure running `steps` of cnn's real training step (the one train_and_evaluate compiles)."""
     from cnn import sharding
 
@@ -56,8 +56,8 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str):
     state = train.create_state(model, train.make_optimizer(config.optimizer, 100, 1), (28, 28, 1), 0,
                                "softmax_cross_entropy", config.data, compute_dtype)
     replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
-    step = jax.jit(train.train_chunk_step, in_shardings=(replicated, replicated, chunk_sharding, replicated),
-                   out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+    micro_batch_size = micro_batch_size or sharding.micro_batch_size(batch_size, mesh)
+    step = train.compile_train_step(mesh, batch_size // micro_batch_size)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1024, 28, 28, 1), dtype=np.uint8)
     split = data_lib.Split(images, rng.integers(0, 10, 1024).astype(np.int32))
@@ -73,7 +73,8 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str):
             carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], chunk, start)
         jax.block_until_ready(loss)
 
-    device = f"{mesh.size} x {jax.devices()[0].device_kind}"
+    device = f"{mesh.size} x {jax.devices()[0].device_kind}" + (
+        f", {batch_size // micro_batch_size} parts of {micro_batch_size}" if micro_batch_size < batch_size else "")
     return run, device
 
 
@@ -113,7 +114,7 @@ def torch_trainer(batch_size: int, device: str):
 
 
 def throughput(args) -> None:
-    run_jax, jax_device = jax_trainer(args.batch_size, args.num_devices, args.compute_dtype)
+    run_jax, jax_device = jax_trainer(args.batch_size, args.num_devices, args.compute_dtype, args.micro_batch_size)
     import jax
 
     torch_device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
@@ -190,6 +191,9 @@ def main() -> None:
     t.add_argument("--batch_size", type=int, default=128)
     t.add_argument("--num_devices", type=int, default=0, help="0: every local device (one per core on a CPU)")
     t.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+    t.add_argument("--micro_batch_size", type=int, default=0,
+                   help="train.micro_batch_size: 0 as training does by default (on a CPU, parts of at most 64 "
+                   "examples per device); the batch size for one call per step")
     t.add_argument("--steps", type=int, default=40, help="steps per timed block")
     t.add_argument("--blocks", type=int, default=15)
     a = sub.add_parser("time_to_accuracy")

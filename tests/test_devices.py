@@ -52,6 +52,13 @@ def test_more_devices_same_trajectory(tmp_path, one_device, devices):
     np.testing.assert_allclose(trajectory(tmp_path), one_device, rtol=1e-5)
 
 
+def test_micro_batches_on_two_devices_same_trajectory(tmp_path, one_device):
+    """Gradient accumulation over a sharded batch: 4 parts of 8 examples, 4 on each device, then one update."""
+    output = run(tmp_path, "--config.train.num_devices=2", "--config.train.micro_batch_size=8")
+    assert "on 2 cpu device(s)" in output and "4 parts of 8" in output
+    np.testing.assert_allclose(trajectory(tmp_path), one_device, rtol=1e-4)
+
+
 def test_two_processes_match_one(tmp_path, one_device):
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -70,3 +77,11 @@ def test_two_processes_match_one(tmp_path, one_device):
 def test_batch_that_does_not_divide_is_refused(tmp_path):
     output = run(tmp_path, "--config.train.num_devices=4", "--config.train.batch_size=30", expect=2)
     assert "error: train.batch_size=30 does not divide over 4 devices" in output
+
+
+def test_micro_batch_that_does_not_divide_is_refused(tmp_path):
+    output = run(tmp_path, "--config.train.micro_batch_size=12", expect=2)
+    assert "error: train.micro_batch_size=12 is not valid: expected 0 (automatic) or a divisor of train.batch_size" \
+        in output
+    output = run(tmp_path, "--config.train.num_devices=4", "--config.train.micro_batch_size=2", expect=2)
+    assert "error: train.micro_batch_size=2 does not divide over 4 devices" in output

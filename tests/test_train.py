@@ -147,6 +147,51 @@ def test_steps_on_a_staged_chunk_equal_steps_on_host_batches():
     np.testing.assert_allclose(staged_sums["loss"], sums["loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("parts", [2, 4])
+def test_accumulated_parts_train_as_the_whole_batch(parts):
+    """Gradient accumulation (train.micro_batch_size): `parts` calls, one update, the same parameters and metrics
+    as one call on the whole batch (a model without batch norm or dropout)."""
+    from cnn import sharding
+
+    config = cnn.load_config("configs/digits.py")
+    dataset = data_lib.load(config.data)
+    def fresh():  # each run's own state: the steps donate it
+        return train.create_state(cnn.build_model(config.model), optax.sgd(0.1, momentum=0.9), dataset.input_shape,
+                                  0, "softmax_cross_entropy", config.data)
+
+    mesh = sharding.make_mesh(0)
+    chunk = train.stage_chunk(dataset.train, data_lib.epoch_index(len(dataset.train), 32, 0, 1)[:3], 3,
+                              sharding.chunk_sharding(mesh))
+    start = sharding.put_replicated(np.int32(0), mesh)
+    results = []
+    for step in train.compile_train_step(mesh, 1), train.compile_train_step(mesh, parts):
+        s, sums = sharding.put_replicated((fresh(), {"loss": np.zeros((), np.float32),
+                                                   "accuracy": np.zeros((), np.float32)}), mesh)
+        for _ in range(3):
+            s, sums, loss = step(s, sums, chunk, start)
+        results.append((s, sums))
+    (whole, whole_sums), (accumulated, accumulated_sums) = results
+    assert int(accumulated.step) == 3
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), accumulated.params,
+                           whole.params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), accumulated_sums, whole_sums)
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), whole.params, fresh().params)
+    assert min(jax.tree_util.tree_leaves(moved)) > 1e-4  # the comparison is between trained parameters
+
+
+def test_accumulation_with_batch_norm_and_dropout_learns(tmp_path):
+    """With batch norm (statistics per part) and dropout (a key per part) the parts still train a good model."""
+    config = cnn.load_config("configs/digits.py")
+    config.model.layers = ("Conv2D(16, 3, padding='same', use_bias=False)", "BatchNormalization()",
+                           "Activation('relu')", "MaxPooling2D(2)", "Flatten()", "Dropout(0.3)", "Dense(10)")
+    config.train.num_epochs = 3
+    config.train.micro_batch_size = 8
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    assert run.results["test_accuracy"] > 0.9
+    stats = jax.tree_util.tree_leaves(run.state.batch_stats)
+    assert stats and all(np.all(np.isfinite(s)) for s in stats)
+
+
 def test_same_seed_same_result(tmp_path):
     config = cnn.load_config("configs/digits.py")
     config.train.num_epochs = 2
