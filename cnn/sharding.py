@@ -39,7 +39,8 @@ def set_cpu_devices(num_devices: int) -> None:
     XLA's CPU collectives run on its intra-op thread pool; with as many
     devices as threads, one device blocked at an all-reduce can starve
     another of the thread it needs to get there, and XLA aborts after 40 s.
-    At least two threads per device (PJRT_NPROC) avoid that.
+    At least two threads per device (PJRT_NPROC, raised to that if set
+    lower) avoid that.
 
     It also turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10), unless
     XLA_FLAGS already sets them: with them the MNIST CNN's step is about 15%
@@ -51,7 +52,9 @@ def set_cpu_devices(num_devices: int) -> None:
     fixed and this leaves them (a notebook that already used JAX).
     """
     count = num_devices if isinstance(num_devices, int) and num_devices > 0 else max(1, cpu_count() // 2)
-    os.environ.setdefault("PJRT_NPROC", str(max(2 * count, cpu_count())))
+    # Raised, never lowered: a PJRT_NPROC inherited from a parent process that ran fewer devices would hang.
+    threads = int(os.environ.get("PJRT_NPROC", "0") or 0)
+    os.environ["PJRT_NPROC"] = str(max(threads, 2 * count, cpu_count()))
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_FUSIONS}".strip()

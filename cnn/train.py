@@ -138,9 +138,9 @@ def train_chunk_step(state: TrainState, sums: dict[str, jax.Array], chunk: dict[
     return train_step_and_sum(state, sums, chunk_batch(state, chunk, chunk_start))
 
 
-def accumulate_part(state: TrainState, acc: dict | None, chunk: dict[str, jax.Array], chunk_start: jax.Array,
+def accumulate_part(state: TrainState, acc: dict, chunk: dict[str, jax.Array], chunk_start: jax.Array,
                     part: jax.Array, parts: int) -> dict:
-    """Gradient accumulation: adds part `part` of `parts` of the step's batch to `acc` (None before the first).
+    """Gradient accumulation: adds part `part` of `parts` of the step's batch to `acc` (`empty_accumulator` first).
 
     Part p is every `parts`-th example from the p-th, so when the batch is
     split over devices each device's share of a part is already on it.
@@ -152,12 +152,15 @@ def accumulate_part(state: TrainState, acc: dict | None, chunk: dict[str, jax.Ar
         lambda a: jax.lax.dynamic_index_in_dim(a.reshape(-1, parts, *a.shape[1:]), part, axis=1, keepdims=False),
         batch)
     rng = jax.random.fold_in(jax.random.fold_in(state.dropout_rng, state.step), part + 2)
-    grads, batch_stats, metrics = batch_gradients(state, batch, rng, state.batch_stats if acc is None
-                                                  else acc["batch_stats"])
-    if acc is not None:
-        grads = jax.tree_util.tree_map(jnp.add, acc["grads"], grads)
-        metrics = jax.tree_util.tree_map(jnp.add, acc["metrics"], metrics)
+    grads, batch_stats, metrics = batch_gradients(state, batch, rng, acc["batch_stats"])
+    grads, metrics = jax.tree_util.tree_map(jnp.add, (acc["grads"], acc["metrics"]), (grads, metrics))
     return {"grads": grads, "batch_stats": batch_stats, "metrics": metrics}
+
+
+def empty_accumulator(state: TrainState) -> dict:
+    """Zero gradients and metrics, and the state's batch-norm statistics, for the step's first part."""
+    return {"grads": jax.tree_util.tree_map(jnp.zeros_like, state.params), "batch_stats": state.batch_stats,
+            "metrics": {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}}
 
 
 def apply_accumulated(state: TrainState, sums: dict[str, jax.Array], acc: dict, parts: int
@@ -172,7 +175,7 @@ def compile_train_step(mesh: jax.sharding.Mesh, parts: int = 1
                        ) -> Callable[[TrainState, dict, dict, jax.Array], tuple[TrainState, dict, jax.Array]]:
     """The training step `train_and_evaluate` runs: `train_chunk_step`, or with `parts` > 1 its batch in parts.
 
-    `parts` compiled calls of `accumulate_part`, then `apply_accumulated`:
+    `parts` calls of one compiled `accumulate_part`, then `apply_accumulated`:
     on a CPU, several calls on small parts can beat one call on the whole
     batch by far (sharding.micro_batch_size). Separate calls, not a loop
     inside one program: XLA:CPU runs convolutions inside loops far slower,
@@ -183,19 +186,17 @@ def compile_train_step(mesh: jax.sharding.Mesh, parts: int = 1
     if parts == 1:
         return jax.jit(train_chunk_step, in_shardings=(replicated, replicated, chunk_sharding, replicated),
                        out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
-    first = jax.jit(lambda state, chunk, chunk_start, part: accumulate_part(state, None, chunk, chunk_start, part,
-                                                                              parts),
-                    in_shardings=(replicated, chunk_sharding, replicated, replicated), out_shardings=replicated)
-    more = jax.jit(functools.partial(accumulate_part, parts=parts), out_shardings=replicated, donate_argnums=(1,),
-                   in_shardings=(replicated, replicated, chunk_sharding, replicated, replicated))
+    empty = jax.jit(empty_accumulator, out_shardings=replicated)
+    add = jax.jit(functools.partial(accumulate_part, parts=parts), out_shardings=replicated, donate_argnums=(1,),
+                  in_shardings=(replicated, replicated, chunk_sharding, replicated, replicated))
     update = jax.jit(functools.partial(apply_accumulated, parts=parts), donate_argnums=(0, 1),
                      out_shardings=(replicated, replicated, replicated))
     index = [sharding.put_replicated(np.int32(p), mesh) for p in range(parts)]
 
     def step(state, sums, chunk, chunk_start):
-        acc = first(state, chunk, chunk_start, index[0])
-        for p in index[1:]:
-            acc = more(state, acc, chunk, chunk_start, p)
+        acc = empty(state)
+        for p in index:
+            acc = add(state, acc, chunk, chunk_start, p)
         return update(state, sums, acc)
 
     return step
