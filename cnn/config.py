@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 500
     c.train.keep_checkpoints = 3
     # Devices to split each batch over; 0 means every local device. On a CPU
-    # 0 splits it into one host device per core (see sharding.py).
+    # 0 splits it into one host device per two cores (see sharding.py).
     c.train.num_devices = 0
     # 'bfloat16' computes the forward and backward pass in bf16 while the
     # parameters and optimizer state stay float32 (mixed precision).

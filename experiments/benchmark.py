@@ -5,8 +5,10 @@
 
 `throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
 avg-pool, dense 256, dense 10; float32, SGD with momentum, global batch 128)
-through cnn's own compiled step on every local device (one per core on a
-CPU), alternating timed blocks with PyTorch eager (`pip install -e
+through cnn's own compiled step as training runs it by default (on a CPU,
+one host device per two cores and each device's share of a batch in parts
+of at most 64 examples; `--num_devices` and `--micro_batch_size` change
+that), alternating timed blocks with PyTorch eager (`pip install -e
 '.[bench]'`) so both see the same machine state, and prints the median of
 each. `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
 metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
@@ -189,7 +191,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="benchmark", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--batch_size", type=int, default=128)
-    t.add_argument("--num_devices", type=int, default=0, help="0: every local device (one per core on a CPU)")
+    t.add_argument("--num_devices", type=int, default=0, help="0: every local device (one per two cores on a CPU)")
     t.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
     t.add_argument("--micro_batch_size", type=int, default=0,
                    help="train.micro_batch_size: 0 as training does by default (on a CPU, parts of at most 64 "
@@ -201,6 +203,9 @@ def main() -> None:
     a.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     a.add_argument("--skip_peer", action="store_true", help="skip the Flax example recipe (about 4 minutes on 2 cores)")
     args = parser.parse_args()
+    if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
+            args.micro_batch_size and args.batch_size % args.micro_batch_size)):
+        parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
     {"throughput": throughput, "time_to_accuracy": time_to_accuracy}[args.benchmark](args)
 
 
