@@ -99,6 +99,22 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, reference, 
     assert_same_run(tmp_path, reference)
 
 
+def test_micro_batched_run_killed_then_resumed_is_bitwise_identical(tmp_path):
+    """Gradient accumulation keeps nothing between steps: a resumed run equals an uninterrupted one (dropout too)."""
+    micro = "--config.train.micro_batch_size=8"
+    reference = tmp_path / "reference"
+    out, _ = finish(reference, micro)
+    assert "each step in 2 parts of 8" in out
+    proc = start(tmp_path / "killed", micro)
+    wait_for_checkpoint(tmp_path / "killed", 120, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (tmp_path / "killed" / "results.json").exists(), "the run finished before it could be killed"
+    out, _ = finish(tmp_path / "killed", micro)
+    assert "resuming from the checkpoint at step" in out
+    assert_same_run(tmp_path / "killed", reference)
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
     proc = start(tmp_path)
     wait_for_checkpoint(tmp_path, 30, proc)
