@@ -59,6 +59,7 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
                                "softmax_cross_entropy", config.data, compute_dtype)
     replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
     micro_batch_size = micro_batch_size or sharding.micro_batch_size(batch_size, mesh)
+    sharding.check_batch("--micro_batch_size", micro_batch_size, mesh)
     step = train.compile_train_step(mesh, batch_size // micro_batch_size)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1024, 28, 28, 1), dtype=np.uint8)
@@ -206,7 +207,12 @@ def main() -> None:
     if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):
         parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
-    {"throughput": throughput, "time_to_accuracy": time_to_accuracy}[args.benchmark](args)
+    from cnn.config import ConfigError
+
+    try:
+        {"throughput": throughput, "time_to_accuracy": time_to_accuracy}[args.benchmark](args)
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":
