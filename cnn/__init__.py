@@ -20,15 +20,12 @@ and look inside a trained one:
     cnn.plots.filters(run)  # a matplotlib Figure; see cnn/plots.py for the others
 """
 
-from cnn.config import ConfigError, base_config
-from cnn.config import load as load_config
-from cnn.data import load as load_dataset
-from cnn.models import Sequential, build_model
-from cnn import checkpoint, presets
-from cnn.summary import summary
-from cnn.train import TrainResult, TrainState, eval_step, train_and_evaluate, train_step
-from cnn.prediction import load as load_run
-from cnn.prediction import predict
+from cnn.config import ConfigError, base_config, load_config
+from cnn.data import load_dataset
+from cnn.inference import predict
+from cnn.models import Sequential, build_model, presets
+from cnn.run import load_run
+from cnn.train import TrainResult, TrainState, checkpoint, eval_step, summary, train_and_evaluate, train_step
 
 __all__ = [
     "ConfigError", "Sequential", "TrainResult", "TrainState", "base_config", "build_model", "eval_step",
@@ -37,7 +34,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """`cnn.plots` is imported on first use: matplotlib adds ~1 s to every start, and training needs it only at the end."""
+    """`cnn.plots` is imported on first use: matplotlib adds about a second to every start."""
     if name == "plots":
         import importlib
 

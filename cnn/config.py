@@ -15,20 +15,16 @@ from collections.abc import Iterable
 import ml_collections
 from ml_collections import config_dict
 
+from cnn.errors import ConfigError, int_at_least, is_int, require
 
-class ConfigError(ValueError):
-    """A problem the user can fix by changing the config or the command line.
-
-    The message names the field, the bad value and what would work; the CLI
-    prints it alone, without a traceback.
-    """
-
+__all__ = ["ConfigError", "base_config", "check_fields", "load_config", "unknown_field", "validate"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PAD_MODES = ("constant", "reflect")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
+KERNELS = ("auto", "xla")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,12 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     # A named architecture instead of `layers`: 'flax_cnn', 'keras_seed',
     # 'keras_seed_binary', 'lenet5', 'vgg' or 'resnet20', optionally with
     # overrides written as a call, e.g. "vgg(widths=(32, 64), depths=(2, 2))"
-    # (see cnn/presets.py). Set `layers = ()` when using one.
+    # (see cnn/models/presets.py). Set `layers = ()` when using one.
     c.model.preset = config_dict.placeholder(str)
     # Units of a preset's output layer; None means the dataset's class count
     # where the caller passes it to models.build_model.
     c.model.num_classes = config_dict.placeholder(int)
-    # Keras-style layer specs, one string per layer; see cnn/layers.py.
+    # Keras-style layer specs, one string per layer; see cnn/models/layers.py.
     # These defaults are the 'flax_cnn' preset for ten classes.
     c.model.layers = (
         "Conv2D(32, 3, activation='relu', padding='same')",
@@ -132,10 +128,14 @@ def base_config() -> ml_collections.ConfigDict:
     # one compiled call each, then one update (the batch size: off). 0 lets
     # sharding.micro_batch_size choose for the hardware.
     c.train.micro_batch_size = 0
+    # How layers compute: 'auto' takes the fast paths in cnn/kernels that pay
+    # on this hardware, 'xla' plain Flax and XLA everywhere (same results up
+    # to float rounding).
+    c.train.kernels = "auto"
     return c
 
 
-def load(path: str) -> ml_collections.ConfigDict:
+def load_config(path: str) -> ml_collections.ConfigDict:
     """Returns `get_config()` from a config file, as `--config=PATH` does.
 
     In a notebook, change fields by assignment afterwards:
@@ -151,57 +151,75 @@ def load(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def _need(ok: bool, field: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is not valid: expected {expected}")
+def unknown_field(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """Why the dotted `key` names no field of `config` ("train has no field 'x'; its fields: ..."), or None."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
+            return f"{where} has no field {part!r}; its fields: {known}"
+        node = node[part]
+    return None
 
 
-def _positive_int(field: str, value) -> None:
-    _need(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0,
-          field, value, "a positive integer")
+def check_fields(config: ml_collections.ConfigDict, keys: Iterable[str], where: str) -> None:
+    """Every override must name a field the config has: refused now, not after an hour of other work."""
+    for key in keys:
+        problem = unknown_field(config, key)
+        if problem:
+            raise ConfigError(f"{where}: override {key!r}: {problem}")
 
 
-def _pair_of_numbers(field: str, value, length: int | None = None) -> None:
+def _number(value, field: str, low: float, high: float, expected: str, high_open: bool = True) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value and (
+        value < high if high_open else value <= high)
+    require(ok, field, value, expected)
+
+
+def _numbers(value, field: str, length: int | None = None) -> None:
     ok = isinstance(value, Iterable) and all(isinstance(v, numbers.Real) for v in value)
-    _need(ok and (length is None or len(value) == length), field, value,
-          f"a tuple of {length or 'per-channel'} numbers")
+    require(ok and (length is None or len(value) == length), field, value,
+            f"a tuple of {length or 'per-channel'} numbers")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every scalar field; layers and datasets are checked where built."""
-    _need(isinstance(config.seed, numbers.Integral), "seed", config.seed, "an integer")
-    t = config.train
-    _positive_int("train.num_epochs", t.num_epochs)
-    _positive_int("train.batch_size", t.batch_size)
-    _positive_int("train.eval_batch_size", t.eval_batch_size)
-    _positive_int("train.keep_checkpoints", t.keep_checkpoints)
-    _need(isinstance(t.checkpoint_every_steps, numbers.Integral) and t.checkpoint_every_steps >= 0,
-          "train.checkpoint_every_steps", t.checkpoint_every_steps, "0 (epoch ends only) or a positive integer")
-    _need(isinstance(t.num_devices, numbers.Integral) and t.num_devices >= 0,
-          "train.num_devices", t.num_devices, "0 (all local devices) or a positive integer")
-    _need(t.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype", t.compute_dtype,
-          f"one of {', '.join(COMPUTE_DTYPES)}")
-    _need(isinstance(t.micro_batch_size, numbers.Integral) and not isinstance(t.micro_batch_size, bool)
-          and t.micro_batch_size >= 0
-          and (t.micro_batch_size == 0 or t.batch_size % t.micro_batch_size == 0),
-          "train.micro_batch_size", t.micro_batch_size, "0 (automatic) or a divisor of train.batch_size")
+    """Checks every scalar field; layer specs and presets are checked by cnn.models, datasets where loaded."""
+    require(is_int(config.seed), "seed", config.seed, "an integer")
+    require(config.loss in LOSSES, "loss", config.loss, f"one of {', '.join(LOSSES)}")
+    _validate_train(config.train)
+    _validate_optimizer(config.optimizer, config.train.num_epochs)
+    _validate_data(config.data)
+    if config.model.get("num_classes") is not None:
+        int_at_least(config.model.num_classes, "model.num_classes")
 
-    o = config.optimizer
-    _need(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
-    _need(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"one of {', '.join(SCHEDULES)}")
-    _need(isinstance(o.learning_rate, numbers.Real) and o.learning_rate > 0,
-          "optimizer.learning_rate", o.learning_rate, "a positive number such as 0.1")
-    _need(isinstance(o.momentum, numbers.Real) and 0 <= o.momentum < 1,
-          "optimizer.momentum", o.momentum, "a number in [0, 1)")
-    for name in ("b1", "b2"):
-        value = o[name]
-        _need(isinstance(value, numbers.Real) and 0 <= value < 1, f"optimizer.{name}", value, "a number in [0, 1)")
-    _need(isinstance(o.weight_decay, numbers.Real) and o.weight_decay >= 0,
-          "optimizer.weight_decay", o.weight_decay, "a number >= 0")
-    _need(isinstance(o.warmup_epochs, numbers.Real) and 0 <= o.warmup_epochs <= t.num_epochs,
-          "optimizer.warmup_epochs", o.warmup_epochs, f"a number between 0 and train.num_epochs={t.num_epochs}")
+
+def _validate_train(t: ml_collections.ConfigDict) -> None:
+    for name in ("num_epochs", "batch_size", "eval_batch_size", "keep_checkpoints"):
+        int_at_least(t[name], f"train.{name}")
+    int_at_least(t.checkpoint_every_steps, "train.checkpoint_every_steps", 0,
+                 "0 (epoch ends only) or a positive integer")
+    int_at_least(t.num_devices, "train.num_devices", 0, "0 (all local devices) or a positive integer")
+    require(t.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype", t.compute_dtype,
+            f"one of {', '.join(COMPUTE_DTYPES)}")
+    micro = t.micro_batch_size
+    require(is_int(micro) and micro >= 0 and (micro == 0 or t.batch_size % micro == 0), "train.micro_batch_size",
+            micro, "0 (automatic) or a divisor of train.batch_size")
+    require(t.get("kernels", "auto") in KERNELS, "train.kernels", t.get("kernels"), f"one of {', '.join(KERNELS)}")
+
+
+def _validate_optimizer(o: ml_collections.ConfigDict, num_epochs: int) -> None:
+    require(o.name in OPTIMIZERS, "optimizer.name", o.name, f"one of {', '.join(OPTIMIZERS)}")
+    require(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"one of {', '.join(SCHEDULES)}")
+    require(isinstance(o.learning_rate, numbers.Real) and o.learning_rate > 0,
+            "optimizer.learning_rate", o.learning_rate, "a positive number such as 0.1")
+    for name in ("momentum", "b1", "b2"):
+        _number(o[name], f"optimizer.{name}", 0, 1, "a number in [0, 1)")
+    _number(o.weight_decay, "optimizer.weight_decay", 0, float("inf"), "a number >= 0", high_open=False)
+    _number(o.warmup_epochs, "optimizer.warmup_epochs", 0, num_epochs,
+            f"a number between 0 and train.num_epochs={num_epochs}", high_open=False)
     restarts = o.restart_epochs
-    _need(isinstance(restarts, (tuple, list)) and all(
+    require(isinstance(restarts, (tuple, list)) and all(
         isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 < e < float("inf") for e in restarts)
         and list(restarts) == sorted(set(restarts)), "optimizer.restart_epochs", restarts,
         "increasing positive epochs such as (1,), or () for none")
@@ -209,44 +227,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optimizer.restart_epochs={tuple(restarts)} needs optimizer.schedule='warmup_cosine' "
                           f"(now {o.schedule!r}); set it, or set restart_epochs=()")
 
-    _need(config.loss in LOSSES, "loss", config.loss, f"one of {', '.join(LOSSES)}")
 
-    d = config.data
-    _need(isinstance(d.name, str) and d.name != "", "data.name", d.name, "a dataset name such as 'mnist' or 'digits'")
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    require(isinstance(d.name, str) and d.name != "", "data.name", d.name, "a dataset name such as 'mnist' or 'digits'")
     if d.image_size is not None:
-        _pair_of_numbers("data.image_size", d.image_size, 2)
-        _need(all(int(v) == v and v > 0 for v in d.image_size), "data.image_size", d.image_size,
-              "(height, width) in whole pixels")
+        _numbers(d.image_size, "data.image_size", 2)
+        require(all(int(v) == v and v > 0 for v in d.image_size), "data.image_size", d.image_size,
+                "(height, width) in whole pixels")
     if (d.mean is None) != (d.std is None):
         raise ConfigError("data.mean and data.std must be set together (or both left as None)")
     if d.mean is not None:
-        _pair_of_numbers("data.mean", d.mean)
-        _pair_of_numbers("data.std", d.std, len(d.mean))
-        _need(all(s > 0 for s in d.std), "data.std", d.std, "positive numbers")
+        _numbers(d.mean, "data.mean")
+        _numbers(d.std, "data.std", len(d.mean))
+        require(all(s > 0 for s in d.std), "data.std", d.std, "positive numbers")
     if d.channels is not None:
-        _need(d.channels in (1, 3) and not isinstance(d.channels, bool), "data.channels", d.channels,
-              "1 (grey), 3 (RGB) or None (as stored)")
-    _need(isinstance(d.crop_padding, numbers.Integral) and not isinstance(d.crop_padding, bool)
-          and d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "0 (no random crop) or a positive integer")
-    _need(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
-    _need(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")
-    _need(isinstance(d.vocab_size, numbers.Integral) and not isinstance(d.vocab_size, bool) and d.vocab_size >= 3,
-          "data.vocab_size", d.vocab_size, "an integer >= 3 (ids 0 and 1 are padding and unknown words)")
-    _positive_int("data.max_length", d.max_length)
+        require(d.channels in (1, 3) and not isinstance(d.channels, bool), "data.channels", d.channels,
+                "1 (grey), 3 (RGB) or None (as stored)")
+    int_at_least(d.crop_padding, "data.crop_padding", 0, "0 (no random crop) or a positive integer")
+    require(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
+    require(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")
+    int_at_least(d.vocab_size, "data.vocab_size", 3, "an integer >= 3 (ids 0 and 1 are padding and unknown words)")
+    int_at_least(d.max_length, "data.max_length")
     if d.manual_dir is not None and not os.path.isdir(d.manual_dir):
         raise ConfigError(f"data.manual_dir={d.manual_dir!r} is not a folder; point it at the folder "
                           "holding the dataset's original archive files")
-    m = config.model
-    if m.get("num_classes") is not None:
-        _positive_int("model.num_classes", m.num_classes)
-    if m.get("preset") is not None:
-        from cnn import presets  # no flax import: checks the name and the overrides only
-
-        presets.parse(m.preset)
-        if m.layers:
-            raise ConfigError(f"model.preset={m.preset!r} and model.layers are both set; keep one: set "
-                              "model.layers=() to use the preset, or model.preset=None to use the layers")
-    elif not isinstance(m.layers, (tuple, list)) or not m.layers:
-        raise ConfigError(f"model.layers={m.layers!r} is not valid: expected a tuple of layer specs "
-                          "such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), "
-                          "or set model.preset such as 'resnet20'")

@@ -3,8 +3,9 @@
 Each function returns a `matplotlib.figure.Figure` made without pyplot, so
 it works headless (no display, no global state) and shows inline in a
 notebook. `write_plots` saves them all as PNGs in WORKDIR/plots/ and adds
-them to the TensorBoard event files; training calls it at the end, and
-`python -m cnn.visualize --workdir=DIR` redraws them from the checkpoint.
+them to the TensorBoard event files; `python -m cnn.main` calls it when
+training ends, and `python -m cnn.visualize --workdir=DIR` redraws them from
+the checkpoint.
 
     run = cnn.load_run("runs/mnist")                       # or cnn.train_and_evaluate(...)
     test = cnn.load_dataset(cnn.load_config("configs/mnist.py").data).test
@@ -23,10 +24,13 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
+from PIL import Image
+from tensorboardX import SummaryWriter
 
 from cnn import data as data_lib
-from cnn.prediction import probabilities
-from cnn.models import parse_stack
+from cnn import workdir as workdir_lib
+from cnn.inference import probabilities
+from cnn.models import layer_outputs, parse_stack
 from cnn.progress import progress
 from cnn.train import TrainResult
 
@@ -163,16 +167,17 @@ def filters(run: TrainResult, max_filters: int = 64) -> Figure:
 
 def activations(run: TrainResult, images: np.ndarray) -> dict[str, np.ndarray]:
     """Each convolution layer's output (after its activation) for uint8 `images`, by layer name."""
-    state = run.state
     names = [name for name, _ in _conv_layers(run)]
+    recipe = run.recipe
 
     @jax.jit  # one compilation, not one per operation
-    def outputs(variables, images):
-        x = data_lib.preprocess(images, state.mean, state.std)
-        _, captured = state.apply_fn(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
-        return {name: captured["intermediates"][name]["__call__"][-1] for name in names}
+    def outputs(state, images):
+        variables = recipe.cast(state.variables())
+        _, sown = state.apply_fn(variables, recipe.inputs(images), train=False, mutable=["activations"])
+        outputs = layer_outputs(run.model, sown)
+        return {name: outputs[name].astype(np.float32) for name in names}
 
-    return {name: np.asarray(a) for name, a in outputs(state.variables(), np.asarray(images)).items()}
+    return {name: np.asarray(a) for name, a in outputs(run.state, np.asarray(images)).items()}
 
 
 def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | None = None, max_channels: int = 8,
@@ -207,35 +212,36 @@ def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | N
         if labels is not None:
             said = f"true {run.class_names[int(labels[index])]}, {said}"
         block.suptitle(f"Image {index + 1}: {said}", fontsize=10, fontweight="bold")
-        axes = block.subplots(rows, cols, squeeze=False)
-        for r, name in enumerate(names):
-            for c in range(cols):
-                ax = axes[r, c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    if r == 0:
-                        _show_image(ax, image)
-                        ax.set_title("input", fontsize=8, pad=2)
-                    else:
-                        ax.set_axis_off()
-                    continue
-                if c - 1 >= len(picks[name]):
-                    ax.set_axis_off()
-                    continue
-                channel = int(picks[name][c - 1])
-                m = maps[name][index, ..., channel]
-                if m.ndim == 1:  # Conv1D: a curve along the sequence
-                    ax.plot(m, linewidth=0.8)
-                else:
-                    ax.imshow(m, cmap="viridis", interpolation="nearest")
-                ax.set_title(f"ch {channel}", fontsize=8, pad=2)
-                if c == 1:
-                    shape = "x".join(map(str, maps[name].shape[1:]))
-                    ax.set_ylabel(f"{name}\n{shape}", fontsize=8)
+        _feature_block(block.subplots(rows, cols, squeeze=False), image, {n: m[index] for n, m in maps.items()},
+                       picks)
     fig.suptitle(f"Feature maps of every convolution layer ({cols - 1} most active channels each; "
                  "brighter = stronger)", fontsize=11)
     return fig
+
+
+def _feature_block(axes: np.ndarray, image: np.ndarray, maps: dict[str, np.ndarray], picks: dict[str, np.ndarray]
+                   ) -> None:
+    """One image's block: the input, then a row per layer of its picked channels."""
+    for r, name in enumerate(maps):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0 or c - 1 >= len(picks[name]):
+                if c == 0 and r == 0:
+                    _show_image(ax, image)
+                    ax.set_title("input", fontsize=8, pad=2)
+                else:
+                    ax.set_axis_off()
+                continue
+            channel = int(picks[name][c - 1])
+            m = maps[name][..., channel]
+            if m.ndim == 1:  # Conv1D: a curve along the sequence
+                ax.plot(m, linewidth=0.8)
+            else:
+                ax.imshow(m, cmap="viridis", interpolation="nearest")
+            ax.set_title(f"ch {channel}", fontsize=8, pad=2)
+            if c == 1:
+                ax.set_ylabel(f"{name}\n{'x'.join(map(str, maps[name].shape))}", fontsize=8)
 
 
 # --- Confusion matrix and mistakes --------------------------------------------
@@ -332,10 +338,7 @@ def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_i
             print(f"warning: the pictures could not be drawn ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   f"python -m cnn.visualize --workdir={workdir} retries", file=sys.stderr, flush=True)
             return []
-    from PIL import Image
-    from tensorboardX import SummaryWriter
-
-    out_dir = os.path.join(workdir, "plots")
+    out_dir = os.path.join(workdir, workdir_lib.PLOTS)
     os.makedirs(out_dir, exist_ok=True)
     test = dataset.test
     probs = probabilities(run, test.images, description="predicting the test split")
@@ -356,9 +359,7 @@ def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_i
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", dpi=110)
             path = os.path.join(out_dir, f"{name}.png")
-            with open(f"{path}.tmp", "wb") as f:
-                f.write(buffer.getvalue())
-            os.replace(f"{path}.tmp", path)
+            workdir_lib.write_atomic(path, buffer.getvalue())
             paths.append(path)
             pixels = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
             writer.add_image(f"plots/{name}", pixels, step, dataformats="HWC")

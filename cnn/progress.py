@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 
 
@@ -26,8 +28,6 @@ class Progress:
         self.start = self.last = time.time()
         self._bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc=description, leave=leave, unit=unit, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:

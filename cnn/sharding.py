@@ -1,84 +1,15 @@
 """Data parallelism: one mesh axis, 'data'; every batch is split over it and
 the train state is replicated. The same code runs on one CPU, a CPU split
-into host devices, GPUs, TPUs, and several processes (hosts).
+into host devices (cnn/runtime.py), GPUs, TPUs, and several processes (hosts).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnn.config import ConfigError
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
-
-
-def set_cpu_devices(num_devices: int) -> None:
-    """Splits the CPU into `num_devices` host devices; 0 means one per two cores.
-
-    XLA runs much of a CNN's backward pass on one thread, so on a CPU a step
-    uses the cores through data parallelism over host devices, each with
-    the threads of two cores for the rest. Measured on the Flax MNIST CNN
-    (experiments/benchmark.py throughput, batch 128, micro-batches as
-    `micro_batch_size` picks them), one device per two cores was the
-    fastest split at every core count tried: 1 device on 2 cores (10-15%
-    ahead of 2), 2 on 4, 4 on 8 (28% ahead of 8), 8 on 16 (18% ahead of 16).
-
-    XLA's CPU collectives run on its intra-op thread pool; with as many
-    devices as threads, one device blocked at an all-reduce can starve
-    another of the thread it needs to get there, and XLA aborts after 40 s.
-    At least two threads per device (PJRT_NPROC, raised to that if set
-    lower) avoid that.
-
-    It also turns off XLA:CPU's YNNPACK fusions (jaxlib 0.10), unless
-    XLA_FLAGS already sets them: with them the MNIST CNN's step is about 15%
-    slower here, since the pooling reductions they take over materialise
-    constant buffers as large as the activations and their weight-gradient
-    convolution is slow.
-
-    Must run before JAX first touches a device; after that the devices are
-    fixed and this leaves them (a notebook that already used JAX).
-    """
-    count = num_devices if isinstance(num_devices, int) and num_devices > 0 else max(1, cpu_count() // 2)
-    # Raised, never lowered: a PJRT_NPROC inherited from a parent process that ran fewer devices would hang.
-    threads = int(os.environ.get("PJRT_NPROC", "0") or 0)
-    os.environ["PJRT_NPROC"] = str(max(threads, 2 * count, cpu_count()))
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_FUSIONS}".strip()
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:
-        pass
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Joins a multi-process (multi-host) run; a no-op when nothing asks for one.
-
-    With a coordinator address the three values come from the caller (flags);
-    without one, `jax.distributed.initialize()` reads a cluster's own
-    environment (SLURM, Open MPI, TPU pods) when `JAX_DISTRIBUTED=1` or SLURM
-    started several tasks. CPU processes talk over gloo (TCP).
-    """
-    cluster = os.environ.get("JAX_DISTRIBUTED") == "1" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if coordinator_address is None and not cluster:
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+from cnn.errors import ConfigError
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -121,12 +52,9 @@ CPU_MICRO_BATCH = 64  # examples per device per compiled call, at most, in a CPU
 def micro_batch_size(batch_size: int, mesh: Mesh) -> int:
     """The default `train.micro_batch_size`: on CPUs, parts of at most 64 examples per device; else the batch.
 
-    On the 2-core development machine, one device training the Flax MNIST
-    CNN ran 4,600 images/s on batches of 128 in one call and 7,100 in two
-    calls of 64 (experiments/benchmark.py throughput --micro_batch_size);
-    past about 64 images per call XLA:CPU's step gets slower per image.
-    GPUs and TPUs want the whole batch in one call. A batch that does not
-    split evenly stays whole.
+    Past about 64 images per call XLA:CPU's step gets slower per image
+    (README, Performance); GPUs and TPUs want the whole batch in one call. A
+    batch that does not split evenly stays whole.
     """
     if mesh.devices.flat[0].platform != "cpu":
         return batch_size

@@ -8,11 +8,11 @@ care, but plots of them look mirrored.
 
 import os
 
-from cnn.config import load
+from cnn.config import load_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "mnist.py"))
+    config = load_config(os.path.join(os.path.dirname(__file__), "mnist.py"))
     config.data.name = "emnist/letters"
     config.model.layers = ()
     config.model.preset = "flax_cnn"

@@ -7,11 +7,11 @@ parameters. Data: horses_or_humans (two classes), resized to 64x64.
 
 import os
 
-from cnn.config import load
+from cnn.config import load_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "keras_seed.py"))
+    config = load_config(os.path.join(os.path.dirname(__file__), "keras_seed.py"))
     config.data.name = "horses_or_humans"
     config.data.train_split = "train"
     config.data.test_split = "test"

@@ -2,10 +2,10 @@
 
 import os
 
-from cnn.config import load
+from cnn.config import load_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "mnist.py"))
+    config = load_config(os.path.join(os.path.dirname(__file__), "mnist.py"))
     config.data.name = "kmnist"
     return config

@@ -8,11 +8,11 @@ error (91.25% accuracy).
 
 import os
 
-from cnn.config import load
+from cnn.config import load_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "cifar10.py"))
+    config = load_config(os.path.join(os.path.dirname(__file__), "cifar10.py"))
     config.model.preset = "resnet20"
     config.optimizer.learning_rate = 0.1
     config.optimizer.weight_decay = 1e-4

@@ -5,11 +5,11 @@ No horizontal flip: a mirrored 2 is not a 2. A small random crop still helps.
 
 import os
 
-from cnn.config import load
+from cnn.config import load_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "resnet20.py"))
+    config = load_config(os.path.join(os.path.dirname(__file__), "resnet20.py"))
     config.data.name = "svhn_cropped"
     config.data.mean = (0.4377, 0.4438, 0.4728)
     config.data.std = (0.1980, 0.2010, 0.1970)

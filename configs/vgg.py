@@ -5,11 +5,11 @@ Narrower or shallower nets: --config.model.preset="vgg(widths=(32, 64, 128), dep
 
 import os
 
-from cnn.config import load
+from cnn.config import load_config
 
 
 def get_config():
-    config = load(os.path.join(os.path.dirname(__file__), "cifar10.py"))
+    config = load_config(os.path.join(os.path.dirname(__file__), "cifar10.py"))
     config.model.preset = "vgg"
     config.optimizer.learning_rate = 0.05
     config.optimizer.weight_decay = 5e-4

@@ -42,13 +42,13 @@ FLAX_CNN = (
 
 def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_batch_size: int = 0):
     """A closure running `steps` of cnn's real training step (the one train_and_evaluate compiles)."""
-    from cnn import sharding
+    from cnn import runtime
 
-    sharding.set_cpu_devices(num_devices)
+    runtime.set_cpu_devices(num_devices)
     import jax
     import jax.numpy as jnp
 
-    from cnn import config as config_lib, data as data_lib, models, train
+    from cnn import config as config_lib, data as data_lib, models, sharding, train
 
     config = config_lib.base_config()
     config.model.layers = FLAX_CNN
@@ -56,11 +56,12 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
     mesh = sharding.make_mesh(num_devices)
     model = models.build_model(config.model)
     state = train.create_state(model, train.make_optimizer(config.optimizer, 100, 1), (28, 28, 1), 0,
-                               "softmax_cross_entropy", config.data, compute_dtype)
+                               config.train.kernels, mesh.devices.flat[0].platform)
     replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
     micro_batch_size = micro_batch_size or sharding.micro_batch_size(batch_size, mesh)
     sharding.check_batch("--micro_batch_size", micro_batch_size, mesh)
-    step = train.compile_train_step(mesh, batch_size // micro_batch_size)
+    recipe = train.Recipe.from_config(config, "softmax_cross_entropy")
+    step = train.compile_train_step(mesh, batch_size // micro_batch_size, recipe)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1024, 28, 28, 1), dtype=np.uint8)
     split = data_lib.Split(images, rng.integers(0, 10, 1024).astype(np.int32))
@@ -70,7 +71,7 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
     def run(steps: int) -> None:
         # As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step.
         rows = rng.integers(0, len(split), (steps, batch_size))
-        chunk = train.stage_chunk(split, rows, steps, chunk_sharding)
+        chunk = data_lib.stage_chunk(split, rows, steps, chunk_sharding)
         start = sharding.put_replicated(np.int32(carry["state"].step), mesh)
         for _ in range(steps):
             carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], chunk, start)

@@ -22,12 +22,13 @@ def _no_user_tfds_dir(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
-    """Digits trained for 2 epochs once per session, shared by the picture and prediction tests:
-    (workdir, TrainResult, Dataset)."""
+    """Digits trained for 2 epochs once per session, with its pictures drawn as `python -m cnn.main` draws them;
+    shared by the picture and prediction tests: (workdir, TrainResult, Dataset)."""
     import cnn
 
     workdir = tmp_path_factory.getbasetemp() / "digits-2-epochs"
     config = cnn.load_config(str(CONFIGS / "digits.py"))
     config.train.num_epochs = 2
     run = cnn.train_and_evaluate(config, str(workdir))
+    cnn.plots.write_plots(str(workdir), run, run.dataset)
     return str(workdir), run, cnn.load_dataset(config.data)

@@ -7,7 +7,7 @@ import pytest
 
 import cnn
 from cnn import models
-from cnn.layers import parameter_count
+from cnn.models.layers import parameter_count
 
 SEED = ("Conv2D(32, (3, 3), activation='relu', padding='valid')", "MaxPooling2D((2, 2))", "Flatten()",
         "Dense(128, activation='relu')")
@@ -99,14 +99,14 @@ def test_dropout_only_in_training():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("Conv3D(8, 3)", "unknown layer 'Conv3D'; did you mean Conv2D?"),
+    ("Conv3D(8, 3)", "unknown layer 'Conv3D'; did you mean 'Conv2D'?"),
     ("Conv2D(8)", "missing a required argument: 'kernel_size'"),
     ("Dense(10, act='relu')", "unexpected keyword argument 'act'"),
     ("Dense(10, activation='relux')", "activation='relux' is unknown"),
-    ("Dense(-3)", "units=-3 must be a positive integer"),
-    ("MaxPooling2D(2, padding='full')", "padding='full' must be 'valid' or 'same'"),
-    ("Dropout(1.5)", "rate=1.5 must be a number in [0, 1)"),
-    ("Conv2D(8, (3, 3, 3))", "kernel_size=(3, 3, 3) must be a positive integer or a tuple of 2"),
+    ("Dense(-3)", "units=-3 is not valid: expected a positive integer"),
+    ("MaxPooling2D(2, padding='full')", "padding='full' is not valid: expected 'valid' or 'same'"),
+    ("Dropout(1.5)", "rate=1.5 is not valid: expected a number in [0, 1)"),
+    ("Conv2D(8, (3, 3, 3))", "kernel_size=(3, 3, 3) is not valid: expected a positive integer or a tuple of 2"),
     ("Dense(__import__('os'))", "is not a layer spec"),
     ("dense 10", "is not a layer spec"),
 ])
@@ -164,52 +164,66 @@ def test_residual_block_shortcuts():
     model, v = _init(["ResidualBlock(8, strides=2)"], (8, 8, 4))
     y, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
     assert y.shape == (2, 4, 4, 8) and float(y.min()) >= 0  # ends in relu
-    with pytest.raises(cnn.ConfigError, match="shortcut='bogus' must be 'pad'"):
+    with pytest.raises(cnn.ConfigError, match="shortcut='bogus' is not valid: expected 'pad'"):
         cnn.build_model(["ResidualBlock(8, shortcut='bogus')"])
     with pytest.raises(cnn.ConfigError, match="it exists in 2D only"):
         models.output_shape(cnn.build_model(["ResidualBlock(8)"]), (8, 4))
 
 
-@pytest.mark.parametrize("kind", ["max", "avg"])
-@pytest.mark.parametrize("shape, window, padding", [((2, 15, 14, 3), (2, 2), "VALID"), ((2, 8, 6, 3), (2, 2), "SAME"),
-                                                    ((2, 9, 4), (3,), "VALID")])
+def _fast_and_plain(specs, shape, seed=0):
+    """The model of `specs` applied with cnn/kernels' CPU fast paths and with plain Flax, and its variables."""
+    from cnn import kernels
+
+    model = cnn.build_model(list(specs))
+    fast, plain = kernels.apply_fn(model, "auto", "cpu"), kernels.apply_fn(model, "xla")
+    x = jax.random.normal(jax.random.key(seed), shape)
+    return fast, plain, x
+
+
+def _assert_same(fast, plain, x, rtol, atol):
+    """Same initial variables, outputs and gradients (parameters and input) with and without the fast paths."""
+    close = lambda a, b: jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
+    variables = fast.init(jax.random.key(1), x)
+    close(variables, plain.init(jax.random.key(1), x))
+    close(fast(variables, x), plain(variables, x))
+    grad = lambda f: jax.grad(lambda v, x: (f(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+    close(grad(fast), grad(plain))
+
+
+def test_fast_paths_apply_where_they_should():
+    """The interceptor really takes the fast paths: their jaxprs differ from plain Flax's only where one applies."""
+    from cnn import kernels
+
+    def program(specs, shape, choice):
+        model = cnn.build_model(list(specs))
+        apply = kernels.apply_fn(model, choice, "cpu")
+        x = jnp.ones((2, *shape))
+        return str(jax.make_jaxpr(apply)(apply.init(jax.random.key(0), x), x))
+
+    assert "custom_vjp_call" in program(["Conv2D(4, 3)"], (8, 8, 1), "auto")  # one channel: patches
+    assert "custom_vjp_call" not in program(["Conv2D(4, 3)"], (8, 8, 3), "auto")  # XLA's convolution
+    assert "custom_vjp_call" in program(["Flatten()", "Dense(4)"], (8, 8, 1), "auto")
+    assert "reduce_window" not in program(["MaxPooling2D(2)"], (8, 8, 3), "auto")
+    assert "reduce_window" in program(["MaxPooling2D(3, strides=2)"], (8, 8, 3), "auto")  # windows overlap
+    plain = program(["Conv2D(4, 3)", "MaxPooling2D(2)", "Flatten()", "Dense(4)"], (8, 8, 1), "xla")
+    assert "custom_vjp_call" not in plain and "reduce_window" in plain
+    assert kernels.resolve("auto", "gpu") == ("tiled_pool",) and kernels.resolve("xla", "cpu") == ()
+
+
+@pytest.mark.parametrize("kind", ["MaxPooling", "AveragePooling"])
+@pytest.mark.parametrize("shape, window, padding", [((2, 15, 14, 3), 2, "valid"), ((2, 8, 6, 3), 2, "same"),
+                                                    ((2, 9, 4), 3, "valid")])
 def test_tiled_pooling_matches_reduce_window(kind, shape, window, padding):
     """Pools whose windows tile the input take a reshape path; values and gradients must equal Flax's pools."""
-    import functools
-
-    import flax.linen as nn
-
-    from cnn.layers import Pool
-
-    x = jax.random.normal(jax.random.key(0), shape)
-    ours = lambda x: Pool(kind=kind, window=window, strides=window, padding=padding).apply({}, x)
-    flax_pool = nn.max_pool if kind == "max" else functools.partial(nn.avg_pool, count_include_pad=False)
-    theirs = lambda x: flax_pool(x, window, window, padding)
-    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6)
-    grad = lambda f: jax.grad(lambda x: (f(x) ** 2).sum())(x)
-    np.testing.assert_allclose(grad(ours), grad(theirs), rtol=1e-6)
+    spec = f"{kind}{len(shape) - 2}D({window}, padding={padding!r})"
+    _assert_same(*_fast_and_plain([spec], shape), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec, shape", [("Dense(7, activation='relu')", (5, 12)), ("Dense(3, use_bias=False)", (4, 6)),
                                          ("Dense(4)", (2, 5, 6))])
-def test_dense_equals_flax_dense(spec, shape):
-    """On a CPU cnn's Dense computes the input gradient its own way; values, gradients, parameter names
-    and initial values must equal nn.Dense's (followed by the same activation)."""
-    import flax.linen as nn
-
-    from cnn.layers import ACTIVATIONS, parse
-
-    ours = parse(spec).module
-    flax_dense = nn.Dense(ours.features, use_bias=ours.use_bias)
-    activation = ACTIVATIONS[ours.activation or "linear"]
-    theirs = lambda v, x: activation(flax_dense.apply(v, x))
-    x = jax.random.normal(jax.random.key(0), shape)
-    variables = ours.init(jax.random.key(1), x)
-    assert_close = lambda a, b: jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
-    assert_close(variables, flax_dense.init(jax.random.key(1), x))
-    assert_close(ours.apply(variables, x), theirs(variables, x))
-    grad = lambda f: jax.grad(lambda v, x: (f(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
-    assert_close(grad(ours.apply), grad(theirs))
+def test_dense_fast_path_equals_flax_dense(spec, shape):
+    """On a CPU, Dense layers compute the input gradient their own way: everything else must equal nn.Dense."""
+    _assert_same(*_fast_and_plain([spec], shape), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec, shape", [
@@ -221,19 +235,14 @@ def test_dense_equals_flax_dense(spec, shape):
     ("Conv2D(16, 3, strides=2, use_bias=False)", (2, 12, 12, 3)),  # XLA's convolution
     ("Conv2D(8, 3, padding='same')", (2, 9, 9, 5)),
 ])
-def test_conv_equals_flax_conv(spec, shape):
-    """cnn's Conv computes one-channel convolutions its own way on a CPU; values, gradients,
-    parameter names and initial values must equal nn.Conv's."""
-    import flax.linen as nn
+def test_conv_fast_path_equals_flax_conv(spec, shape):
+    """One-channel convolutions run as patches times kernel on a CPU: values, gradients, parameter names and
+    initial values must equal nn.Conv's."""
+    _assert_same(*_fast_and_plain([spec], shape), rtol=1e-4, atol=1e-4)
 
-    from cnn.layers import parse
 
-    ours = parse(spec).module
-    flax_conv = nn.Conv(ours.features, ours.kernel_size, ours.strides, ours.padding, use_bias=ours.use_bias)
-    x = jax.random.normal(jax.random.key(0), shape)
-    variables = ours.init(jax.random.key(1), x)
-    assert_close = lambda a, b: jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
-    assert_close(variables, flax_conv.init(jax.random.key(1), x))
-    assert_close(ours.apply(variables, x), flax_conv.apply(variables, x))
-    grad = lambda m: jax.grad(lambda v, x: (m.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
-    assert_close(grad(ours), grad(flax_conv))
+def test_residual_blocks_and_a_whole_model_equal_plain_flax():
+    """The fast paths apply inside composite layers too (a ResidualBlock's convolutions are plain nn.Conv)."""
+    specs = ["Conv2D(8, 3, padding='same')", "ResidualBlock(8)", "ResidualBlock(16, strides=2)",
+             "AveragePooling2D(2)", "Flatten()", "Dense(10)"]
+    _assert_same(*_fast_and_plain(specs, (2, 16, 16, 1)), rtol=1e-4, atol=1e-4)

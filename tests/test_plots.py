@@ -146,7 +146,7 @@ def _run(*args):
 
 
 def test_visualize_redraws_the_pictures_from_the_checkpoint(trained, tmp_path):
-    from cnn.visualize import visualize
+    from cnn.cli.visualize import visualize
 
     workdir, _, _ = trained
     shutil.rmtree(os.path.join(workdir, "plots"))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import cnn
-from cnn import prediction
+from cnn import inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,13 +69,13 @@ def test_convert_flattens_inverts_and_resizes():
     drawing = _scaled(digit, 50).convert("RGBA")  # 400x400, black ink, then make the white transparent
     pixels = np.asarray(drawing).copy()
     pixels[..., 3] = np.where(pixels[..., 0] > 128, 0, 255)
-    array, notes = prediction.convert(Image.fromarray(pixels), (8, 8, 1), info)
+    array, notes = inference.convert(Image.fromarray(pixels), (8, 8, 1), info)
     assert array.shape == (8, 8, 1) and array.dtype == np.uint8
     assert array[0, 0, 0] < 30 and array[4, 3:5, 0].min() > 200  # dark background, bright stroke, as trained
     assert "flattened transparency onto white" in notes[0] and "inverted" in notes[0] and "resized to 8x8" in notes[0]
-    same, notes = prediction.convert(digit, (8, 8, 1), info)
+    same, notes = inference.convert(digit, (8, 8, 1), info)
     assert np.array_equal(same, digit) and notes == []
-    kept, _ = prediction.convert(_scaled(digit, 4), (8, 8, 1), info, invert="no")
+    kept, _ = inference.convert(_scaled(digit, 4), (8, 8, 1), info, invert="no")
     assert kept[0, 0, 0] > 200
 
 
@@ -83,12 +83,12 @@ def test_convert_frames_a_drawing_like_the_training_images():
     """A small drawing in a corner of a big page ends up centred, as big as the training digits (here half)."""
     page = np.full((400, 600), 255, np.uint8)
     page[20:120, 30:60] = 0  # a black bar near the top-left corner
-    array, notes = prediction.convert(page, (20, 20, 1), {"border_brightness": 0.0, "ink_extent": 0.5})
+    array, notes = inference.convert(page, (20, 20, 1), {"border_brightness": 0.0, "ink_extent": 0.5})
     ink = np.argwhere(array[..., 0] > 128)
     assert 9 <= ink[:, 0].max() - ink[:, 0].min() + 1 <= 11  # 100 px tall -> half of 20
     assert np.allclose(ink.mean(axis=0), 9.5, atol=1.0)  # centred on its centre of mass
     assert "centred on its centre of mass" in notes[0]
-    plain, notes = prediction.convert(page, (20, 20, 1), {"border_brightness": 0.0, "ink_extent": 0.5}, frame=False)
+    plain, notes = inference.convert(page, (20, 20, 1), {"border_brightness": 0.0, "ink_extent": 0.5}, frame=False)
     assert "padded to 600x600" in notes[0] and np.argwhere(plain[..., 0] > 128).mean(axis=0)[0] < 6
 
 
@@ -100,7 +100,7 @@ def _cli(*args):
 
 def test_command_line_predicts_odd_files_and_reports_bad_ones(trained, tmp_path):
     workdir, run, test = trained
-    probs = prediction.probabilities(run, test.images)
+    probs = inference.probabilities(run, test.images)
     # Two test digits the model is sure of, of different classes.
     sure = [i for i in np.argsort(-probs.max(-1)) if probs[i].argmax() == test.labels[i]]
     first, second = sure[0], next(i for i in sure if test.labels[i] != test.labels[sure[0]])

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 import cnn
-from cnn import models, presets
-from cnn.layers import parameter_count
+from cnn import models
+from cnn.models import presets
+from cnn.models.layers import parameter_count
 
 
 def _counts(specs, shape):
@@ -70,13 +71,13 @@ def test_preset_and_layers_together_or_neither_are_refused():
     config = cnn.base_config()
     config.model.preset = "lenet5"
     with pytest.raises(cnn.ConfigError, match=r"both set; keep one: set model.layers=\(\)"):
-        cnn.config.validate(config)
+        models.check_config(config.model)
     config.model.preset = "lenett5"
     with pytest.raises(cnn.ConfigError, match="did you mean 'lenet5'"):
-        cnn.config.validate(config)
+        models.check_config(config.model)
     config.model.preset, config.model.layers = None, ()
     with pytest.raises(cnn.ConfigError, match="model.layers=\\(\\) is not valid"):
-        cnn.config.validate(config)
+        models.check_config(config.model)
     with pytest.raises(cnn.ConfigError, match="model.preset is not set"):
         models.build_model(config.model)
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import cnn
 from cnn import models
-from cnn.layers import LAYERS
+from cnn.models.layers import LAYERS
 
 VALUES = st.one_of(
     st.integers(-3, 40), st.floats(-2, 5, allow_nan=False), st.booleans(), st.none(),

@@ -47,8 +47,7 @@ def final_params(workdir):
     config.model.layers = ("Conv2D(16, 3, activation='relu')", "MaxPooling2D(2)", "Dropout(0.2)", "Flatten()",
                            "Dense(64, activation='relu')", "Dense(10)")
     model = cnn.build_model(config.model)
-    fresh = train.create_state(model, train.make_optimizer(config.optimizer, 89, 3), (16, 16, 1), 0,
-                               "softmax_cross_entropy", config.data)
+    fresh = train.create_state(model, train.make_optimizer(config.optimizer, 89, 3), (16, 16, 1), 0)
     state, _ = cnn.checkpoint.Checkpoints(str(workdir)).restore(fresh)
     return int(state.step), state.params, state.opt_state
 

@@ -165,7 +165,7 @@ def test_sigterm_stops_trials_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
 @pytest.mark.skipif(not os.path.exists(REPO / "configs" / "fashion_mnist.py"), reason="no Fashion-MNIST config")
 @pytest.mark.parametrize("name, count", [("digits_lr", 3), ("mnist_lr_batch", 12), ("fashion_architectures", 4)])
 def test_shipped_sweeps_dry_run(tmp_path, name, count):
-    from cnn.config import load
+    from cnn.config import load_config as load
 
     if name == "fashion_architectures" and "preset" not in load(str(REPO / "configs" / "fashion_mnist.py")).model:
         pytest.skip("model.preset is not in this branch's config yet")

@@ -1,5 +1,6 @@
 """Real training runs on the digits inside scikit-learn, through the notebook API."""
 
+import functools
 import json
 import os
 
@@ -32,7 +33,7 @@ def test_digits_learns_and_writes_the_workdir(config_path, tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
 
     # The returned state predicts: accuracy recomputed by hand matches the reported one.
-    test = data_lib.load(config.data).test
+    test = data_lib.load_dataset(config.data).test
     logits = run.model.apply(run.state.variables(), data_lib.preprocess(test.images))
     assert float((np.argmax(logits, -1) == test.labels).mean()) == pytest.approx(results["test_accuracy"], abs=1e-6)
 
@@ -40,9 +41,9 @@ def test_digits_learns_and_writes_the_workdir(config_path, tmp_path):
 def test_eval_counts_every_example_once():
     """Padding in the last eval batch must not count: 360 test digits in batches of 100."""
     config = cnn.load_config("configs/digits.py")
-    dataset = data_lib.load(config.data)
+    dataset = data_lib.load_dataset(config.data)
     model = cnn.build_model(config.model)
-    state = train.create_state(model, optax.sgd(0.1), dataset.input_shape, 0, "softmax_cross_entropy", config.data)
+    state = train.create_state(model, optax.sgd(0.1), dataset.input_shape, 0)
     logits = model.apply(state.variables(), data_lib.preprocess(dataset.test.images))
     expected_acc = float((np.argmax(logits, -1) == dataset.test.labels).mean())
     expected_loss = float(optax.softmax_cross_entropy_with_integer_labels(logits, dataset.test.labels).mean())
@@ -54,10 +55,9 @@ def test_eval_counts_every_example_once():
 
 def test_train_step_is_pure_and_lowers_the_loss():
     config = cnn.load_config("configs/digits.py")
-    dataset = data_lib.load(config.data)
+    dataset = data_lib.load_dataset(config.data)
     model = cnn.build_model(config.model)
-    state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0,
-                               "softmax_cross_entropy", config.data)
+    state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0)
     index = data_lib.epoch_index(len(dataset.train), 64, 0, 1)[0]
     batch = {"image": dataset.train.images[index], "label": dataset.train.labels[index]}
     step = jax.jit(train.train_step)
@@ -127,12 +127,11 @@ def test_steps_on_a_staged_chunk_equal_steps_on_host_batches():
     from cnn import sharding
 
     config = cnn.load_config("configs/digits.py")
-    dataset = data_lib.load(config.data)
-    state = train.create_state(cnn.build_model(config.model), optax.adam(1e-3), dataset.input_shape, 0,
-                               "softmax_cross_entropy", config.data)
+    dataset = data_lib.load_dataset(config.data)
+    state = train.create_state(cnn.build_model(config.model), optax.adam(1e-3), dataset.input_shape, 0)
     mesh = sharding.make_mesh(0)
     rows = data_lib.epoch_index(len(dataset.train), 32, 0, 1)[:5]
-    chunk = train.stage_chunk(dataset.train, rows, 8, sharding.chunk_sharding(mesh))
+    chunk = data_lib.stage_chunk(dataset.train, rows, 8, sharding.chunk_sharding(mesh))
     assert chunk["image"].shape == (8, 32, 8, 8, 1)
     np.testing.assert_array_equal(chunk["label"][5:], np.broadcast_to(dataset.train.labels[rows[4]], (3, 32)))
     sums = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
@@ -141,7 +140,7 @@ def test_steps_on_a_staged_chunk_equal_steps_on_host_batches():
     on_host = state
     for i in range(5):
         staged, staged_sums, _ = jax.jit(train.train_chunk_step)(staged, staged_sums, chunk, start)
-        on_host, sums, _ = jax.jit(train.train_step_and_sum)(on_host, sums, train.host_batch(dataset.train, rows[i]))
+        on_host, sums, _ = jax.jit(train.train_step_and_sum)(on_host, sums, data_lib.host_batch(dataset.train, rows[i]))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), staged.params,
                            on_host.params)
     np.testing.assert_allclose(staged_sums["loss"], sums["loss"], rtol=1e-5)
@@ -154,13 +153,13 @@ def test_accumulated_parts_train_as_the_whole_batch(parts):
     from cnn import sharding
 
     config = cnn.load_config("configs/digits.py")
-    dataset = data_lib.load(config.data)
+    dataset = data_lib.load_dataset(config.data)
     def fresh():  # each run's own state: the steps donate it
         return train.create_state(cnn.build_model(config.model), optax.sgd(0.1, momentum=0.9), dataset.input_shape,
-                                  0, "softmax_cross_entropy", config.data)
+                                  0)
 
     mesh = sharding.make_mesh(0)
-    chunk = train.stage_chunk(dataset.train, data_lib.epoch_index(len(dataset.train), 32, 0, 1)[:3], 3,
+    chunk = data_lib.stage_chunk(dataset.train, data_lib.epoch_index(len(dataset.train), 32, 0, 1)[:3], 3,
                               sharding.chunk_sharding(mesh))
     start = sharding.put_replicated(np.int32(0), mesh)
     results = []
@@ -214,9 +213,9 @@ def test_final_checkpoint_restores_the_trained_state(tmp_path):
     config = cnn.load_config("configs/digits.py")
     config.train.num_epochs = 2
     run = cnn.train_and_evaluate(config, str(tmp_path))
-    dataset = data_lib.load(config.data)
+    dataset = data_lib.load_dataset(config.data)
     fresh = train.create_state(run.model, train.make_optimizer(config.optimizer, 1437 // 32, 2),
-                               dataset.input_shape, seed=1, loss="softmax_cross_entropy", data=config.data)
+                               dataset.input_shape, seed=1)
     restored, epoch_sums = cnn.checkpoint.Checkpoints(str(tmp_path)).restore(fresh)
     assert int(restored.step) == int(run.state.step)
     assert float(epoch_sums["loss"]) == 0.0  # saved at an epoch end
@@ -227,15 +226,15 @@ def test_final_checkpoint_restores_the_trained_state(tmp_path):
 def test_bfloat16_compute_keeps_float32_parameters():
     """Mixed precision: bf16 forward and backward, float32 parameters and updates, and it still learns."""
     config = cnn.load_config("configs/digits.py")
-    dataset = data_lib.load(config.data)
+    dataset = data_lib.load_dataset(config.data)
     model = cnn.build_model(config.model)
-    state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0, "softmax_cross_entropy",
-                               config.data, compute_dtype="bfloat16")
+    state = train.create_state(model, optax.adam(1e-3), dataset.input_shape, 0)
+    recipe = train.Recipe(compute_dtype="bfloat16")
     index = data_lib.epoch_index(len(dataset.train), 64, 0, 1)[0]
     batch = {"image": dataset.train.images[index], "label": dataset.train.labels[index]}
-    assert state.inputs(batch["image"]).dtype == jnp.bfloat16
-    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(state.variables()["params"]))
-    step = jax.jit(train.train_step)
+    assert recipe.inputs(batch["image"]).dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(recipe.cast(state.variables())["params"]))
+    step = jax.jit(functools.partial(train.train_step, recipe=recipe))
     first = None
     for _ in range(20):
         state, metrics = step(state, batch)

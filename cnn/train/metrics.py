@@ -1,4 +1,4 @@
-"""Per-epoch metrics to a JSON-lines file and to TensorBoard event files."""
+"""Per-epoch metrics to WORKDIR/metrics.jsonl and to TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import threading
 import time
+
+from cnn import workdir as workdir_lib
 
 
 class MetricWriter:
@@ -22,7 +24,7 @@ class MetricWriter:
         process killed mid-write, is dropped too. With `enabled` False (every
         process but the first of a multi-process run) it only keeps history.
         """
-        path = os.path.join(workdir, "metrics.jsonl")
+        path = os.path.join(workdir, workdir_lib.METRICS)
         self.history = []
         if os.path.exists(path):
             with open(path) as f:
@@ -37,10 +39,7 @@ class MetricWriter:
         self.enabled = enabled
         if not enabled:
             return
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        os.replace(tmp, path)
+        workdir_lib.write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
         self._jsonl = open(path, "a")
         # tensorboardX takes ~1 s to import: done beside start-up's compilation, not before it.
         self._tb = None
@@ -48,7 +47,7 @@ class MetricWriter:
         self._opening.start()
 
     def _open_tensorboard(self, workdir: str) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # here, in a thread: it takes about a second to import
 
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 

@@ -4,6 +4,9 @@ The module is plain Linen: `model.init(rng, x)` gives the variables (params,
 and batch_stats when the stack has BatchNormalization) and
 `model.apply(variables, x)` runs it. The output follows the specs, so a stack
 ending in softmax returns probabilities; training asks for `logits=True`.
+Each layer's output (after its activation) is sown, in order, into the
+'activations' collection (`layer_outputs` reads it), which the summary and
+the feature-map pictures ask for as mutable; otherwise sowing costs nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnn import layers as layers_lib
-from cnn import presets
-from cnn.config import ConfigError
+from cnn.errors import ConfigError
+import cnn.models.layers as layers_lib
+import cnn.models.presets as presets
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,14 +50,41 @@ class Sequential(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, logits: bool = False) -> jax.Array:
         stack, output_activation, names = parse_stack(tuple(self.layers))
-        for i, layer in enumerate(stack):
+        for i, (layer, name) in enumerate(zip(stack, names)):
+            module = None if layer.module is None else layer.module.clone(parent=self, name=name)
             try:
-                x = layer.module.clone(parent=self, name=names[i])(x, train)
+                x = layer(module, x, train)
             except ConfigError as e:
                 raise type(e)(f"model.layers[{i}]={layer.spec!r}: {e}") from None
+            if not self.is_initializing():  # init would return them among the variables
+                self.sow("activations", "layers", x)
         if output_activation and not logits:
             x = layers_lib.ACTIVATIONS[output_activation](x)
         return x
+
+
+def layer_outputs(model: Sequential, sown: dict) -> dict:
+    """Each layer's output by its Keras name, from the 'activations' collection of `model.apply(..., mutable=...)`."""
+    return dict(zip(parse_stack(tuple(model.layers))[2], sown["activations"]["layers"]))
+
+
+def check_config(model_config: ml_collections.ConfigDict) -> None:
+    """Refuses a config.model with both a preset and layers, or neither, and a preset that does not parse.
+
+    Runs before any data is loaded; the layer specs themselves are checked
+    when the model is built, once the class count is known.
+    """
+    preset, specs = model_config.get("preset"), model_config.layers
+    if preset is not None:
+        presets.parse(preset)
+        if specs:
+            raise ConfigError(f"model.preset={preset!r} and model.layers (with {len(specs)} layers) are both set; "
+                              "keep one: set model.layers=() to use the preset, or model.preset=None to use the "
+                              "layers")
+    elif not isinstance(specs, (list, tuple)) or not specs:
+        raise ConfigError(f"model.layers={specs!r} is not valid and model.preset is not set: give a tuple of layer "
+                          "specs such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), or a "
+                          f"preset such as model.preset='flax_cnn' (known: {', '.join(presets.PRESETS)})")
 
 
 def layer_specs(model_config: ml_collections.ConfigDict, num_classes: int | None = None) -> tuple[str, ...]:
@@ -63,17 +93,10 @@ def layer_specs(model_config: ml_collections.ConfigDict, num_classes: int | None
     A preset's output layer gets `model.num_classes` units, else `num_classes`
     (the dataset's, from a caller that has loaded it).
     """
-    preset, specs = model_config.get("preset"), model_config.layers
-    if preset and specs:
-        raise ConfigError(f"model.preset={preset!r} and model.layers (with {len(specs)} layers) are both set; "
-                          "keep one: set model.layers=() to use the preset, or model.preset=None to use the layers")
-    if preset:
-        classes = model_config.get("num_classes") or num_classes
-        return presets.expand(preset, classes)
-    if not isinstance(specs, (list, tuple)) or not specs:
-        raise ConfigError(f"model.layers={specs!r} is empty and model.preset is not set; set one, e.g. "
-                          f"model.preset='flax_cnn' (known: {', '.join(presets.PRESETS)})")
-    return tuple(specs)
+    check_config(model_config)
+    if model_config.get("preset") is not None:
+        return presets.expand(model_config.preset, model_config.get("num_classes") or num_classes)
+    return tuple(model_config.layers)
 
 
 def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_classes: int | None = None
@@ -85,7 +108,7 @@ def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_cla
     if isinstance(model_config, (list, tuple)):
         specs = model_config
         if not specs:
-            raise ConfigError(f"model.layers={specs!r} must be a non-empty tuple of layer specs")
+            raise ConfigError(f"model.layers={specs!r} is not valid: expected a non-empty tuple of layer specs")
     else:
         specs = layer_specs(model_config, num_classes)
     parse_stack(tuple(specs))  # raises ConfigError on a bad spec

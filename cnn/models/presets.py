@@ -13,31 +13,22 @@ figures and where they come from.
 
 from __future__ import annotations
 
-import ast
-import difflib
-import inspect
 from collections.abc import Callable, Sequence
 
-from cnn.config import ConfigError
-
-
-def _ints(value, field: str) -> tuple[int, ...]:
-    if (not isinstance(value, (tuple, list)) or not value
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        raise ConfigError(f"{field}={value!r} must be a non-empty tuple of positive integers")
-    return tuple(value)
+from cnn import spec as spec_lib
+from cnn.errors import ConfigError, int_tuple
 
 
 def flax_cnn(num_classes: int, widths: Sequence[int] = (32, 64), dense: int = 256) -> list[str]:
     """The CNN of Flax's MNIST example: (conv 3x3 + relu, average pool 2) per width, dense, output."""
-    convs = [spec for w in _ints(widths, "widths")
+    convs = [spec for w in int_tuple(widths, "widths")
              for spec in (f"Conv2D({w}, 3, activation='relu', padding='same')", "AveragePooling2D(2)")]
     return [*convs, "Flatten()", f"Dense({dense}, activation='relu')", f"Dense({num_classes})"]
 
 
 def keras_seed(num_classes: int, widths: Sequence[int] = (32,), dense: int = 128) -> list[str]:
     """The Keras seed model: (Conv2D 3x3 relu, MaxPooling2D 2x2) per width, Dense(128, relu), softmax."""
-    convs = [spec for w in _ints(widths, "widths")
+    convs = [spec for w in int_tuple(widths, "widths")
              for spec in (f"Conv2D({w}, (3, 3), activation='relu', padding='valid')", "MaxPooling2D((2, 2))")]
     return [*convs, "Flatten()", f"Dense({dense}, activation='relu')", f"Dense({num_classes}, activation='softmax')"]
 
@@ -71,7 +62,7 @@ def vgg(num_classes: int, widths: Sequence[int] = (64, 128, 256, 512, 512), dept
     The default is VGG-16 for 32x32 inputs as CIFAR code writes it (conv + BN +
     relu, one linear layer on the 1x1x512 output); `dense` adds hidden layers.
     """
-    widths, depths = _ints(widths, "widths"), _ints(depths, "depths")
+    widths, depths = int_tuple(widths, "widths"), int_tuple(depths, "depths")
     if len(widths) != len(depths):
         raise ConfigError(f"widths={widths!r} and depths={depths!r} must have one entry per stage each")
     out = []
@@ -84,7 +75,7 @@ def vgg(num_classes: int, widths: Sequence[int] = (64, 128, 256, 512, 512), dept
                 out.append(f"Conv2D({width}, 3, activation='relu', padding='same')")
         out.append("MaxPooling2D(2)")
     out.append("Flatten()")
-    out += [f"Dense({units}, activation='relu')" for units in (_ints(dense, "dense") if dense else ())]
+    out += [f"Dense({units}, activation='relu')" for units in (int_tuple(dense, "dense") if dense else ())]
     return [*out, f"Dense({num_classes})"]
 
 
@@ -96,7 +87,7 @@ def resnet20(num_classes: int, widths: Sequence[int] = (16, 32, 64), depths: Seq
     (after the first stage) halves the size, global average pooling and a
     linear output. depths=(5, 5, 5) gives ResNet-32, (9, 9, 9) ResNet-56.
     """
-    widths, depths = _ints(widths, "widths"), _ints(depths, "depths")
+    widths, depths = int_tuple(widths, "widths"), int_tuple(depths, "depths")
     if len(widths) != len(depths):
         raise ConfigError(f"widths={widths!r} and depths={depths!r} must have one entry per stage each")
     out = [f"Conv2D({widths[0]}, 3, padding='same', use_bias=False)",
@@ -134,37 +125,18 @@ PUBLISHED: dict[str, tuple[tuple[int, ...], int, int, str]] = {
 
 def parse(preset: str, field: str = "model.preset") -> tuple[str, dict]:
     """Splits 'vgg(widths=(32, 64))' into ('vgg', {'widths': (32, 64)}); a bare name has no overrides."""
-    if not isinstance(preset, str) or not preset.strip():
-        raise ConfigError(f"{field}={preset!r} must be a preset name such as 'resnet20'; known: {', '.join(PRESETS)}")
-    try:
-        node = ast.parse(preset.strip(), mode="eval").body
-        if isinstance(node, ast.Name):
-            name, kwargs, args = node.id, {}, []
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            name, args = node.func.id, node.args
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        else:
-            raise SyntaxError
-    except (SyntaxError, ValueError, TypeError):
-        raise ConfigError(f"{field}={preset!r} is not a preset: write a name, or a call with literal keyword "
-                          "arguments such as \"vgg(widths=(32, 64), depths=(2, 2))\"") from None
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{field}={preset!r}: unknown preset {name!r}; {hint}known: {', '.join(PRESETS)}")
-    if args or None in kwargs:
+    example = "a name, or a call with literal keyword arguments such as \"vgg(widths=(32, 64), depths=(2, 2))\""
+    name, args, kwargs = spec_lib.parse_call(preset, field, "preset", example, bare_name=True)
+    make = spec_lib.lookup(name, PRESETS, field, preset, "preset")
+    if args:
         raise ConfigError(f"{field}={preset!r}: give overrides by keyword; {name} takes {signature(name)}")
-    try:
-        inspect.signature(PRESETS[name]).bind(1, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{field}={preset!r}: {e}; {name} takes {signature(name)}") from None
+    spec_lib.bind(make, [1], kwargs, field, preset, name, signature(name))
     return name, kwargs
 
 
 def signature(name: str) -> str:
     """The overrides a preset takes, e.g. 'resnet20(widths=(16, 32, 64), depths=(3, 3, 3), shortcut='pad')'."""
-    params = list(inspect.signature(PRESETS[name]).parameters.values())[1:]
-    return name + "(" + ", ".join(f"{p.name}={p.default!r}" for p in params) + ")"
+    return spec_lib.signature(name, PRESETS[name], skip=1)
 
 
 def expand(preset: str, num_classes: int | None, field: str = "model.preset") -> tuple[str, ...]:

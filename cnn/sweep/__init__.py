@@ -37,7 +37,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from cnn.config import ConfigError
+from cnn import workdir as workdir_lib
+from cnn.config import check_fields, load_config
+from cnn.errors import ConfigError
 from cnn.progress import format_seconds
 
 Overrides = dict[str, Any]
@@ -169,18 +171,6 @@ def _find_config(path: str, sweep_path: str) -> str:
                       "or its parent folder; name a file such as 'configs/mnist.py'")
 
 
-def _check_keys(config, keys: Iterable[str], where: str) -> None:
-    """Every override must name a field the config has: found now, not after an hour of other trials."""
-    for key in keys:
-        node, parts = config, key.split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                section = ".".join(parts[:i]) or "the config"
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
-                raise ConfigError(f"{where}: override {key!r}: {section} has no field {part!r}; its fields: {known}")
-            node = node[part]
-
-
 def load_sweep(path: str, metric: str | None = None) -> Sweep:
     """Reads a sweep file and checks it against its base config, before anything runs."""
     if not os.path.isfile(path):
@@ -206,10 +196,8 @@ def load_sweep(path: str, metric: str | None = None) -> Sweep:
     if both:
         raise ConfigError(f"{path}: {both[0]!r} is both fixed and swept; keep it in one of them")
     config_path = _find_config(spec_dict["config"], path)
-    from cnn.config import load
-
-    config = load(config_path)
-    _check_keys(config, [*fixed, *dict.fromkeys(k for t in trials for k in t)], path)
+    config = load_config(config_path)
+    check_fields(config, [*fixed, *dict.fromkeys(k for t in trials for k in t)], path)
     metric = metric or spec_dict.get("metric", "test_accuracy")
     goal = spec_dict.get("goal") if metric == spec_dict.get("metric") and "goal" in spec_dict else default_goal(
         metric)
@@ -312,6 +300,18 @@ def _tail(path: str, lines: int = 6) -> str:
         return "(no log)"
 
 
+def _start(trial: Trial, sweep: Sweep, env: dict[str, str]) -> subprocess.Popen:
+    """Starts the trial's cnn.main in its folder, its output appended to log.txt there."""
+    os.makedirs(trial.workdir, exist_ok=True)
+    workdir_lib.write_json(os.path.join(trial.workdir, "trial.json"), _identity(trial, sweep))
+    with open(os.path.join(trial.workdir, "log.txt"), "a") as logfile:
+        logfile.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(trial.command)}\n")
+        logfile.flush()
+        return subprocess.Popen(trial.command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
 def run_trials(trials: Sequence[Trial], sweep: Sweep, parallel: int, log: Callable[[str], None] = print
                ) -> tuple[dict[str, str], int | None]:
     """Runs the unfinished trials, `parallel` at a time; returns each trial's status and the stopping signal.
@@ -333,16 +333,7 @@ def run_trials(trials: Sequence[Trial], sweep: Sweep, parallel: int, log: Callab
         while pending or running:
             while pending and len(running) < parallel and not signals:
                 trial = pending.pop(0)
-                os.makedirs(trial.workdir, exist_ok=True)
-                with open(os.path.join(trial.workdir, "trial.json"), "w") as f:
-                    json.dump(_identity(trial, sweep), f, indent=2)
-                with open(os.path.join(trial.workdir, "log.txt"), "a") as logfile:
-                    logfile.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(trial.command)}\n")
-                    logfile.flush()
-                    proc = subprocess.Popen(trial.command, stdout=logfile, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-                running[proc] = (trial, time.time())
+                running[_start(trial, sweep, env)] = (trial, time.time())
             if signals and not running:
                 break
             if len(signals) > forwarded:
@@ -387,11 +378,7 @@ def run_trials(trials: Sequence[Trial], sweep: Sweep, parallel: int, log: Callab
 
 
 def read_results(trial: Trial) -> dict[str, Any]:
-    try:
-        with open(os.path.join(trial.workdir, "results.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return workdir_lib.read_json(os.path.join(trial.workdir, "results.json")) or {}
 
 
 def collect(trials: Sequence[Trial], sweep: Sweep, status: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -406,12 +393,11 @@ def collect(trials: Sequence[Trial], sweep: Sweep, status: Mapping[str, str]) ->
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(f"{path}.tmp", "w", newline="") as f:
+    with workdir_lib.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _value_text(v) if isinstance(v, (tuple, list)) else v for k, v in row.items()})
-    os.replace(f"{path}.tmp", path)
 
 
 def _number(value: Any) -> float:
@@ -505,17 +491,6 @@ def plot(rows: Sequence[Mapping[str, Any]], sweep: Sweep, path: str) -> None:
 # The command line.
 
 
-def _check_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir!r} is not writable ({e.strerror}); choose a folder you can write to") \
-            from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs (or, with --dry_run, prints) a sweep; returns the exit status."""
     import argparse
@@ -536,15 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--parallel={args.parallel} is not valid: expected a positive integer")
     try:
         sweep = load_sweep(args.sweep_file, args.metric)
-        from cnn.config import load
-
-        _check_keys(load(sweep.config), [a[len("--config."):].split("=", 1)[0] for a in extra], "command line")
+        check_fields(load_config(sweep.config), [a[len("--config."):].split("=", 1)[0] for a in extra], "command line")
         trials = make_trials(sweep, args.workdir, extra)
         if args.dry_run:
             for trial in trials:
                 print(shlex.join(trial.command))
             return 0
-        _check_workdir(args.workdir)
+        workdir_lib.check_writable(args.workdir, "--workdir")
         check_resumable(trials, sweep)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

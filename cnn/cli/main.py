@@ -1,0 +1,90 @@
+"""`python -m cnn.main --config=configs/mnist.py --workdir=DIR`: train, evaluate, then draw the pictures.
+
+Only parses flags; the work is `cnn.train.train_and_evaluate`. Any config
+field can be overridden, e.g. `--config.train.num_epochs=3`. Exit status: 0
+done, 2 a mistake the message names, 130 interrupted, 143 stopped by
+SIGTERM with a checkpoint saved (the same command resumes).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from cnn import config as config_lib
+from cnn import runtime
+from cnn.cli import FLAGS, fail, flags_parser, quiet_logging
+from cnn.errors import ConfigError, Preempted
+from cnn.train import train_and_evaluate
+
+USAGE = ("usage: python -m cnn.main --config=configs/mnist.py --workdir=DIR "
+         "[--config.section.field=value ...]")
+config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for metrics, summaries and results.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process (multi-host) run; "
+                    "without it, JAX_DISTRIBUTED=1 or a SLURM job with several tasks reads the cluster's environment.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes-1 (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_logging()
+    config = _config()
+    try:
+        if FLAGS.coordinator_address and (FLAGS.num_processes is None or FLAGS.process_id is None):
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
+        runtime.set_cpu_devices(config.train.num_devices)
+        runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        run = train_and_evaluate(config, FLAGS.workdir)
+        if jax.process_index() == 0:
+            from cnn import plots  # matplotlib adds about a second: not before the first step
+
+            plots.write_plots(FLAGS.workdir, run, run.dataset, warn_only=True)
+    except ConfigError as e:
+        fail(str(e))
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: stopped, not finished
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _config():
+    """The --config file's config; config_flags defers a bad file's error to the first read."""
+    try:
+        config = FLAGS.config
+        config.train
+    except OSError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(f"--config could not be loaded ({detail}); pass a file such as configs/mnist.py")
+    return config
+
+
+def _explain_override(argv: list[str], error: Exception) -> str:
+    """Names the first `--config.a.b=v` override whose field the config file lacks, or says what failed."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    try:
+        config = config_lib.load_config(path)
+    except Exception:  # noqa: BLE001 - the file itself is reported once flags are read
+        config = None
+    for arg in argv:
+        if config is not None and arg.startswith("--config.") and "=" in arg:
+            problem = config_lib.unknown_field(config, arg[len("--config."):].split("=", 1)[0])
+            if problem:
+                return f"{arg.split('=')[0]}: {problem}"
+    return f"a --config override could not be applied ({error})"
+
+
+def run() -> None:
+    app.run(main, flags_parser=flags_parser(USAGE, _explain_override))
+
+
+if __name__ == "__main__":
+    run()

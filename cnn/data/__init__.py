@@ -1,0 +1,72 @@
+"""Datasets as in-memory arrays, and the batches a training loop reads.
+
+Sources, chosen by `config.data.name`:
+- 'digits' and 'synthetic_series' (data/embedded.py): no download, no preparation;
+- any TFDS image- or text-classification dataset (data/tfds.py), prepared once
+  and decoded into a cache of arrays.
+Then `load_dataset` resizes and converts channels where the config asks.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cnn.data.batches import chunk_steps, epoch_index, eval_index, host_batch, stage_chunk
+from cnn.data.dataset import Dataset, Split, describe
+from cnn.data.embedded import EMBEDDED, load_digits, load_synthetic_series
+from cnn.data.images import Augmentation, augment, preprocess, resize, to_channels
+from cnn.data.text import OOV, PAD, build_vocabulary, encode, words
+from cnn.data.tfds import load_tfds
+from cnn.data.tfds import input_shape as tfds_input_shape
+from cnn.errors import ConfigError
+
+__all__ = ["Augmentation", "Dataset", "EMBEDDED", "OOV", "PAD", "Split", "augment", "build_vocabulary", "chunk_steps",
+           "describe", "encode", "epoch_index", "eval_index", "host_batch", "input_shape", "load_dataset",
+           "preprocess", "resize", "stage_chunk", "to_channels", "words"]
+
+
+def load_dataset(data: ml_collections.ConfigDict) -> Dataset:
+    """Loads both splits of `data.name` into memory, resized to `data.image_size` and converted to
+    `data.channels` where those are set."""
+    if data.name == "digits":
+        dataset = load_digits()
+    elif data.name == "synthetic_series":
+        dataset = load_synthetic_series(data.get("max_length") or 128)
+    else:
+        dataset = load_tfds(data)
+    return conform(dataset, data)
+
+
+def conform(dataset: Dataset, data: ml_collections.ConfigDict) -> Dataset:
+    """Applies `data.image_size` and `data.channels` to a loaded dataset, and checks `data.mean` against it."""
+    for field in ("image_size", "channels"):
+        if data.get(field) is not None and not dataset.is_image:
+            raise ConfigError(f"data.{field}={data[field]!r} applies to images, but {dataset.name} holds sequences "
+                              f"shaped {dataset.input_shape}; leave data.{field}=None")
+    for split in (dataset.train, dataset.test):
+        if data.get("image_size") is not None:
+            split.images = resize(split.images, tuple(int(v) for v in data.image_size))
+        if data.get("channels") is not None:
+            split.images = to_channels(split.images, data.channels)
+    if data.get("mean") is not None and len(data.mean) not in (1, dataset.input_shape[-1]):
+        raise ConfigError(f"data.mean={tuple(data.mean)!r} has {len(data.mean)} values but the images have "
+                          f"{dataset.input_shape[-1]} channels")
+    return dataset
+
+
+def input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The input shape `load_dataset(data)` would give, from the dataset's description where it can."""
+    if data.name == "digits":
+        shape = (8, 8, 1)
+    elif data.name == "synthetic_series":
+        shape = (data.get("max_length") or 128, 1)
+    else:
+        shape = tfds_input_shape(data)
+    if data.get("image_size") is not None and len(shape) == 3:
+        shape = (*(int(v) for v in data.image_size), shape[-1])
+    if data.get("channels") is not None and len(shape) == 3:
+        shape = (*shape[:2], int(data.channels))
+    if None in shape:
+        raise ConfigError(f"data.name={data.name!r} has images of varying size {shape}; set data.image_size=(height, "
+                          "width), or pass input_shape to summary()")
+    return tuple(int(v) for v in shape)

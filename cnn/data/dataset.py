@@ -1,0 +1,65 @@
+"""The in-memory dataset every source produces, and what a finished run records about it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from cnn.data.images import ink_box
+
+
+@dataclasses.dataclass
+class Split:
+    # The inputs, named for the common case: uint8 images (N, height, width,
+    # channels), int32 token ids (N, length) or float32 series (N, length, channels).
+    images: np.ndarray
+    labels: np.ndarray  # int32, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.images.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.train.images.dtype == np.uint8 and self.train.images.ndim == 4
+
+
+def describe(dataset: Dataset) -> dict[str, Any]:
+    """What prediction needs from the training data, kept in results.json so it never reloads the data.
+
+    `border_brightness`: the mean pixel (0-255) on the edges of the training
+    images; near 0 for MNIST's white-on-black digits, which tells prediction
+    to invert a black-on-white drawing. `ink_extent`: on such plain
+    backgrounds, the typical size of the object as a fraction of the image,
+    so a drawing is framed alike.
+    """
+    images = dataset.train.images
+    info = {"class_names": [str(n) for n in dataset.class_names], "input_shape": [int(v) for v in dataset.input_shape]}
+    if not dataset.is_image:
+        return info  # token ids or series: nothing to invert or frame
+    edges = [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]]
+    border = float(np.mean([e.mean(dtype=np.float64) for e in edges]))
+    info["border_brightness"] = round(border, 2)
+    if border < 64 or border > 191:
+        sample = images[np.random.default_rng(0).permutation(len(images))[:2000]].mean(axis=-1)
+        extents = [e for e in (ink_box(image, border)[1] for image in sample) if e is not None]
+        if extents:
+            info["ink_extent"] = round(float(np.median(extents)), 3)
+    return info

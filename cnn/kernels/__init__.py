@@ -1,0 +1,85 @@
+"""Hardware fast paths for the model's layers, chosen in this one place by `train.kernels`.
+
+Model definitions stay plain Flax (cnn/models). `apply_fn(model, kernels,
+platform)` returns the function training and prediction call instead of
+`model.apply`: it runs the model under a Flax method interceptor that sends
+each `nn.Conv`, `nn.Dense` and pooling call to a fast path where one applies
+on this platform, wherever the layer sits (inside a ResidualBlock too), and
+to Flax otherwise. Parameters are created exactly as Flax creates them, so
+checkpoints and results do not depend on the choice, up to float rounding.
+
+`train.kernels`: 'auto' (the paths that pay on the platform) or 'xla' (none).
+This module is the only one that looks at the backend to decide how a layer
+computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from cnn.kernels import cpu
+from cnn.models.layers import Pool
+
+CHOICES = ("auto", "xla")
+
+# Fast path name -> (the Flax module type it replaces, applies(module, x), compute(module, x)).
+PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
+    "patches_conv": (nn.Conv, cpu.patches_conv_applies, cpu.patches_conv),
+    "dense_transposed": (nn.Dense, cpu.dense_applies, cpu.dense),
+    "tiled_pool": (Pool, cpu.tiled_pool_applies, cpu.tiled_pool),
+}
+# What 'auto' takes on each platform: the CPU paths measured faster there (README, Performance); tiled pools
+# everywhere, as their backward pass avoids a generic window scatter on every backend.
+AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool")}
+AUTO_ELSEWHERE = ("tiled_pool",)
+
+
+def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ...]:
+    """The fast paths `kernels` stands for on `platform` ('cpu', 'gpu', 'tpu'; None: JAX's default backend)."""
+    if kernels == "xla":
+        return ()
+    if kernels != "auto":
+        raise ValueError(f"train.kernels={kernels!r} is not one of {', '.join(CHOICES)}")
+    platform = platform or jax.default_backend()
+    return AUTO.get(platform, AUTO_ELSEWHERE)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Interceptor:
+    paths: tuple[str, ...]
+
+    def __call__(self, next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and args and not kwargs:
+            for name in self.paths:
+                kind, applies, compute = PATHS[name]
+                if type(context.module) is kind and applies(context.module, args[0]):
+                    return compute(context.module, args[0])
+        return next_fun(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """`model.apply` with the fast paths `paths` in force; equal for equal models, so jit caches it."""
+
+    model: nn.Module
+    paths: tuple[str, ...] = ()
+
+    def __call__(self, *args, **kwargs) -> Any:
+        if not self.paths:
+            return self.model.apply(*args, **kwargs)
+        with nn.intercept_methods(_Interceptor(self.paths)):
+            return self.model.apply(*args, **kwargs)
+
+    def init(self, *args, **kwargs) -> Any:
+        with nn.intercept_methods(_Interceptor(self.paths)):
+            return self.model.init(*args, **kwargs)
+
+
+def apply_fn(model: nn.Module, kernels: str = "auto", platform: str | None = None) -> ModelApply:
+    """The function to call instead of `model.apply` (and `.init(...)` instead of `model.init`)."""
+    return ModelApply(model, resolve(kernels, platform))

@@ -1,0 +1,144 @@
+"""Fast paths for Flax layers where XLA:CPU's own code is slow, with the same parameters and results.
+
+Each function takes the bound Flax module and its input, creates the
+module's parameters exactly as Flax does (names, shapes, initialisers,
+dtypes) and computes the same output another way. cnn/kernels chooses when
+they apply; the figures behind them are in the README's performance section.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+# --- One-channel convolutions as patches times kernel --------------------------
+
+
+def patches_conv_applies(module: nn.Conv, x: jax.Array) -> bool:
+    """A plain convolution (no groups, dilation or masks) of a one-channel input, such as a grey image's first layer."""
+    return (x.shape[-1] == 1 and module.feature_group_count == 1 and module.shared_weights and module.mask is None
+            and module.padding in ("SAME", "VALID") and isinstance(module.kernel_size, (tuple, list))
+            and all(d in (None, 1) for d in (module.input_dilation, module.kernel_dilation)))
+
+
+def patches_conv(module: nn.Conv, x: jax.Array) -> jax.Array:
+    """nn.Conv on a one-channel input as one matrix product: XLA:CPU contracts over only the taps otherwise."""
+    rank = len(module.kernel_size)
+    strides = (module.strides,) * rank if isinstance(module.strides, int) else tuple(module.strides or (1,) * rank)
+    kernel = module.param("kernel", module.kernel_init, (*module.kernel_size, 1, module.features), module.param_dtype)
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    if bias is None:
+        bias = jnp.zeros((module.features,), kernel.dtype)  # adding zeros compiles away
+    pads = lax.padtype_to_pads(x.shape[1:-1], module.kernel_size, strides, module.padding)
+    return _patches_conv(x, kernel.reshape(-1, module.features), bias, tuple(module.kernel_size), strides,
+                         tuple(map(tuple, pads)), module.precision)
+
+
+def _taps(x: jax.Array, window, strides, pads) -> list[jax.Array]:
+    """Per window offset, the pixels of a one-channel input that offset sees at each output position."""
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], window, strides)]
+    return [x[(slice(None), *(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, out, strides)))]
+            for offset in itertools.product(*map(range, window))]
+
+
+def _patch_matrix(x: jax.Array, window, strides, pads) -> jax.Array:
+    """A one-channel input's patches, (N, *out, taps)."""
+    return jnp.concatenate(_taps(x, window, strides, pads), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _patches_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, window, strides, pads, precision) -> jax.Array:
+    return jnp.dot(_patch_matrix(x, window, strides, pads), kernel, precision=precision) + bias
+
+
+def _patches_conv_fwd(x, kernel, bias, window, strides, pads, precision):
+    return _patches_conv(x, kernel, bias, window, strides, pads, precision), (x, kernel)
+
+
+def _patches_conv_bwd(window, strides, pads, precision, residuals, g):
+    """Kernel and bias gradients from one product: (taps + a row of ones, positions) @ (positions, features).
+
+    Autodiff would transpose the output gradient (the layer's largest array)
+    and sum it for the bias in a reduction XLA:CPU runs as a serial loop per
+    channel; stacking the taps tap-major with a row of ones reads it once.
+    """
+    x, kernel = residuals
+    taps = [t.reshape(-1) for t in _taps(x, window, strides, pads)]
+    taps = jnp.stack([*taps, jnp.ones_like(taps[0])])
+    d_kernel_and_bias = jnp.dot(taps, g.reshape(-1, g.shape[-1]), precision=precision)
+    _, patches_vjp = jax.vjp(lambda x: _patch_matrix(x, window, strides, pads), x)
+    d_x, = patches_vjp(jnp.dot(g, kernel.T, precision=precision))
+    return d_x, d_kernel_and_bias[:-1], d_kernel_and_bias[-1]
+
+
+_patches_conv.defvjp(_patches_conv_fwd, _patches_conv_bwd)
+
+
+# --- Dense layers with the input gradient from a transposed kernel -------------
+
+
+def dense_applies(module: nn.Dense, x: jax.Array) -> bool:
+    return module.dot_general is None and module.dot_general_cls is None
+
+
+def dense(module: nn.Dense, x: jax.Array) -> jax.Array:
+    """nn.Dense, with a backward pass that multiplies by an explicitly transposed kernel."""
+    kernel = module.param("kernel", module.kernel_init, (x.shape[-1], module.features), module.param_dtype)
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    y = _matmul(x, kernel, module.precision)
+    return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+    return jnp.dot(x, kernel, precision=precision)
+
+
+def _matmul_fwd(x, kernel, precision):
+    return _matmul(x, kernel, precision), (x, kernel)
+
+
+def _matmul_bwd(precision, residuals, g):
+    """The input's gradient as g times kernel.T made row-major first.
+
+    Autodiff contracts g with the kernel's minor axis in place, which
+    XLA:CPU runs slower than a product with a row-major operand; the barrier
+    keeps XLA from folding the transpose back in.
+    """
+    x, kernel = residuals
+    d_x = jnp.dot(g, lax.optimization_barrier(kernel.T), precision=precision)
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    return d_x, jnp.dot(rows(x).T, rows(g), precision=precision)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# --- Pools whose windows tile the input --------------------------------------
+
+
+def tiled_pool_applies(module, x: jax.Array) -> bool:
+    """Windows equal to the strides that cover the input exactly ('same'), or drop a remainder ('valid')."""
+    return module.window == module.strides and (module.padding == "VALID" or all(
+        size % w == 0 for size, w in zip(x.shape[1:-1], module.window)))
+
+
+def tiled_pool(module, x: jax.Array) -> jax.Array:
+    """The pool as a reshape and a reduction: its backward pass is a broadcast, not XLA's slow window scatter."""
+    spatial = [size // w for size, w in zip(x.shape[1:-1], module.window)]
+    x = x[(slice(None), *(slice(0, n * w) for n, w in zip(spatial, module.window)))]  # 'valid' drops the rest
+    shape = [x.shape[0]]
+    for n, w in zip(spatial, module.window):
+        shape += [n, w]
+    x = x.reshape(*shape, x.shape[-1])
+    axes = tuple(range(2, 2 * len(spatial) + 1, 2))
+    return x.max(axis=axes) if module.kind == "max" else x.mean(axis=axes)

@@ -1,0 +1,80 @@
+"""A finished (or interrupted) run read back from its workdir: config.json, the newest checkpoint, results.
+
+    run = cnn.load_run("runs/mnist")  # as cnn.train_and_evaluate returned it
+
+Prediction, the pictures and their command lines all start from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from cnn import data as data_lib
+from cnn import models
+from cnn import workdir as workdir_lib
+from cnn.errors import ConfigError
+from cnn.train import Recipe, TrainResult, create_state, make_optimizer
+from cnn.train.checkpoint import Checkpoints
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its config.json)."""
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"workdir={workdir!r} does not exist; pass the --workdir of a training run "
+                          "(python -m cnn.main --config=CONFIG --workdir=DIR)")
+    path = os.path.join(workdir, workdir_lib.CONFIG)
+    if not os.path.isfile(path):
+        raise ConfigError(f"workdir={workdir!r} has no config.json, so no training run wrote it; pass the --workdir "
+                          "given to python -m cnn.main")
+    content = workdir_lib.read_json(path)
+    missing = [k for k in ("data", "model", "optimizer", "train") if not isinstance(content, dict) or k not in content]
+    if missing:
+        raise ConfigError(f"{path} is not a config written by training (it lacks {', '.join(missing)}); pass the "
+                          "--workdir given to python -m cnn.main, or train again there")
+    config = ml_collections.ConfigDict(content)
+    if "kernels" not in config.train:  # workdirs from before train.kernels existed
+        config.train.kernels = "auto"
+    return config
+
+
+def load_run(workdir: str) -> TrainResult:
+    """The trained state of `workdir` (config.json and its newest checkpoint), as `train_and_evaluate` returns it.
+
+    Class names and the input shape come from results.json; a run still
+    training has none yet, and then the dataset is loaded to find them.
+    """
+    config = read_config(workdir)
+    no_checkpoint = ConfigError(f"workdir={workdir!r} has no checkpoint yet; train first (python -m cnn.main "
+                                f"--config=CONFIG --workdir={workdir}) or pass the workdir of a run that saved one")
+    directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+        raise no_checkpoint  # before any work
+    results = workdir_lib.read_json(os.path.join(workdir, workdir_lib.RESULTS)) or {}
+    if not {"class_names", "input_shape"} <= results.keys():
+        results = {**results, **data_lib.describe(data_lib.load_dataset(config.data))}
+    class_names, input_shape = list(results["class_names"]), tuple(results["input_shape"])
+    model = models.build_model(config.model, len(class_names))
+    loss = models.check_head(model, input_shape, len(class_names), config.loss)
+    # The optimizer gives the checkpoint's structure; its schedule's length does not matter here.
+    tx = make_optimizer(config.optimizer, 1, config.train.num_epochs)
+    checkpoints = Checkpoints(workdir)
+    try:
+        restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels))
+    finally:
+        checkpoints.close()
+    if restored is None:  # every one was damaged, and set aside
+        raise no_checkpoint
+    return TrainResult(state=restored[0], model=model, history=read_history(workdir), results=results,
+                       class_names=class_names, recipe=Recipe.from_config(config, loss))
+
+
+def read_history(workdir: str) -> list[dict]:
+    """The per-epoch records of metrics.jsonl (none if it is missing or unreadable)."""
+    try:
+        with open(os.path.join(workdir, workdir_lib.METRICS)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []

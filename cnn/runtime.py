@@ -1,0 +1,117 @@
+"""The process around a run: CPU host devices, the compilation cache, jax.distributed, start time, SIGTERM.
+
+These touch global state (environment variables, JAX's config, signal
+handlers), so they live here, apart from the pure training code, and the
+command line and `train_and_evaluate` call them before JAX starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+import types
+from collections.abc import Iterator
+
+import jax
+
+NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
+_IMPORTED = time.time()
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def set_cpu_devices(num_devices: int) -> None:
+    """Splits the CPU into `num_devices` host devices; 0 means one per two cores.
+
+    XLA runs much of a CNN's backward pass on one thread, so a step uses the
+    cores through data parallelism over host devices, each with the threads
+    of two cores for the rest (the split measured fastest; README,
+    Performance). XLA's CPU collectives run on its intra-op thread pool:
+    with as many devices as threads, a device blocked at an all-reduce can
+    starve another of the thread it needs, so PJRT_NPROC is raised to at
+    least two threads per device, never lowered (a smaller value inherited
+    from a parent process would hang). XLA:CPU's YNNPACK fusions are turned
+    off unless XLA_FLAGS sets them: they slow the pooling reductions and the
+    weight-gradient convolution down.
+
+    Must run before JAX first touches a device; afterwards the devices are
+    fixed and this leaves them (a notebook that already used JAX).
+    """
+    count = num_devices if isinstance(num_devices, int) and num_devices > 0 else max(1, cpu_count() // 2)
+    threads = int(os.environ.get("PJRT_NPROC", "0") or 0)
+    os.environ["PJRT_NPROC"] = str(max(threads, 2 * count, cpu_count()))
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_FUSIONS}".strip()
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-process (multi-host) run; a no-op when nothing asks for one.
+
+    With a coordinator address the three values come from the caller (flags);
+    without one, `jax.distributed.initialize()` reads a cluster's own
+    environment (SLURM, Open MPI, TPU pods) when `JAX_DISTRIBUTED=1` or SLURM
+    started several tasks. CPU processes talk over gloo (TCP).
+    """
+    cluster = os.environ.get("JAX_DISTRIBUTED") == "1" or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if coordinator_address is None and not cluster:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def use_compilation_cache() -> None:
+    """Keeps compiled steps in ~/.cache/cnn/xla, so a rerun of a config skips XLA compilation.
+
+    Leaves a cache the user chose (JAX_COMPILATION_CACHE_DIR) alone.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = os.path.join(os.path.expanduser("~"), ".cache", "cnn", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return  # no writable home: compile every time
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def process_start_time() -> float:
+    """When this process started (wall clock), so logged times include imports and start-up."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[types.SimpleNamespace]:
+    """Turns SIGTERM (how clusters pre-empt jobs) into a flag the loop checks after each step."""
+    flag = types.SimpleNamespace(raised=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(flag, "raised", True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,147 @@
+"""Setting up a training run: from a config to data, model, state and compiled steps, all checked.
+
+Everything that can be wrong with a config is found here, before the first
+step: a bad value, a model that does not fit the data, a batch that does not
+split over the devices, a checkpoint of another model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from cnn import config as config_lib
+from cnn import data as data_lib
+from cnn import models, runtime, sharding
+from cnn import workdir as workdir_lib
+from cnn.errors import ConfigError
+from cnn.train.checkpoint import Checkpoints
+from cnn.train.optimizer import make_optimizer
+from cnn.train.state import TrainState, create_state
+from cnn.train.steps import Recipe, TrainStepFn, compile_eval_step, compile_train_step
+
+ZEROS = {"loss": np.zeros((), np.float32), "accuracy": np.zeros((), np.float32)}  # host: device copies are donated
+
+
+@dataclasses.dataclass
+class Training:
+    """One training run in progress: what the loop reads, and the state it advances."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    lead: bool  # the process that writes files and prints (the only one unless several processes share a run)
+    dataset: data_lib.Dataset
+    model: models.Sequential
+    recipe: Recipe
+    mesh: jax.sharding.Mesh
+    checkpoints: Checkpoints
+    state: TrainState
+    sums: dict  # the epoch's running loss and accuracy sums, on the devices
+    resumed: bool
+    steps_per_epoch: int
+    steps_per_chunk: int
+    eval_batch_size: int
+    parts: int
+    run_step: TrainStepFn
+    run_eval: Callable
+    start: float  # when the process started (wall clock): logged times count from it
+    startup_seconds: float | None = None  # process start to the end of the first step, compilation included
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    def say(self, *args, **kwargs) -> None:
+        if self.lead:
+            print(*args, **kwargs, flush=True)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None) -> Training:
+    """Checks the config, loads the data, builds the model and the state (resumed if the workdir has one)."""
+    start = runtime.process_start_time()
+    config_lib.validate(config)
+    models.check_config(config.model)
+    runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
+    runtime.use_compilation_cache()
+    lead = jax.process_index() == 0
+    if lead:
+        workdir_lib.check_writable(workdir)
+    t = config.train
+    dataset = data_lib.load_dataset(config.data) if dataset is None else data_lib.conform(dataset, config.data)
+    model = models.build_model(config.model, dataset.num_classes)
+    loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
+    mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
+    steps_per_epoch = len(dataset.train) // t.batch_size
+    tx = make_optimizer(config.optimizer, steps_per_epoch, t.num_epochs)
+    platform = mesh.devices.flat[0].platform
+    state = create_state(model, tx, dataset.input_shape, config.seed, t.kernels, platform)
+    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints)
+    restored = checkpoints.restore(state)
+    state, sums = restored if restored else (state, ZEROS)
+    state, sums = sharding.put_replicated((state, sums), mesh)
+    micro_batch_size = t.micro_batch_size or sharding.micro_batch_size(t.batch_size, mesh)
+    sharding.check_batch("train.micro_batch_size", micro_batch_size, mesh)
+    recipe = Recipe.from_config(config, loss)
+    parts = t.batch_size // micro_batch_size
+    return Training(
+        config=config, workdir=workdir, lead=lead, dataset=dataset, model=model, recipe=recipe, mesh=mesh,
+        checkpoints=checkpoints, state=state, sums=sums, resumed=restored is not None,
+        steps_per_epoch=steps_per_epoch, steps_per_chunk=data_lib.chunk_steps(dataset.train, t.batch_size,
+                                                                              steps_per_epoch),
+        eval_batch_size=eval_batch_size, parts=parts, run_step=compile_train_step(mesh, parts, recipe),
+        run_eval=compile_eval_step(mesh, recipe), start=start)
+
+
+def _mesh(config: ml_collections.ConfigDict, train_size: int, test_size: int) -> tuple[jax.sharding.Mesh, int]:
+    """The device mesh, checked against the batch sizes; and one fixed eval batch size no larger than needed."""
+    t = config.train
+    if t.batch_size > train_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {config.data.name} training "
+                          f"split ({train_size} examples); use at most {train_size}")
+    mesh = sharding.make_mesh(t.num_devices)
+    sharding.check_batch("train.batch_size", t.batch_size, mesh)
+    eval_batch_size = min(t.eval_batch_size, -(-test_size // mesh.size) * mesh.size)
+    sharding.check_batch("train.eval_batch_size", eval_batch_size, mesh)
+    return mesh, eval_batch_size
+
+
+def announce(run: Training) -> None:
+    """Prints the summary and what will run, and writes summary.txt and config.json."""
+    dataset, mesh, t = run.dataset, run.mesh, run.config.train
+    table = models.summary(run.model, dataset.input_shape)
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    parts = f", each step in {run.parts} parts of {t.batch_size // run.parts}" if run.parts > 1 else ""
+    dtype = f"; {t.compute_dtype} compute" if t.compute_dtype != "float32" else ""
+    run.say(table)
+    run.say(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images of {dataset.input_shape}, "
+            f"{dataset.num_classes} classes; {run.steps_per_epoch} steps/epoch on {mesh.size} "
+            f"{mesh.devices.flat[0].platform} device(s){processes}{parts}; loss {run.recipe.loss}{dtype}")
+    if run.resumed:
+        run.say(f"resuming from the checkpoint at step {run.step} (epoch {run.step // run.steps_per_epoch + 1}, "
+                f"batch {run.step % run.steps_per_epoch})")
+    if run.lead:
+        workdir_lib.write_atomic(os.path.join(run.workdir, workdir_lib.SUMMARY), table + "\n")
+        workdir_lib.write_atomic(os.path.join(run.workdir, workdir_lib.CONFIG),
+                                 run.config.to_json_best_effort(indent=2) + "\n")
+
+
+def summary(model: models.Sequential | ml_collections.ConfigDict, input_shape: Sequence[int] | None = None) -> str:
+    """The Keras-style summary training prints, for a model and an input shape, or for a whole config.
+
+    For a config the model is built from `config.model` and, unless
+    `input_shape` is given, the shape comes from the dataset's description
+    (its images are not loaded).
+    """
+    if isinstance(model, ml_collections.ConfigDict):
+        config = model
+        model = models.build_model(config.model)
+        input_shape = input_shape or data_lib.input_shape(config.data)
+    elif input_shape is None:
+        raise ConfigError("summary(model) needs input_shape, e.g. summary(model, (28, 28, 1)); or pass a config, "
+                          "whose dataset gives it")
+    return models.summary(model, input_shape)

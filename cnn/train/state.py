@@ -1,0 +1,42 @@
+"""The train state: every array a step reads, and how a fresh one is made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from cnn import kernels
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState (step, params, optimizer) plus batch-norm statistics and the dropout key.
+
+    `apply_fn` is the model's apply with the kernels training chose
+    (cnn/kernels); how a step treats its batch (augmentation, scaling,
+    compute dtype, loss) is the step's `Recipe`, not part of the state.
+    """
+
+    batch_stats: Any
+    dropout_rng: jax.Array
+
+    def variables(self, params: Any = None) -> dict:
+        """The variables `apply_fn` takes: these parameters (the state's own by default) and the batch statistics."""
+        out = {"params": self.params if params is None else params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], seed: int,
+                 kernel_choice: str = "auto", platform: str | None = None) -> TrainState:
+    """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed."""
+    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    apply = kernels.apply_fn(model, kernel_choice, platform)
+    variables = jax.jit(apply.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
+    return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
