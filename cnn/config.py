@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """
 
 
+class Pruned(Exception):
+    """A sweep's pruner stopped the trial at an epoch end, after saving its checkpoint (cnn.main exits with 3)."""
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -149,6 +153,22 @@ def load(path: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config() function")
     return module.get_config()
+
+
+def check_fields(config: ml_collections.ConfigDict, keys: Iterable[str], where: str) -> None:
+    """Raises ConfigError for the first dotted key ('train.num_epochs') that names no field of `config`.
+
+    Overrides are checked before anything runs, so a typo is one line, not a
+    failure deep in training. `where` starts the message, e.g. '--config.'.
+    """
+    for key in keys:
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                section = ".".join(parts[:i]) or "the config"
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
+                raise ConfigError(f"{where}{key}: {section} has no field {part!r}; its fields: {known}")
+            node = node[part]
 
 
 def _need(ok: bool, field: str, value, expected: str) -> None:

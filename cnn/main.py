@@ -2,14 +2,19 @@
 
 Only parses flags; the work happens in `cnn.train.train_and_evaluate`. Any
 config field can be overridden, e.g. `--config.train.num_epochs=3`.
+
+Exit status: 0 done, 2 a mistake in the config or flags (one `error:` line),
+3 pruned by a sweep (`python -m cnn.sweep`; the checkpoint is kept), 130
+interrupted, 143 stopped by SIGTERM after saving a checkpoint.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cnn.config import ConfigError
+from cnn.config import ConfigError, Pruned
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
@@ -41,10 +46,18 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
         sharding.set_cpu_devices(config.train.num_devices)
         sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        train.train_and_evaluate(config, FLAGS.workdir)
+        on_epoch_end = None
+        if os.environ.get("CNN_SWEEP_STUDY"):  # sweep: a trial of `python -m cnn.sweep` reports each epoch
+            from cnn.sweep.trial import reporter_from_env
+
+            on_epoch_end = reporter_from_env()
+        train.train_and_evaluate(config, FLAGS.workdir, on_epoch_end=on_epoch_end)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Pruned as e:  # sweep: its pruner stopped this trial at an epoch end
+        print(str(e), file=sys.stderr)
+        sys.exit(3)
     except train.Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM: stopped, not finished
@@ -55,23 +68,18 @@ def main(argv: list[str]) -> None:
 
 def _unknown_field(argv: list[str]) -> str | None:
     """Names the first `--config.a.b=v` override whose field the config file lacks."""
-    from cnn.config import load
+    from cnn.config import check_fields, load
 
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     try:
         config = load(path)
     except Exception:
         return None
-    for arg in argv:
-        if not arg.startswith("--config.") or "=" not in arg:
-            continue
-        node, parts = config, arg[len("--config."):].split("=", 1)[0].split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                where = ".".join(parts[:i]) or "the config"
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none (not a section)"
-                return f"{arg.split('=')[0]}: {where} has no field {part!r}; its fields: {known}"
-            node = node[part]
+    keys = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.") and "=" in a]
+    try:
+        check_fields(config, keys, "--config.")
+    except ConfigError as e:
+        return str(e)
     return None
 
 

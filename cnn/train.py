@@ -369,7 +369,8 @@ def _write_json(path: str, content: dict) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
     """Trains the configured model, evaluating on the test split after every epoch.
 
     Writes to `workdir`: summary.txt, config.json, metrics.jsonl (one record
@@ -377,6 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     `workdir` holds checkpoints of this model, training continues from the
     newest one, mid-epoch included, and ends exactly as an uninterrupted run.
     In a multi-process run every process calls this; only the first writes.
+    `on_epoch_end` (a sweep's reporter) gets each epoch's record once its
+    checkpoint is saved; raising config.Pruned there stops training cleanly.
     """
     start = process_start_time()
     config_lib.validate(config)
@@ -503,6 +506,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
                 f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
                 f"({record['images_per_second']:,.0f} img/s) at {record['elapsed_seconds']:.1f}s", flush=True)
+            if on_epoch_end is not None:  # sweep: report the epoch; Pruned stops here, the checkpoint saved
+                on_epoch_end(record)
         history = writer.history
     checkpoints.close()
 
