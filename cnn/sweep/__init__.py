@@ -21,7 +21,7 @@ file in --workdir, or --storage) is shared by every worker that joins it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from optuna.distributions import FloatDistribution, IntDistribution
@@ -33,19 +33,28 @@ Overrides = dict[str, Any]
 __all__ = ["int_range", "log_uniform", "product", "uniform", "zipped"]
 
 
+def _checked(call: str, make: Callable[[], Any]) -> Any:
+    """Optuna checks the bounds; the message then names the call in the sweep file."""
+    try:
+        return make()
+    except ValueError as e:
+        raise ConfigError(f"{call}: {e}") from None
+
+
 def uniform(low: float, high: float) -> FloatDistribution:
     """A number anywhere in [low, high], for a search space."""
-    return FloatDistribution(low, high)
+    return _checked(f"uniform({low!r}, {high!r})", lambda: FloatDistribution(low, high))
 
 
 def log_uniform(low: float, high: float) -> FloatDistribution:
     """A positive number in [low, high] whose logarithm is evenly drawn, as learning rates want."""
-    return FloatDistribution(low, high, log=True)
+    return _checked(f"log_uniform({low!r}, {high!r})", lambda: FloatDistribution(low, high, log=True))
 
 
 def int_range(low: int, high: int, step: int = 1, log: bool = False) -> IntDistribution:
     """An integer in [low, high] (both included), every `step`-th, or evenly in log space with `log`."""
-    return IntDistribution(low, high, log=log, step=step)
+    return _checked(f"int_range({low!r}, {high!r}, step={step!r}, log={log!r})",
+                    lambda: IntDistribution(low, high, log=log, step=step))
 
 
 def _rows(part: Mapping[str, Sequence] | Iterable[Overrides]) -> list[Overrides]:

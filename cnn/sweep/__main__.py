@@ -65,6 +65,9 @@ def dry_run(sweep, sampler: str, n_trials: int, spec: str, extra: list[str]) -> 
 
 def main(argv: list[str]) -> int:
     """Runs one worker of the sweep (or prints its commands); returns the exit status."""
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(f"{__doc__}\n{USAGE}\n\n{FLAGS.get_help(include_special_flags=False)}")
+        return 0
     try:
         path, extra = _parse(argv)
     except flags.Error as e:
@@ -102,7 +105,7 @@ def _sweep(path: str, extra: list[str]) -> int:
     worker = study.open_worker(sweep, spec, FLAGS.workdir, FLAGS.sampler, FLAGS.n_trials, FLAGS.pruner,
                                FLAGS.workers, extra)
     trials = worker.study.get_trials(deepcopy=False)
-    print(f"sweep {sweep.name}: {len(trials)} of {n_trials} trials in {spec}; {sampler} sampler, pruner "
+    print(f"sweep {sweep.name}: {len(trials)} of {n_trials} trials in {storage.shown(spec)}; {sampler} sampler, pruner "
           f"{FLAGS.pruner}, up to {FLAGS.workers} trial(s) at a time here, in {worker.workdir}", flush=True)
     csv_path = f"{worker.workdir}/results.csv"
 

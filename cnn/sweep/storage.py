@@ -36,6 +36,15 @@ def resolve(spec: str | None, workdir: str) -> str:
     return spec
 
 
+def shown(spec: str) -> str:
+    """The storage as printed and written to trial.json: without a password."""
+    if "://" not in spec:
+        return spec
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(spec).render_as_string(hide_password=True)
+
+
 def _sqlite_path(url: str) -> str:
     import sqlalchemy
 
@@ -56,10 +65,12 @@ def open_storage(spec: str):
 
 
 def _unusable(spec: str, e: Exception) -> ConfigError:
-    if isinstance(e, ModuleNotFoundError):
-        return ConfigError(f"--storage={spec!r} needs the Python package {e.name!r}; for PostgreSQL: "
-                           "pip install psycopg2-binary")
+    if isinstance(e, ModuleNotFoundError):  # SQLAlchemy's driver for the URL
+        wheel = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary"}.get(e.name, e.name)
+        return ConfigError(f"--storage={shown(spec)!r} needs the Python package {e.name!r}, SQLAlchemy's driver for "
+                           f"it: pip install {wheel}")
     detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    spec = shown(spec)
     return ConfigError(f"--storage={spec!r} could not be opened ({detail}); check the address, or that the "
                        "journal file's folder exists")
 
@@ -93,7 +104,11 @@ def claim_lock(spec: str) -> Callable[[], ContextManager[None]]:
 
     @contextlib.contextmanager
     def file_lock() -> Iterator[None]:
-        with open(path, "a") as f:
+        try:
+            f = open(path, "a")
+        except OSError as e:
+            raise _unusable(spec, e) from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 

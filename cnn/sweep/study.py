@@ -103,7 +103,7 @@ def open_worker(sweep: Sweep, spec: str, workdir: str, sampler: str | None, n_tr
             study.set_user_attr(SETTINGS, before)
     differ = next((k for k in settings if before.get(k) != settings[k]), None)
     if differ:
-        raise ConfigError(f"study {sweep.name!r} in {spec} was started with other settings ({differ}: "
+        raise ConfigError(f"study {sweep.name!r} in {storage_lib.shown(spec)} was started with other settings ({differ}: "
                           f"{before.get(differ)!r} there, {settings[differ]!r} here); restore them, or start a "
                           "new study with another --workdir or --storage")
     teller = optuna.load_study(study_name=sweep.name, storage=storage, sampler=optuna.samplers.RandomSampler())
@@ -175,7 +175,7 @@ def claim(worker: Worker) -> trial_lib.Running | None:
         worker.storage.set_trial_user_attr(trial_id, "workdir", path)
         worker.storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     with open(os.path.join(path, "trial.json"), "w") as f:
-        json.dump({"study": worker.sweep.name, "storage": worker.spec, "token": worker.token, "number": number,
+        json.dump({"study": worker.sweep.name, "storage": storage_lib.shown(worker.spec), "token": worker.token, "number": number,
                    "config": worker.sweep.config_name, "overrides": {**worker.sweep.fixed, **params}}, f, indent=2)
     return trial_lib.Running(number, dict(params), path, fd)
 
