@@ -128,7 +128,7 @@ def test_sweep_files_become_optuna_spaces():
     ("fixed={'train.epochs': 1}, space={'seed': [0]}", [], "override train.epochs: train has no field 'epochs'"),
     ("space={'seed': [0]}, trials=[{'seed': 1}]", [], "one of 'space' (to search) or 'trials' (to run each)"),
     ("space={'seed': 3}", [], "space['seed']=3 is not a list of values or a range"),
-    ("space={'optimizer.learning_rate': log_uniform(1, 0.1)}", [], "s.py: log_uniform(1, 0.1): `low <= high` must hold"),
+    ("space={'optimizer.learning_rate': log_uniform(1, 0.1)}", [], "log_uniform(1, 0.1): `low <= high` must hold"),
     ("space={'optimizer.learning_rate': log_uniform(1e-4, 1e-1)}", ["--sampler=grid"],
      "--sampler=grid needs lists of values, but optimizer.learning_rate is a range"),
     ("space={'optimizer.learning_rate': uniform(1e-4, 1e-1)}", [], "--n_trials is needed"),

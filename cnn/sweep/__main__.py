@@ -118,8 +118,8 @@ def _sweep(path: str, extra: list[str]) -> int:
     table = report.rows(worker.study, sweep)
     print(report.format_table(table, sweep))
     paths, skipped = report.write_plots(worker.study, worker.workdir)
-    print(f"sweep: results in {csv_path}" + (f"; plots {', '.join(p.rsplit('/', 1)[1] for p in paths)}"
-                                              if paths else "") + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
+    plots = f"; plots {', '.join(p.rsplit('/', 1)[1] for p in paths)}" if paths else ""
+    print(f"sweep: results in {csv_path}{plots}" + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
     if worker.fatal:
         raise ConfigError(worker.fatal)
     if stopped_by is not None:

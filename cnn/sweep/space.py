@@ -30,6 +30,8 @@ ENTRIES = ("config", "fixed", "metric", "goal", "space", "trials", "n_trials", "
 
 @dataclasses.dataclass
 class Sweep:
+    """A sweep file, checked: the study's name, base config, overrides, metric and what is swept."""
+
     path: str  # the sweep file, absolute
     name: str  # the study's name: the file's name without .py
     config: str  # the base config, absolute

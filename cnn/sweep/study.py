@@ -34,6 +34,8 @@ SETTINGS = "cnn_sweep"  # the study's user attribute holding Sweep.settings() an
 
 @dataclasses.dataclass
 class Worker:
+    """This process's part in a study: what it claims trials with, and how they have gone so far."""
+
     sweep: Sweep
     spec: str  # the storage, resolved
     study: optuna.Study
@@ -42,6 +44,7 @@ class Worker:
     # once the grid is used up, which raises outside Optuna's own optimize loop.
     teller: optuna.Study
     token: str  # names this study in each trial.json: a folder of another study is never reused
+    study_id: int
     workdir: str
     n_trials: int
     grid: bool  # grid trials are named by their values
@@ -49,7 +52,6 @@ class Worker:
     workers: int
     extra: list[str]
     lock: Callable[[], ContextManager[None]]
-    study_id: int = 0
     failures: int = 0
     fatal: str | None = None  # a mistake every trial would repeat: stop claiming
 
@@ -103,13 +105,13 @@ def open_worker(sweep: Sweep, spec: str, workdir: str, sampler: str | None, n_tr
             study.set_user_attr(SETTINGS, before)
     differ = next((k for k in settings if before.get(k) != settings[k]), None)
     if differ:
-        raise ConfigError(f"study {sweep.name!r} in {storage_lib.shown(spec)} was started with other settings ({differ}: "
-                          f"{before.get(differ)!r} there, {settings[differ]!r} here); restore them, or start a "
-                          "new study with another --workdir or --storage")
+        raise ConfigError(f"study {sweep.name!r} in {storage_lib.shown(spec)} was started with other settings "
+                          f"({differ}: {before.get(differ)!r} there, {settings[differ]!r} here); restore them, or "
+                          "start a new study with another --workdir or --storage")
     teller = optuna.load_study(study_name=sweep.name, storage=storage, sampler=optuna.samplers.RandomSampler())
-    worker = Worker(sweep, spec, study, storage, teller, before["token"], os.path.abspath(workdir), count, name == "grid", pruner,
-                    workers, extra, lock)
-    worker.study_id = storage.get_study_id_from_name(sweep.name)
+    worker = Worker(sweep=sweep, spec=spec, study=study, storage=storage, teller=teller, token=before["token"],
+                    study_id=storage.get_study_id_from_name(sweep.name), workdir=os.path.abspath(workdir),
+                    n_trials=count, grid=name == "grid", pruner=pruner, workers=workers, extra=extra, lock=lock)
     _check_folders(worker)
     return worker
 
@@ -175,8 +177,9 @@ def claim(worker: Worker) -> trial_lib.Running | None:
         worker.storage.set_trial_user_attr(trial_id, "workdir", path)
         worker.storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     with open(os.path.join(path, "trial.json"), "w") as f:
-        json.dump({"study": worker.sweep.name, "storage": storage_lib.shown(worker.spec), "token": worker.token, "number": number,
-                   "config": worker.sweep.config_name, "overrides": {**worker.sweep.fixed, **params}}, f, indent=2)
+        json.dump({"study": worker.sweep.name, "storage": storage_lib.shown(worker.spec), "token": worker.token,
+                   "number": number, "config": worker.sweep.config_name,
+                   "overrides": {**worker.sweep.fixed, **params}}, f, indent=2)
     return trial_lib.Running(number, dict(params), path, fd)
 
 
@@ -184,9 +187,10 @@ def _env(worker: Worker, number: int) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.update({trial_lib.STORAGE: worker.spec, trial_lib.STUDY: worker.sweep.name, trial_lib.TRIAL: str(number),
                 trial_lib.PRUNER: worker.pruner})
+    # JAX takes 75% of a GPU's memory per process; trials sharing one must not.
     if worker.workers > 1 and not any(v in env for v in ("XLA_PYTHON_CLIENT_PREALLOCATE",
                                                          "XLA_PYTHON_CLIENT_MEM_FRACTION")):
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # JAX takes 75% of a GPU per process; trials sharing one must not
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
 
