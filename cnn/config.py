@@ -164,11 +164,14 @@ def unknown_field(config: ml_collections.ConfigDict, key: str) -> str | None:
 
 
 def check_fields(config: ml_collections.ConfigDict, keys: Iterable[str], where: str) -> None:
-    """Every override must name a field the config has: refused now, not after an hour of other work."""
+    """Every override must name a field the config has: refused now, not after an hour of other work.
+
+    `where` starts the message, e.g. '--config.'.
+    """
     for key in keys:
         problem = unknown_field(config, key)
         if problem:
-            raise ConfigError(f"{where}: override {key!r}: {problem}")
+            raise ConfigError(f"{where}{key}: {problem}")
 
 
 def _number(value, field: str, low: float, high: float, expected: str, high_open: bool = True) -> None:

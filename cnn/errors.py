@@ -28,6 +28,10 @@ class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved and the same command resumes."""
 
 
+class Pruned(Exception):
+    """A sweep's pruner stopped the trial at an epoch end, after saving its checkpoint (cnn.main exits with 3)."""
+
+
 def require(ok: bool, field: str, value: Any, expected: str) -> None:
     """Raises the standard message for a bad value: `field=value is not valid: expected ...`."""
     if not ok:

@@ -9,13 +9,11 @@ parameter count and training time. Without a network, add
     python -m cnn.sweep experiments/fashion_architectures.py --workdir=runs/fashion_architectures
 """
 
-from cnn.sweep import product
-
 
 def get_sweep():
     return dict(
         config="configs/fashion_mnist.py",
-        fixed={"train.num_epochs": 5},
-        trials=product({"model.preset": ["flax_cnn", "keras_seed", "lenet5", "vgg"]}),
+        fixed={"train.num_epochs": 5, "model.layers": ()},  # the preset replaces the config's layers
+        space={"model.preset": ["flax_cnn", "keras_seed", "lenet5", "vgg"]},
         metric="test_accuracy",
     )

@@ -2,12 +2,14 @@
 
 Only parses flags; the work is `cnn.train.train_and_evaluate`. Any config
 field can be overridden, e.g. `--config.train.num_epochs=3`. Exit status: 0
-done, 2 a mistake the message names, 130 interrupted, 143 stopped by
-SIGTERM with a checkpoint saved (the same command resumes).
+done, 2 a mistake the message names, 3 pruned by a sweep (`python -m
+cnn.sweep`; the checkpoint is kept), 130 interrupted, 143 stopped by SIGTERM
+with a checkpoint saved (the same command resumes).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -17,7 +19,7 @@ from ml_collections import config_flags
 from cnn import config as config_lib
 from cnn import runtime
 from cnn.cli import FLAGS, fail, flags_parser, quiet_logging
-from cnn.errors import ConfigError, Preempted
+from cnn.errors import ConfigError, Preempted, Pruned
 from cnn.train import train_and_evaluate
 
 USAGE = ("usage: python -m cnn.main --config=configs/mnist.py --workdir=DIR "
@@ -41,19 +43,31 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
         runtime.set_cpu_devices(config.train.num_devices)
         runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        run = train_and_evaluate(config, FLAGS.workdir)
+        run = train_and_evaluate(config, FLAGS.workdir, on_epoch_end=_sweep_reporter())
         if jax.process_index() == 0:
             from cnn import plots  # matplotlib adds about a second: not before the first step
 
             plots.write_plots(FLAGS.workdir, run, run.dataset, warn_only=True)
     except ConfigError as e:
         fail(str(e))
+    except Pruned as e:  # a sweep's pruner stopped this trial at an epoch end
+        print(str(e), file=sys.stderr)
+        sys.exit(3)
     except Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM: stopped, not finished
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _sweep_reporter():
+    """A trial of `python -m cnn.sweep` reports each epoch to its study (the sweep sets CNN_SWEEP_*)."""
+    if not os.environ.get("CNN_SWEEP_STUDY"):
+        return None
+    from cnn.sweep.trial import reporter_from_env  # optuna, only in sweep trials
+
+    return reporter_from_env()
 
 
 def _config():

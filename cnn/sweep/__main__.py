@@ -1,7 +1,8 @@
-"""`python -m cnn.sweep`: see cnn/sweep/__init__.py."""
+"""`python -m cnn.sweep`: the sweep command line (cnn/cli/sweep.py)."""
 
 import sys
 
-from cnn.sweep import main
+from cnn.cli.sweep import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
