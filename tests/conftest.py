@@ -16,8 +16,9 @@ def config_path():
 
 @pytest.fixture(autouse=True)
 def _no_user_tfds_dir(monkeypatch, tmp_path):
-    """Keeps tests away from the user's ~/tensorflow_datasets."""
+    """Keeps tests away from the user's ~/tensorflow_datasets and ~/.cache/cnn."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cnn_cache"))
 
 
 @pytest.fixture(scope="session")
