@@ -33,3 +33,9 @@ def digits_run(tmp_path_factory):
     run = cnn.train_and_evaluate(config, str(workdir))
     cnn.plots.write_plots(str(workdir), run, run.dataset)
     return str(workdir), run, cnn.load_dataset(config.data)
+
+
+@pytest.fixture(scope="session")
+def shared_tfds_dir(tmp_path_factory):
+    """One TFDS data_dir for the session, so MNIST and Fashion-MNIST are prepared (TensorFlow, ~40 s) once."""
+    return str(tmp_path_factory.mktemp("tfds-shared"))

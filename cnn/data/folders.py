@@ -311,8 +311,13 @@ def _report(train: Listing, test: Listing | None, splits: tuple[Split, Split], s
     line = (f"{roots}: {len(splits[0]):,} train / {len(splits[1]):,} test {train.kind}s of {len(train.folders)} "
             f"classes, {how} in {seconds:.1f}s")
     if skipped:
-        line += f"; {len(skipped)} unreadable files skipped (Dataset.skipped lists them)"
+        line += f"; {_count(len(skipped), 'unreadable file')} skipped (Dataset.skipped lists them)"
     ignored = train.ignored + (test.ignored if test else [])
     if ignored:
-        line += f"; {len(ignored)} files that are not {train.kind}s ignored (e.g. {ignored[0]})"
+        line += f"; {_count(len(ignored), 'file')} that {'is' if len(ignored) == 1 else 'are'} not {train.kind}s " \
+                f"ignored (e.g. {ignored[0]})"
     print(line, file=sys.stderr, flush=True)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
