@@ -22,7 +22,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
 import ml_collections
@@ -80,38 +80,39 @@ def list_classes(root: str, field: str, kind: str, extensions: tuple[str, ...],
     index = {name: i for i, name in enumerate(class_names or folders)}
     found, ignored = [], []
     for folder in folders:
-        for relative, stat in _walk(os.path.join(root, folder), ""):
+        for relative, size, mtime in _walk(os.path.join(root, folder), ""):
             if relative.lower().endswith(extensions):
-                found.append((relative, index[folder], folder, stat))
+                found.append((relative, index[folder], folder, size, mtime))
             else:
-                ignored.append(os.path.join(folder, relative))
+                ignored.append(folder + os.sep + relative)
     found.sort(key=lambda f: (f[0], f[1]))
-    digest = hashlib.blake2b(digest_size=16)
-    for relative, _, folder, stat in found:
-        digest.update(f"{folder}/{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    top = os.path.abspath(root)
+    stamps = "".join(f"{folder}/{relative}\0{size}\0{mtime}\n" for relative, _, folder, size, mtime in found)
+    top = os.path.abspath(root) + os.sep
     return Listing(root=root, field=field, kind=kind, folders=folders, names=list(class_names or folders),
-                   paths=[os.path.join(top, folder, relative) for relative, _, folder, _ in found],
-                   labels=np.array([label for _, label, _, _ in found], np.int32), ignored=ignored,
-                   digest=digest.hexdigest())
+                   paths=[top + folder + os.sep + relative for relative, _, folder, _, _ in found],
+                   labels=np.array([f[1] for f in found], np.int32), ignored=ignored,
+                   digest=hashlib.blake2b(stamps.encode(), digest_size=16).hexdigest())
 
 
-def _walk(folder: str, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
-    """(path below the class folder, stat) of every file, subfolders included; hidden folders are skipped."""
+def _walk(folder: str, prefix: str) -> list[tuple[str, int, int]]:
+    """(path below the class folder, size, modification time) of every file, subfolders included; hidden
+    folders are skipped. Plain string joins: this runs once per file at every start."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
-        return
+        return []
+    out = []
     for entry in entries:
-        relative = os.path.join(prefix, entry.name)
         try:
             if entry.is_dir():
                 if not entry.name.startswith("."):
-                    yield from _walk(entry.path, relative)
+                    out += _walk(entry.path, prefix + entry.name + os.sep)
             else:
-                yield relative, entry.stat()
+                stat = entry.stat()
+                out.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
         except OSError:  # vanished or unreadable: nothing to decode
             continue
+    return out
 
 
 def workers() -> int:
