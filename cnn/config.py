@@ -274,15 +274,12 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
 
 
 def _validate_own_data(d: ml_collections.ConfigDict) -> None:
-    """The fields of your own data; whether the files are there is checked where they are read."""
+    """The fields of your own data; whether the files are there (and data.path is set at all: a dataset passed
+    to train_and_evaluate needs none) is checked where they are read."""
     for field in ("path", "test_path", "cache_dir"):
         value = d.get(field)
         require(value is None or (isinstance(value, str) and value != ""), f"data.{field}", value,
                 "a path, or None")
-    if d.name in OWN_DATA and d.get("path") is None:
-        raise ConfigError(f"data.name={d.name!r} reads your own data: set data.path to "
-                          + ("a folder of class folders (ROOT/<class>/<files>)" if d.name.endswith("_folder") else
-                             "the file" if d.name == "series_file" else "the .npz file"))
     for field in ("path", "test_path"):
         if d.name not in OWN_DATA and d.get(field) is not None:
             raise ConfigError(f"data.{field}={d[field]!r} is set but data.name={d.name!r} does not read it; use "

@@ -370,10 +370,13 @@ def test_arrays_train_through_the_config_preprocessing(tmp_path):
     assert run.results["input_shape"] == [12, 12, 3] and run.results["class_names"] == DIGIT_NAMES
     assert run.results["test_accuracy"] > 0.85 and run.results["dataset"] == "arrays"
     assert cnn.predict(run, images[1400:1401], top_k=1)[0][0][0] == DIGIT_NAMES[labels[1400]]
-    config.data.mean, config.data.std = (0.5, 0.5), (0.2, 0.2)
+    folder_config = cnn.load_config(str(REPO / "configs" / "image_folder.py"))  # no data.path: not needed here
+    folder_config.data.channels, folder_config.data.mean, folder_config.data.std = 3, (0.5, 0.5), (0.2, 0.2)
     fresh = cnn.from_arrays(images[:100], labels[:100], images[100:120], labels[100:120])
     with pytest.raises(cnn.ConfigError, match=r"data.mean=\(0.5, 0.5\) has 2 values but the images have 3"):
-        cnn.train_and_evaluate(config, str(tmp_path / "other"), dataset=fresh)
+        cnn.train_and_evaluate(folder_config, str(tmp_path / "other"), dataset=fresh)
+    with pytest.raises(cnn.ConfigError, match=r"data.name='image_folder' reads your own data: set data.path"):
+        cnn.load_dataset(folder_config.data)
 
 
 def test_npz_in_the_keras_layout_and_with_only_a_training_split(tmp_path):

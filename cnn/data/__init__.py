@@ -48,6 +48,10 @@ def load_dataset(data: ml_collections.ConfigDict, seed: int = 0) -> Dataset:
     elif data.name == "synthetic_series":
         dataset = load_synthetic_series(data.get("max_length") or 128)
     elif data.name in OWN_DATA:
+        if not data.get("path"):
+            raise ConfigError(f"data.name={data.name!r} reads your own data: set data.path to "
+                              + ("a folder of class folders (ROOT/<class>/<files>)" if data.name.endswith("_folder")
+                                 else "the .npz file" if data.name == "npz" else "a .ts, .tsv or .csv file"))
         dataset = OWN_DATA[data.name](data, seed)
     else:
         dataset = load_tfds(data)
