@@ -13,6 +13,11 @@ or build a model and apply it without training:
     variables = model.init(jax.random.key(0), x)
     model.apply(variables, x)
 
+train on your own arrays:
+
+    dataset = cnn.from_arrays(x_train, y_train, x_test, y_test, class_names=None)
+    run = cnn.train_and_evaluate(config, "/tmp/mine", dataset=dataset)
+
 and look inside a trained one:
 
     run = cnn.load_run("/tmp/digits")  # config.json + the newest checkpoint
@@ -21,7 +26,7 @@ and look inside a trained one:
 """
 
 from cnn.config import ConfigError, base_config, load_config
-from cnn.data import load_dataset
+from cnn.data import from_arrays, load_dataset
 from cnn.inference import predict
 from cnn.models import Sequential, build_model, presets
 from cnn.run import load_run
@@ -29,7 +34,7 @@ from cnn.train import TrainResult, TrainState, checkpoint, eval_step, summary, t
 
 __all__ = [
     "ConfigError", "Sequential", "TrainResult", "TrainState", "base_config", "build_model", "eval_step",
-    "load_config", "load_dataset", "load_run", "plots", "predict", "summary", "train_and_evaluate", "train_step",
+    "from_arrays", "load_config", "load_dataset", "load_run", "plots", "predict", "summary", "train_and_evaluate", "train_step",
 ]
 
 

@@ -20,6 +20,7 @@ from cnn.errors import ConfigError, int_at_least, is_int, require
 __all__ = ["ConfigError", "base_config", "check_fields", "load_config", "unknown_field", "validate"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+OWN_DATA = ("image_folder", "text_folder", "series_file", "npz")  # sources that read data.path
 SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PAD_MODES = ("constant", "reflect")
@@ -33,8 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    # 'digits' (embedded in scikit-learn, offline) or any TFDS image
-    # classification dataset, e.g. 'mnist', 'fashion_mnist', 'eurosat/rgb'.
+    # 'digits' (embedded in scikit-learn, offline), 'synthetic_series', any
+    # TFDS image or text classification dataset ('mnist', 'fashion_mnist',
+    # 'eurosat/rgb', 'imdb_reviews', ...), or your own data at data.path:
+    # 'image_folder', 'text_folder', 'series_file' or 'npz'.
     c.data.name = "mnist"
     c.data.train_split = "train"
     c.data.test_split = "test"
@@ -44,13 +47,27 @@ def base_config() -> ml_collections.ConfigDict:
     # A folder holding the dataset's original archive files, used to prepare
     # it without a network.
     c.data.manual_dir = config_dict.placeholder(str)
+    # Your own data: a folder of class folders (ROOT/<class>/<files>) for
+    # 'image_folder' and 'text_folder', a .ts/.tsv/.csv file for
+    # 'series_file', an .npz file for 'npz'.
+    c.data.path = config_dict.placeholder(str)
+    # The test data in the same form; None holds out test_fraction of the
+    # training data, stratified by class and drawn from `seed`.
+    c.data.test_path = config_dict.placeholder(str)
+    c.data.test_fraction = 0.2
+    # Refuse a file that cannot be decoded (naming it) instead of skipping it;
+    # skipped files are listed in WORKDIR/skipped_files.txt.
+    c.data.strict = False
+    # Where decoded folders and files are cached; None means $CNN_CACHE_DIR,
+    # else ~/.cache/cnn. (TFDS sets are cached beside their prepared data.)
+    c.data.cache_dir = config_dict.placeholder(str)
     # (height, width) to resize images to when loading; None keeps them.
     c.data.image_size = config_dict.placeholder(tuple)
     # Per-channel mean and std applied after scaling pixels to [0, 1].
     c.data.mean = config_dict.placeholder(tuple)
     c.data.std = config_dict.placeholder(tuple)
-    # Keep decoded arrays next to the prepared data so later runs skip
-    # decoding (and TensorFlow).
+    # Keep decoded arrays (next to prepared TFDS data, or in data.cache_dir)
+    # so later runs skip decoding (and TensorFlow).
     c.data.cache = True
     # Image channels after loading: 1 (RGB to grey), 3 (grey to RGB) or None
     # (as stored).
@@ -64,14 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = False
     # Text sets: words kept in the vocabulary (built from the training split;
     # ids 0 and 1 are padding and unknown words), and the ids per text (longer
-    # texts are cut, shorter padded). max_length is also the length of
-    # 'synthetic_series'.
+    # texts are cut, shorter padded; None: 256). max_length is also the
+    # length of 'synthetic_series' (None: 128) and of every series of a
+    # 'series_file' (None: the longest, the others padded with zeros).
     c.data.vocab_size = 20000
-    c.data.max_length = 256
+    c.data.max_length = config_dict.placeholder(int)
 
     c.model = ml_collections.ConfigDict()
     # A named architecture instead of `layers`: 'flax_cnn', 'keras_seed',
-    # 'keras_seed_binary', 'lenet5', 'vgg' or 'resnet20', optionally with
+    # 'keras_seed_binary', 'lenet5', 'vgg', 'resnet20' or 'fcn' (1D), optionally with
     # overrides written as a call, e.g. "vgg(widths=(32, 64), depths=(2, 2))"
     # (see cnn/models/presets.py). Set `layers = ()` when using one.
     c.model.preset = config_dict.placeholder(str)
@@ -250,7 +268,26 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     require(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
     require(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")
     int_at_least(d.vocab_size, "data.vocab_size", 3, "an integer >= 3 (ids 0 and 1 are padding and unknown words)")
-    int_at_least(d.max_length, "data.max_length")
+    if d.max_length is not None:
+        int_at_least(d.max_length, "data.max_length", 1, "a positive integer, or None")
+    _validate_own_data(d)
     if d.manual_dir is not None and not os.path.isdir(d.manual_dir):
         raise ConfigError(f"data.manual_dir={d.manual_dir!r} is not a folder; point it at the folder "
                           "holding the dataset's original archive files")
+
+
+def _validate_own_data(d: ml_collections.ConfigDict) -> None:
+    """The fields of your own data; whether the files are there (and data.path is set at all: a dataset passed
+    to train_and_evaluate needs none) is checked where they are read."""
+    for field in ("path", "test_path", "cache_dir"):
+        value = d.get(field)
+        require(value is None or (isinstance(value, str) and value != ""), f"data.{field}", value,
+                "a path, or None")
+    for field in ("path", "test_path"):
+        if d.name not in OWN_DATA and d.get(field) is not None:
+            raise ConfigError(f"data.{field}={d[field]!r} is set but data.name={d.name!r} does not read it; use "
+                              f"data.name={' or '.join(map(repr, OWN_DATA))}, or leave data.{field}=None")
+    fraction = d.get("test_fraction", 0.2)
+    _number(fraction, "data.test_fraction", 0, 1, "a fraction between 0 and 1, such as 0.2")
+    require(fraction > 0, "data.test_fraction", fraction, "a fraction between 0 and 1, such as 0.2")
+    require(isinstance(d.get("strict", False), bool), "data.strict", d.get("strict"), "True or False")

@@ -51,8 +51,13 @@ def _figure(width: float, height: float) -> PlotFigure:
 
 
 def _show_image(ax, image: np.ndarray) -> None:
-    """Draws a uint8 (H, W, C) image: grayscale in gray, RGB as is; no ticks."""
-    if image.shape[-1] == 1:
+    """Draws an input: a uint8 (H, W, C) image (grayscale in gray, RGB as is), a series (length, channels) as
+    one curve per channel, token ids (length,) as a strip; no ticks."""
+    if image.ndim == 2:  # a series
+        ax.plot(image, linewidth=0.8)
+    elif image.ndim == 1:  # token ids
+        ax.imshow(image[None], cmap="viridis", aspect="auto", interpolation="nearest")
+    elif image.shape[-1] == 1:
         ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     else:
         ax.imshow(image[..., :3], interpolation="nearest")

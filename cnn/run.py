@@ -54,7 +54,7 @@ def load_run(workdir: str) -> TrainResult:
         raise no_checkpoint  # before any work
     results = workdir_lib.read_json(os.path.join(workdir, workdir_lib.RESULTS)) or {}
     if not {"class_names", "input_shape"} <= results.keys():
-        results = {**results, **data_lib.describe(data_lib.load_dataset(config.data))}
+        results = {**results, **data_lib.describe(data_lib.load_dataset(config.data, config.seed))}
     class_names, input_shape = list(results["class_names"]), tuple(results["input_shape"])
     model = models.build_model(config.model, len(class_names))
     loss = models.check_head(model, input_shape, len(class_names), config.loss)

@@ -22,6 +22,7 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
+SKIPPED = "skipped_files.txt"  # files the data source could not read: path, a tab, the reason
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py throughput        # cnn's train step vs PyTorch eager, same model and batch
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax example's recipe, from process start
+    python experiments/benchmark.py own_data          # MNIST as 70,000 PNGs in class folders vs the TFDS path
 
 `throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
 avg-pool, dense 256, dense 10; float32, SGD with momentum, global batch 128)
@@ -14,8 +15,13 @@ each. `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
 metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
 final accuracy, start-up time, data-loading share and peak memory. The peer
 is the Flax example's recipe (constant SGD 0.1, momentum 0.9, 10 epochs).
-Both need MNIST prepared (`--data_dir`, or `--manual_dir` pointing at the
-original archives).
+`own_data` exports MNIST as 70,000 PNGs into train/ and test/ class folders,
+times their first decode (listing, decoding over every core, writing the
+cache) in a fresh process, then, alternating with the cached TFDS set, the
+cached `load_dataset` in fresh processes and the start-up of `python -m
+cnn.main --config=configs/mnist.py` (process start to the end of the first
+step), which on a busy machine varies by seconds. All three need MNIST prepared (`--data_dir`, or
+`--manual_dir` pointing at the original archives).
 """
 
 from __future__ import annotations
@@ -188,6 +194,66 @@ def time_to_accuracy(args) -> None:
             print(f"time to 99.0%: {peer['reached_at'] / ours['reached_at']:.1f}x faster than the Flax example recipe")
 
 
+def export_mnist(data_args: list[str], root: str) -> int:
+    """MNIST's train and test splits as PNGs in ROOT/{train,test}/<digit>/<index>.png; the TFDS cache is warmed."""
+    from PIL import Image
+
+    code = ("import sys, numpy as np, cnn; c = cnn.load_config('configs/mnist.py')\n"
+            "for a in sys.argv[2:]:\n    k, v = a.split('=', 1); c.data[k.split('.')[-1]] = v\n"
+            "d = cnn.load_dataset(c.data)\n"
+            "np.savez(sys.argv[1], xtr=d.train.images, ytr=d.train.labels, xte=d.test.images, yte=d.test.labels)")
+    arrays = os.path.join(root, "mnist.npz")
+    subprocess.run([sys.executable, "-c", code, arrays, *(a[len("--config."):] for a in data_args)], check=True,
+                   cwd=REPO, stderr=subprocess.DEVNULL)
+    count = 0
+    with np.load(arrays) as f:
+        for split, x, y in (("train", f["xtr"], f["ytr"]), ("test", f["xte"], f["yte"])):
+            for digit in range(10):
+                os.makedirs(os.path.join(root, split, str(digit)))
+            for i, (image, label) in enumerate(zip(x, y)):
+                Image.fromarray(image[..., 0]).save(os.path.join(root, split, str(label), f"{i:05d}.png"))
+            count += len(x)
+    return count
+
+
+def load_seconds(overrides: list[str]) -> float:
+    """Seconds `cnn.load_dataset` takes for configs/mnist.py with `overrides`, in a fresh process (imports not
+    counted)."""
+    code = ("import sys, time, cnn; c = cnn.load_config('configs/mnist.py')\n"
+            "for a in sys.argv[1:]:\n    k, v = a[len('--config.data.'):].split('=', 1); c.data[k] = v\n"
+            "t = time.time(); cnn.load_dataset(c.data); print(time.time() - t)")
+    out = subprocess.run([sys.executable, "-c", code, *overrides], check=True, cwd=REPO, capture_output=True,
+                         text=True)
+    return float(out.stdout.split()[-1])
+
+
+def own_data(args) -> None:
+    data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
+    data += [f"--config.data.manual_dir={args.manual_dir}"] if args.manual_dir else []
+    loads, starts = {"folders": [], "tfds": []}, {"folders": [], "tfds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        count = export_mnist(data, tmp)
+        folders = ["--config.data.name=image_folder", f"--config.data.path={os.path.join(tmp, 'train')}",
+                   f"--config.data.test_path={os.path.join(tmp, 'test')}",
+                   f"--config.data.cache_dir={os.path.join(tmp, 'cache')}"]
+        decode = load_seconds(folders)  # the cache is empty: list, decode over every core, write the cache
+        paths = (("folders", folders), ("tfds", data))
+        for i in range(args.repeats):  # alternating, so both see the same machine state
+            for name, overrides in paths:
+                loads[name].append(load_seconds(overrides))
+            for name, overrides in paths:
+                starts[name].append(run_main("configs/mnist.py", os.path.join(tmp, f"{name}{i}"),
+                                             overrides + ["--config.train.num_epochs=1"])["startup"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"first decode of {count:,} PNGs (28x28 grey) on {cores} cores: {decode:.1f}s "
+          f"({count / decode:,.0f} images/s); target at most 20 s on 2 cores")
+    for what, runs in (("cached load_dataset", loads), ("cached start-up to the first step", starts)):
+        folder, tfds = statistics.median(runs["folders"]), statistics.median(runs["tfds"])
+        print(f"{what} (median of {args.repeats}): folders {folder:.2f}s, TFDS {tfds:.2f}s: {folder - tfds:+.2f}s "
+              f"({folder / tfds:.2f}x); target at most +2 s (runs: folders "
+              f"{', '.join(f'{s:.2f}' for s in runs['folders'])}; TFDS {', '.join(f'{s:.2f}' for s in runs['tfds'])})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -204,6 +270,10 @@ def main() -> None:
     a.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     a.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     a.add_argument("--skip_peer", action="store_true", help="skip the Flax example recipe (about 4 minutes on 2 cores)")
+    o = sub.add_parser("own_data")
+    o.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
+    o.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
+    o.add_argument("--repeats", type=int, default=3, help="loads and start-ups of each path")
     args = parser.parse_args()
     if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):
@@ -211,7 +281,7 @@ def main() -> None:
     from cnn.config import ConfigError
 
     try:
-        {"throughput": throughput, "time_to_accuracy": time_to_accuracy}[args.benchmark](args)
+        {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "own_data": own_data}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 

@@ -16,8 +16,9 @@ def config_path():
 
 @pytest.fixture(autouse=True)
 def _no_user_tfds_dir(monkeypatch, tmp_path):
-    """Keeps tests away from the user's ~/tensorflow_datasets."""
+    """Keeps tests away from the user's ~/tensorflow_datasets and ~/.cache/cnn."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cnn_cache"))
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +33,9 @@ def digits_run(tmp_path_factory):
     run = cnn.train_and_evaluate(config, str(workdir))
     cnn.plots.write_plots(str(workdir), run, run.dataset)
     return str(workdir), run, cnn.load_dataset(config.data)
+
+
+@pytest.fixture(scope="session")
+def shared_tfds_dir(tmp_path_factory):
+    """One TFDS data_dir for the session, so MNIST and Fashion-MNIST are prepared (TensorFlow, ~40 s) once."""
+    return str(tmp_path_factory.mktemp("tfds-shared"))

@@ -100,7 +100,7 @@ def test_imdb_mock_tokenises_and_caches_as_ids(tmp_path):
     assert first.train.images.max() < 50 and first.class_names == ["neg", "pos"]
     second = cnn.load_dataset(config.data)  # from the cache, outside mock_data
     np.testing.assert_array_equal(first.test.images, second.test.images)
-    assert (tmp_path / "cnn_cache" / "imdb_reviews__v50_l16" / "train.npz").exists()
+    assert (tmp_path / "cnn_cache" / "imdb_reviews__v50_l16" / "train" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("field, value, message", [

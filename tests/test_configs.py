@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 import tensorflow_datasets as tfds
 
 import cnn
@@ -25,12 +27,33 @@ DATASET_CONFIGS = {"kmnist", "emnist_letters", "cifar10", "cifar100", "svhn", "e
 def test_all_configs_are_covered():
     assert {"mnist", "fashion_mnist", "digits", "keras_seed", "keras_seed_binary", "kmnist", "emnist_letters",
             "cifar10", "cifar100", "svhn", "eurosat", "horses_or_humans", "colorectal_histology", "lenet5", "vgg",
-            "resnet20", "imdb", "series", "flax_cnn"} <= set(CONFIG_FILES)
+            "resnet20", "imdb", "series", "flax_cnn", "image_folder", "ucr"} <= set(CONFIG_FILES)
+
+
+
+
+def _own_data(name: str, folder) -> str:
+    """30 examples of 3 classes in the form `name` reads (24 train once 20% are held out)."""
+    rng = np.random.default_rng(0)
+    if name == "image_folder":
+        for c in range(3):
+            (folder / f"class{c}").mkdir(parents=True)
+            for i in range(10):
+                Image.fromarray(rng.integers(0, 256, (12, 12), np.uint8)).save(folder / f"class{c}" / f"{i}.png")
+        return str(folder)
+    folder.mkdir(parents=True)
+    path = folder / "tiny_TRAIN.ts"
+    lines = ["@problemName tiny", "@univariate true", "@classLabel true a b c", "@data"]
+    lines += [",".join(f"{v:.3f}" for v in rng.normal(size=20)) + f":{'abc'[i % 3]}" for i in range(30)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_config_trains_on_mock_data(name, tmp_path):
     config = cnn.load_config(str(CONFIGS / f"{name}.py"))
+    if config.data.name in cnn.config.OWN_DATA:
+        config.data.path = _own_data(config.data.name, tmp_path / "data")
     cnn.config.validate(config)
     config.train.num_epochs = 1
     config.train.batch_size = 8

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(shared_tfds_dir):
     if not (SHARED_DATASETS / "mnist" / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"no MNIST archives in {SHARED_DATASETS} (set CNN_SHARED_DATASETS)")
-    return str(tmp_path_factory.mktemp("tfds"))
+    return shared_tfds_dir
 
 
 def test_mnist_from_manual_dir_trains_well_above_chance(data_dir, tmp_path):

@@ -26,7 +26,12 @@ USAGE = "usage: python -m cnn.visualize --workdir=DIR [--num_images=3]"
 def visualize(workdir: str, num_images: int = 3) -> list[str]:
     """Loads the run in `workdir` and its test split, and writes every picture; returns the PNG paths."""
     run = load_run(workdir)
-    dataset = data_lib.load_dataset(read_config(workdir).data)
+    if run.results.get("dataset") == data_lib.ARRAYS:
+        raise ConfigError(f"{workdir} was trained on arrays passed to cnn.train_and_evaluate, which the workdir does "
+                          "not hold; draw its pictures in the notebook: cnn.plots.write_plots(workdir, "
+                          "cnn.load_run(workdir), cnn.from_arrays(...))")
+    config = read_config(workdir)
+    dataset = data_lib.load_dataset(config.data, config.seed)
     return plots.write_plots(workdir, run, dataset, num_images=num_images)
 
 

@@ -27,6 +27,9 @@ class Dataset:
     train: Split
     test: Split
     class_names: list[str]
+    # Files a source could not read, as (path, reason): skipped, never silently
+    # dropped; training lists them in WORKDIR/skipped_files.txt.
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

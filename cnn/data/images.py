@@ -107,6 +107,38 @@ def resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+# PIL modes that hold one channel of brightness (with or without alpha, at 1, 8, 16 or 32 bits).
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def to_mode(image, want: str, done: list[str] | None = None):
+    """A PIL image as 8-bit grey ('L') or 'RGB', saying in `done` what was changed.
+
+    Palette images become colour, 16-bit and float grey is scaled to 8 bits by
+    the image's own maximum, transparency is flattened onto white (as a viewer
+    shows it). Training from files and prediction both convert through here,
+    so a file reads the same in both.
+    """
+    from PIL import Image  # Pillow only where files are read
+
+    done = [] if done is None else done
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit and float grayscale
+        values = np.asarray(image, np.float64)
+        top = values.max() if values.size and values.max() > 0 else 1.0
+        image = Image.fromarray(np.round(values / top * 255).astype(np.uint8))
+        done.append("scaled to 8 bits")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") and np.asarray(image.getchannel("A")).min() < 255:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+        done.append("flattened transparency onto white")
+    if image.mode != want:
+        image = image.convert(want)
+        done.append("converted to grayscale" if want == "L" else "converted to RGB")
+    return image
+
+
 def ink_box(gray: np.ndarray, background: float) -> tuple[tuple[int, int, int, int] | None, float | None]:
     """The (top, left, bottom, right) box of the pixels that differ from `background`, and its size as a fraction."""
     ink = np.abs(gray.astype(np.float64) - background) > 64

@@ -9,6 +9,7 @@ import numpy as np
 
 # Token ids 0 and 1 of a text vocabulary: padding and out-of-vocabulary words.
 PAD, OOV = 0, 1
+DEFAULT_LENGTH = 256  # ids per text when data.max_length is None
 
 _MARKUP = re.compile(r"<[^>]+>")
 _WORD = re.compile(r"[a-z0-9']+")

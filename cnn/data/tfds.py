@@ -3,7 +3,7 @@
 Any TFDS image- or text-classification dataset works by name ('mnist',
 'eurosat/rgb', 'imdb_reviews', ...). Preparing imports TensorFlow; reading
 prepared array_record files does not, and the decoded arrays are cached
-beside the prepared files, so later runs start in seconds.
+beside the prepared files (cnn/data/cache.py), so later runs start in seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import ml_collections
 import numpy as np
 
-from cnn import workdir
+import cnn.data.cache as cache_lib
 import cnn.data.text as text_lib
 from cnn.data.dataset import Dataset, Split
 from cnn.data.embedded import EMBEDDED
@@ -32,38 +32,43 @@ def data_dir(data: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
-def _cache_path(data: ml_collections.ConfigDict, split: str, text: bool = False) -> str:
+def _length(data: ml_collections.ConfigDict) -> int:
+    return int(data.get("max_length") or text_lib.DEFAULT_LENGTH)
+
+
+def _cache_entry(data: ml_collections.ConfigDict, split: str, text: bool) -> tuple[str, dict]:
+    """The cache folder of one split (beside the prepared data) and the key it must have been built from."""
     name = data.name.replace("/", "__").replace(":", "-")
-    if text:  # token ids depend on the vocabulary and the length
-        name += f"__v{data.vocab_size}_l{data.max_length}"
-    return os.path.join(data_dir(data), "cnn_cache", name, f"{split}.npz")
+    key = {"source": "tfds", "name": data.name, "split": split}
+    if text:  # token ids depend on the vocabulary (of the training split) and the length
+        name += f"__v{data.vocab_size}_l{_length(data)}"
+        key.update(vocab_size=int(data.vocab_size), max_length=_length(data), vocabulary_from=data.train_split)
+    elif data.get("image_size") is not None:  # variable-sized sets are resized while decoding
+        size = tuple(int(v) for v in data.image_size)
+        name += f"__{size[0]}x{size[1]}"
+        key["image_size"] = size
+    return os.path.join(data_dir(data), "cnn_cache", name, split.replace(os.sep, "__")), key
 
 
 def load_tfds(data: ml_collections.ConfigDict) -> Dataset:
     """Both splits of a TFDS dataset as arrays, from the cache when it holds them."""
-    splits = {}
-    class_names = None
+    names = (data.train_split, data.test_split)
     if data.cache:
-        for text in (False, True):  # which one is known only once read; finding the file says it
-            paths = [_cache_path(data, split, text) for split in (data.train_split, data.test_split)]
-            if all(os.path.exists(p) for p in paths):
-                for split, path in zip((data.train_split, data.test_split), paths):
-                    with np.load(path) as f:
-                        splits[split] = Split(f["images"], f["labels"])
-                        class_names = [str(n) for n in f["class_names"]]
-                break
-    if len(splits) < 2:
-        splits, class_names, text = _read_tfds(data)
-        if data.cache:
-            for split, arrays in splits.items():
-                _write_cache(_cache_path(data, split, text), arrays, class_names)
+        for text in (False, True):  # which one is known only once read; finding the entries says it
+            entries = [_cache_entry(data, split, text) for split in names]
+            if not all(os.path.isdir(folder) for folder, _ in entries):
+                continue
+            found = [cache_lib.read(folder, key) for folder, key in entries]
+            if all(found):
+                splits = [Split(e.arrays["images"], e.arrays["labels"]) for e in found]
+                return Dataset(data.name, *splits, list(found[0].info["class_names"]))
+    splits, class_names, text = _read_tfds(data)
+    if data.cache:
+        for split, arrays in splits.items():
+            folder, key = _cache_entry(data, split, text)
+            entry = cache_lib.Entry({"images": arrays.images, "labels": arrays.labels}, {"class_names": class_names})
+            cache_lib.write(folder, key, entry)
     return Dataset(data.name, splits[data.train_split], splits[data.test_split], class_names)
-
-
-def _write_cache(path: str, split: Split, class_names: list[str]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with workdir.atomic_path(path) as tmp:
-        np.savez(tmp, images=split.images, labels=split.labels, class_names=np.array(class_names))
 
 
 def _builder(data: ml_collections.ConfigDict):
@@ -134,11 +139,11 @@ def _read_text(builder, text_key: str, label_key: str, data: ml_collections.Conf
     vocabulary = text_lib.build_vocabulary([e[text_key] for e in raw[data.train_split]], data.vocab_size)
     splits = {}
     for split, examples in raw.items():
-        ids = text_lib.encode([e[text_key] for e in examples], vocabulary, data.max_length)
+        ids = text_lib.encode([e[text_key] for e in examples], vocabulary, _length(data))
         labels = np.fromiter((e[label_key] for e in examples), np.int32, len(examples))
         splits[split] = Split(ids, labels)
     _say(f"Tokenised {data.name}: {len(vocabulary):,} words from {data.train_split}, "
-         f"{sum(map(len, splits.values())):,} texts to {data.max_length} ids in {time.time() - start:.1f}s")
+         f"{sum(map(len, splits.values())):,} texts to {_length(data)} ids in {time.time() - start:.1f}s")
     return splits
 
 
@@ -198,8 +203,6 @@ def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collec
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
 
 
 def input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cnn.data.images import ink_box
+from cnn.data.images import ink_box, to_mode
 from cnn.errors import ConfigError
 
 INVERT = ("auto", "yes", "no")
@@ -59,7 +59,7 @@ def convert(image, shape: Sequence[int], info: dict[str, Any] | None = None, inv
     done: list[str] = []
     image = _as_pil(image)
     described = f"{image.width}x{image.height} {image.mode}"
-    image = _to_mode(image, "L" if channels == 1 else "RGB", done)
+    image = to_mode(image, "L" if channels == 1 else "RGB", done)
     background = _background(image)
     image, background = _maybe_invert(image, background, info or {}, invert, done)
     image = _fit(image, (width, height), background, (info or {}).get("ink_extent") if frame else None, done)
@@ -94,25 +94,6 @@ def _as_pil(image) -> Image.Image:
         raise ConfigError(f"an image array must be (height, width), (height, width, 1|3|4) or a batch of those; "
                           f"got shape {image.shape}")
     return Image.fromarray(array)
-
-
-def _to_mode(image: Image.Image, want: str, done: list[str]) -> Image.Image:
-    """Palette, 16-bit and float images to 8 bits, transparency onto white, then grey ('L') or 'RGB'."""
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit and float grayscale
-        values = np.asarray(image, np.float64)
-        top = values.max() if values.size and values.max() > 0 else 1.0
-        image = Image.fromarray(np.round(values / top * 255).astype(np.uint8))
-        done.append("scaled to 8 bits")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") and np.asarray(image.getchannel("A")).min() < 255:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-        done.append("flattened transparency onto white")
-    if image.mode != want:
-        image = image.convert(want)
-        done.append("converted to grayscale" if want == "L" else "converted to RGB")
-    return image
 
 
 def _background(image: Image.Image) -> float:

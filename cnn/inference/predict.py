@@ -74,13 +74,14 @@ def predict(source: TrainResult | str | os.PathLike, images, top_k: int = 3, inv
     if invert not in INVERT:
         raise ConfigError(f"invert={invert!r} must be one of {', '.join(INVERT)}")
     arrays, notes = [], {}
-    for item in _items(images):
+    for item in _items(images, shape):
         if isinstance(item, (str, os.PathLike)):
             item = open_image(os.fspath(item))
         elif not isinstance(item, (np.ndarray, Image.Image)):
             item = np.asarray(item)
-        if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.shape == shape:
-            arrays.append(item)
+        if isinstance(item, np.ndarray) and item.shape == shape and (item.dtype == np.uint8 or len(shape) != 3):
+            arrays.append(item if len(shape) == 3 else  # series (float32) or token ids (int32), as trained
+                          item.astype(np.int32 if np.issubdtype(item.dtype, np.integer) else np.float32))
             continue
         array, item_notes = convert(item, shape, run.results, invert, frame)
         arrays.append(array)
@@ -93,8 +94,12 @@ def predict(source: TrainResult | str | os.PathLike, images, top_k: int = 3, inv
     return top_classes(probabilities(run, np.stack(arrays)), run.class_names, top_k)
 
 
-def _items(images) -> list:
-    """A batch array (with channels, or grayscale without), a list, or one image, as a list of images."""
+def _items(images, shape: tuple[int, ...]) -> list:
+    """A batch array (with channels, or grayscale without), a list, or one image, as a list of images.
+
+    For series and token ids (`shape` not an image's) a batch has one axis more than one input."""
+    if isinstance(images, np.ndarray) and len(shape) != 3:
+        return list(images) if images.ndim == len(shape) + 1 else [images]
     if isinstance(images, np.ndarray) and (images.ndim == 4 or (images.ndim == 3 and images.shape[-1] not in (1, 3, 4))):
         return list(images)
     return list(images) if isinstance(images, (list, tuple)) else [images]

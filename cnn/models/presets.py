@@ -99,6 +99,23 @@ def resnet20(num_classes: int, widths: Sequence[int] = (16, 32, 64), depths: Seq
     return [*out, "GlobalAveragePooling2D()", f"Dense({num_classes})"]
 
 
+def fcn(num_classes: int, filters: Sequence[int] = (128, 256, 128), kernel_sizes: Sequence[int] = (8, 5, 3)
+        ) -> list[str]:
+    """The fully convolutional network for time series of Wang, Yan & Oates (2017).
+
+    One block per filter count: Conv1D (padding 'same') + batch norm + relu;
+    then global average pooling over time and a linear output, so it takes
+    series of any length and channel count.
+    """
+    filters, kernel_sizes = int_tuple(filters, "filters"), int_tuple(kernel_sizes, "kernel_sizes")
+    if len(filters) != len(kernel_sizes):
+        raise ConfigError(f"filters={filters!r} and kernel_sizes={kernel_sizes!r} must have one entry per block each")
+    out = []
+    for width, size in zip(filters, kernel_sizes):
+        out += [f"Conv1D({width}, {size}, padding='same')", "BatchNormalization(momentum=0.9)", "Activation('relu')"]
+    return [*out, "GlobalAveragePooling1D()", f"Dense({num_classes})"]
+
+
 PRESETS: dict[str, Callable[..., list[str]]] = {
     "flax_cnn": flax_cnn,
     "keras_seed": keras_seed,
@@ -106,6 +123,7 @@ PRESETS: dict[str, Callable[..., list[str]]] = {
     "lenet5": lenet5,
     "vgg": vgg,
     "resnet20": resnet20,
+    "fcn": fcn,
 }
 
 # (input shape, classes, parameter count, where the count is published): each

@@ -72,7 +72,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     if lead:
         workdir_lib.check_writable(workdir)
     t = config.train
-    dataset = data_lib.load_dataset(config.data) if dataset is None else data_lib.conform(dataset, config.data)
+    dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
+        data_lib.conform(dataset, config.data)
     model = models.build_model(config.model, dataset.num_classes)
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
     mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
@@ -118,7 +119,7 @@ def announce(run: Training) -> None:
     parts = f", each step in {run.parts} parts of {t.batch_size // run.parts}" if run.parts > 1 else ""
     dtype = f"; {t.compute_dtype} compute" if t.compute_dtype != "float32" else ""
     run.say(table)
-    run.say(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images of {dataset.input_shape}, "
+    run.say(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test examples of {dataset.input_shape}, "
             f"{dataset.num_classes} classes; {run.steps_per_epoch} steps/epoch on {mesh.size} "
             f"{mesh.devices.flat[0].platform} device(s){processes}{parts}; loss {run.recipe.loss}{dtype}")
     if run.resumed:
@@ -128,6 +129,20 @@ def announce(run: Training) -> None:
         workdir_lib.write_atomic(os.path.join(run.workdir, workdir_lib.SUMMARY), table + "\n")
         workdir_lib.write_atomic(os.path.join(run.workdir, workdir_lib.CONFIG),
                                  run.config.to_json_best_effort(indent=2) + "\n")
+        write_skipped(run)
+
+
+def write_skipped(run: Training) -> None:
+    """WORKDIR/skipped_files.txt: each file the data source could not read, with the reason (none: no file)."""
+    path = os.path.join(run.workdir, workdir_lib.SKIPPED)
+    skipped = run.dataset.skipped
+    if not skipped:
+        if os.path.exists(path):  # from a run over files since fixed
+            os.remove(path)
+        return
+    workdir_lib.write_atomic(path, "".join(f"{file}\t{reason}\n" for file, reason in skipped))
+    run.say(f"skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that could not be read; "
+            f"{path} lists {'them' if len(skipped) > 1 else 'it'} with the reasons")
 
 
 def summary(model: models.Sequential | ml_collections.ConfigDict, input_shape: Sequence[int] | None = None) -> str:

@@ -1,0 +1,171 @@
+"""Decoded arrays kept on disk, so a dataset is decoded once and later runs start in seconds.
+
+An entry is one folder: each array as its own NAME.npy (so it can be
+memory-mapped later), and manifest.json with, for each array, its shape,
+dtype, byte size and crc32, plus the key the entry was built from and what
+the source needs back (class names, skipped files). It is written to a
+temporary folder beside it and renamed into place, so a run killed
+mid-write leaves nothing that looks valid. A read checks the key (other
+files or settings: rebuilt) and every size and checksum (a truncated,
+edited or missing file: rebuilt, with a one-line notice on stderr).
+
+TFDS sets keep their entries beside the prepared data (DATA_DIR/cnn_cache/);
+folders and files in `data.cache_dir`, else $CNN_CACHE_DIR, else
+~/.cache/cnn (`root`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from cnn import workdir
+
+FORMAT = 1  # bump when the layout changes: older entries are then rebuilt
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class Entry:
+    arrays: dict[str, np.ndarray]
+    info: dict[str, Any]  # JSON: class names, skipped files, ...
+
+
+def root(data: ml_collections.ConfigDict) -> str:
+    """Where entries for folders and files go: data.cache_dir, else $CNN_CACHE_DIR, else ~/.cache/cnn."""
+    where = data.get("cache_dir") or os.environ.get("CNN_CACHE_DIR")
+    if not where:
+        where = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "cnn")
+    return os.path.expanduser(where)
+
+
+def entry_folder(data: ml_collections.ConfigDict, kind: str, source: str, settings: dict) -> str:
+    """One entry per source and decoding settings: a rebuild replaces it instead of adding another."""
+    ident = json.dumps([os.path.realpath(source), settings], sort_keys=True)
+    name = os.path.basename(os.path.normpath(source)) or "root"
+    return os.path.join(root(data), kind, f"{name}-{hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()}")
+
+
+def checksum(array: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), so keys compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def read(folder: str, key: Any) -> Entry | None:
+    """The entry in `folder` if it was built from `key` and is intact; None (and a notice if damaged) otherwise."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    manifest = workdir.read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "arrays" not in manifest:
+        return _damaged(folder, "unreadable manifest.json")
+    if manifest.get("key") != _plain(key):
+        print(f"note: the data changed since it was cached in {folder}; decoding it again", file=sys.stderr,
+              flush=True)
+        return None
+    arrays = {}
+    for name, meta in manifest["arrays"].items():
+        file = os.path.join(folder, meta["file"])
+        try:
+            array = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            return _damaged(folder, f"{meta['file']}: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
+        if (list(array.shape) != meta["shape"] or array.dtype.str != meta["dtype"] or array.nbytes != meta["bytes"]
+                or checksum(array) != meta["crc32"]):
+            return _damaged(folder, f"{meta['file']} does not match its size or checksum")
+        arrays[name] = array
+    return Entry(arrays, manifest.get("info", {}))
+
+
+def _damaged(folder: str, why: str) -> None:
+    print(f"note: the cache entry {folder} is damaged ({why}); rebuilding it", file=sys.stderr, flush=True)
+    return None
+
+
+def write(folder: str, key: Any, entry: Entry) -> None:
+    """Writes `entry` atomically; a failure (full disk, read-only cache) is a warning: the cache only saves time."""
+    parent, base = os.path.split(os.path.normpath(folder))
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(tmp)
+        _remove_abandoned(parent, base)
+        arrays = {}
+        for name, array in entry.arrays.items():
+            array = np.ascontiguousarray(array)
+            np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
+            arrays[name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": array.dtype.str,
+                            "bytes": int(array.nbytes), "crc32": checksum(array)}
+        manifest = {"format": FORMAT, "key": _plain(key), "arrays": arrays, "info": _plain(entry.info)}
+        workdir.write_json(os.path.join(tmp, MANIFEST), manifest)
+        _swap(tmp, folder)
+    except OSError as e:
+        print(f"warning: could not cache the decoded data in {folder} ({e.strerror or e}); the next run decodes "
+              "it again", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_abandoned(parent: str, base: str) -> None:
+    """Deletes the temporary folders of writers of this entry that were killed before they finished."""
+    prefix = f".{base}.tmp-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix):
+            pid = name[len(prefix):].split("-")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
+
+
+def _swap(tmp: str, folder: str) -> None:
+    """Renames `tmp` onto `folder`, setting an older entry aside first (a folder cannot be renamed over)."""
+    old = None
+    if os.path.exists(folder):
+        old = f"{tmp}.old"
+        os.rename(folder, old)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.exists(os.path.join(folder, MANIFEST)):
+            raise  # not another process finishing the same entry first
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def cached(folder: str | None, key: Any, build: Callable[[], Entry]) -> tuple[Entry, bool]:
+    """The entry for `key` from `folder`, or `build()` written there; and whether it came from the cache.
+
+    `folder=None` (data.cache=False) always builds and writes nothing.
+    """
+    if folder is not None:
+        entry = read(folder, key)
+        if entry is not None:
+            return entry, True
+    entry = build()
+    if folder is not None:
+        write(folder, key, entry)
+    return entry, False
