@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import numbers
 import os
+import traceback
 from collections.abc import Iterable
 
 import ml_collections
@@ -17,7 +18,7 @@ from ml_collections import config_dict
 
 from cnn.errors import ConfigError, int_at_least, is_int, require
 
-__all__ = ["ConfigError", "base_config", "check_fields", "load_config", "unknown_field", "validate"]
+__all__ = ["ConfigError", "base_config", "call_file", "check_fields", "load_config", "unknown_field", "validate"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 OWN_DATA = ("image_folder", "text_folder", "series_file", "npz")  # sources that read data.path
@@ -159,14 +160,49 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     In a notebook, change fields by assignment afterwards:
     `config.train.num_epochs = 3`.
     """
+    config = call_file(path, "get_config", "config file", "configs/mnist.py")
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict; end it with "
+                          "`return config`, as configs/mnist.py does")
+    return config
+
+
+def call_file(path: str, function: str, kind: str, example: str):
+    """Runs the user's Python file `path` and returns `function()`; any failure is one ConfigError line.
+
+    The line names the file and the line of it where things went wrong
+    (`configs/x.py, line 12: SyntaxError: ...`): a traceback through
+    importlib is no help to someone who only wrote the file.
+    """
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist; pass a file such as configs/mnist.py")
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} has no get_config() function")
-    return module.get_config()
+        raise ConfigError(f"{kind} {path!r} does not exist; pass a file such as {example}")
+    try:
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the user's file raised, a SyntaxError included
+        raise _file_error(path, e) from None
+    if not callable(getattr(module, function, None)):
+        raise ConfigError(f"{path} has no {function}() function; define one that returns the {kind.split()[0]}, "
+                          f"as {example} does")
+    try:
+        return getattr(module, function)()
+    except Exception as e:  # noqa: BLE001
+        raise _file_error(path, e) from None
+
+
+def _file_error(path: str, error: Exception) -> ConfigError:
+    """`path, line N: Type: message`, N the last line of the user's file the error came through."""
+    if isinstance(error, SyntaxError):  # in the file itself, or in a module it imports
+        same = error.filename and os.path.abspath(error.filename) == os.path.abspath(path)
+        return ConfigError(f"{path if same else error.filename}, line {error.lineno}: SyntaxError: {error.msg}")
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(frame.filename) == os.path.abspath(path)]
+    where = f"{path}, line {lines[-1]}" if lines else path
+    message = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, ConfigError):  # cnn's own check, already worded for the user
+        return ConfigError(f"{where}: {message}")
+    return ConfigError(f"{where}: {type(error).__name__}" + (f": {message}" if message else ""))
 
 
 def unknown_field(config: ml_collections.ConfigDict, key: str) -> str | None:

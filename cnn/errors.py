@@ -24,6 +24,10 @@ class Diverged(ConfigError):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
+class WriteFailed(ConfigError):
+    """A file of the run could not be written (a full disk, a lost mount); what was written before it is intact."""
+
+
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was saved and the same command resumes."""
 

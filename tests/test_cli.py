@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from cnn.config import ConfigError, load_config
+from conftest import REPO, SHARED_DATASETS
 
 
 def run_cli(*args, cwd=REPO, timeout=300):
@@ -26,7 +27,6 @@ def test_digits_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--config.data.name=mnistt"], "data.name='mnistt' is not a known dataset; did you mean 'mnist'"),
     (["--config.data.name=eurosat/rgbb"], "data.name='eurosat/rgbb': BuilderConfig rgbb not found"),
     (["--config.optimizer.name=rmsprop"], "optimizer.name='rmsprop' is not valid: expected one of sgd, adam, adamw"),
     (["--config.train.batch_size=5000"], "train.batch_size=5000 is larger than the digits training split (1437"),
@@ -67,14 +67,66 @@ def test_missing_dataset_offline_says_how_to_fix_it(tmp_path):
     assert "--config.data.manual_dir=FOLDER" in proc.stderr and "data_dir" in proc.stderr
 
 
-def test_manual_dir_with_the_wrong_files(tmp_path):
+def shared_checksums():
+    """The SHA-256 of each original archive, from ../shared/datasets/SHA256SUMS (not from TFDS)."""
+    path = SHARED_DATASETS / "SHA256SUMS"
+    if not path.exists():
+        pytest.skip(f"no {path} (set CNN_SHARED_DATASETS)")
+    return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line)}
+
+
+@pytest.mark.parametrize("name, damage", [("train-images-idx3-ubyte.gz", "another file"),
+                                          ("train-labels-idx1-ubyte.gz", "cut short")])
+def test_a_wrong_or_truncated_archive_in_manual_dir_is_named_with_its_checksum(tmp_path, name, damage):
+    """Found before TensorFlow loads: the file, its size, and the checksum it should have, in one line."""
+    expected = shared_checksums()[f"mnist/{name}"]
     (tmp_path / "manual").mkdir()
-    (tmp_path / "manual" / "train-images-idx3-ubyte.gz").write_bytes(b"not mnist")
+    bad = tmp_path / "manual" / name
+    if damage == "another file":
+        bad.write_bytes(b"not mnist")
+    else:  # a copy that stopped part-way, as a full disk or a dropped connection leaves it
+        bad.write_bytes((SHARED_DATASETS / "mnist" / name).read_bytes()[:10000])
     proc = run_cli("--config=configs/mnist.py", f"--workdir={tmp_path / 'w'}",
                    f"--config.data.data_dir={tmp_path / 'data'}", f"--config.data.manual_dir={tmp_path / 'manual'}",
                    timeout=180)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"the files in data.manual_dir='{tmp_path / 'manual'}' did not work" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"data.manual_dir: {bad} is not mnist's {name}" in errors[0], proc.stderr
+    assert f"SHA-256 {expected}" in errors[0] and f"({bad.stat().st_size:,} bytes;" in errors[0]
+    assert "oneDNN" not in proc.stderr and "absl::InitializeLog" not in proc.stderr  # TensorFlow never loaded
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def get_config(:\n    return base_config()\n", "{path}, line 4: SyntaxError: "),
+    ("def get_config():\n    config = base_config()\n    config.train.num_epochs = 1 / 0\n    return config\n",
+     "{path}, line 6: ZeroDivisionError: division by zero"),
+    ("config = base_config()\n", "{path} has no get_config() function"),
+])
+def test_a_broken_config_file_is_one_line_naming_the_file_and_line(tmp_path, body, message):
+    """The command line and load_config (notebooks, sweeps) say the same."""
+    path = tmp_path / "broken.py"
+    path.write_text("from cnn.config import base_config\n\n\n" + body)
+    proc = run_cli(f"--config={path}", f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {message.format(path=path)}") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(path))
+    assert proc.stderr.strip() == f"error: {raised.value}"
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_unknown_dataset_is_refused_quietly_without_tensorflow(tmp_path):
+    proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", "--config.data.name=mnistt")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: data.name='mnistt' is not a known dataset; did you mean 'mnist'")
+    assert proc.stderr.count("\n") == 1, proc.stderr  # no TensorFlow or cloud-credential lines before it
+    code = ("import sys, cnn; c = cnn.load_config('configs/digits.py'); c.data.name = 'fashion_mnistt'\n"
+            "try:\n    cnn.load_dataset(c.data)\nexcept cnn.ConfigError as e:\n"
+            "    print('tensorflow' in sys.modules, e)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("False data.name='fashion_mnistt' is not a known dataset; did you mean "
+                                 "'fashion_mnist'"), out.stdout + out.stderr
 
 
 def test_missing_config_file(tmp_path):

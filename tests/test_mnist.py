@@ -28,6 +28,9 @@ def test_mnist_from_manual_dir_trains_well_above_chance(data_dir, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Preparing mnist" in proc.stderr
+    # TensorFlow loaded to prepare it, quietly: none of its C++ start-up lines, nor TFDS's absl warnings.
+    noise = ("oneDNN", "absl::InitializeLog", "cpu_feature_guard", "dataset_info.json", "OpenCV")
+    assert not [n for n in noise if n in proc.stderr], proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["test_accuracy"] > 0.9  # chance is 0.1; the full test split of 10,000 images
     assert results["steps"] == 12000 // 128

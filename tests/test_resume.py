@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,9 +25,11 @@ ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=3", "--config.t
 TIMING = {"epoch_seconds", "images_per_second", "input_seconds", "elapsed_seconds", "time"}
 
 
-def start(workdir, *extra):
+def start(workdir, *extra, fault=None):
+    """`fault`: $CNN_FAULT for the run (cnn/workdir.py), e.g. 'enospc:checkpoints:3'."""
+    env = {**os.environ, "CNN_FAULT": fault} if fault else None
     return subprocess.Popen([sys.executable, "-m", "cnn.main", *ARGS, f"--workdir={workdir}", *extra], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finish(workdir, *extra):
@@ -34,6 +37,15 @@ def finish(workdir, *extra):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return out, err
+
+
+def fails(workdir, fault=None):
+    """Runs to an error; returns its one `error:` line."""
+    proc = start(workdir, fault=fault)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    (line,) = [l for l in err.splitlines() if l.startswith("error: ")]
+    return line
 
 
 def metrics(workdir):
@@ -55,7 +67,7 @@ def final_params(workdir):
 def saved_steps(workdir):
     """Finished checkpoints only (orbax writes into NAME.orbax-checkpoint-tmp first)."""
     folder = workdir / "checkpoints"
-    return [int(d) for d in os.listdir(folder) if d.isdigit()] if folder.exists() else []
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if folder.exists() else []
 
 
 def wait_for_checkpoint(workdir, after_step, proc):
@@ -175,3 +187,74 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert max(saved_steps(tmp_path)) == 89
     step, params, _ = final_params(tmp_path)  # still restores, and is finite
     assert step == 89 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+# ---------------------------------------------------------------------------
+# One run per workdir, full disks, and a kill in the middle of a save.
+
+
+def test_killed_mid_save_the_lock_is_taken_over_a_second_run_refused_and_the_rerun_resumes(tmp_path, reference):
+    """SIGKILL once the third checkpoint's files are written but before orbax renames them into place; then,
+    while the rerun trains, another run on the same workdir is refused and the rerun goes on unharmed."""
+    killed = start(tmp_path, fault="kill:checkpoints:3")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert saved_steps(tmp_path) == [7, 14] and (tmp_path / "checkpoints" / "21.orbax-checkpoint-tmp").is_dir()
+    rerun = start(tmp_path)
+    wait_for_checkpoint(tmp_path, 21, rerun)
+    second = subprocess.run([sys.executable, "-m", "cnn.main", *ARGS, f"--workdir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith(f"error: workdir='{tmp_path}' is in use by another run: PID {rerun.pid} on "
+                                    f"{socket.gethostname()} (since ")
+    assert "\nepoch " not in second.stdout and rerun.poll() is None
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "resuming from the checkpoint at step 14 " in out
+    assert f"note: taking over {tmp_path / '.lock'} from PID {killed.pid} on {socket.gethostname()}" in err
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]  # the unfinished save cleared
+    assert_same_run(tmp_path, reference)
+
+
+def test_full_disk_at_each_write_stops_in_one_line_and_the_rerun_ends_as_if_nothing_happened(tmp_path, reference):
+    """ENOSPC injected at a checkpoint (files written, rename refused), a metrics record and results.json."""
+    line = fails(tmp_path, "enospc:checkpoints:3")
+    assert line.startswith(f"error: could not write {tmp_path}/checkpoints/21: No space left on device [errno 28]")
+    assert "run the same command to resume" in line
+    assert saved_steps(tmp_path) == [7, 14]  # keep_checkpoints=2: the failed save dropped neither
+    # The metrics file's first write is its rewrite at start; the second, the resumed run's first record.
+    line = fails(tmp_path, "enospc:metrics.jsonl:2")
+    assert line.startswith(f"error: could not write {tmp_path}/metrics.jsonl: No space left on device")
+    assert saved_steps(tmp_path) == [77, 84] and metrics(tmp_path) == []
+    line = fails(tmp_path, "enospc:results.json:1")
+    assert line.startswith(f"error: could not write {tmp_path}/results.json: No space left on device")
+    assert not (tmp_path / "results.json").exists() and max(saved_steps(tmp_path)) == 3 * 89
+    finish(tmp_path)
+    assert_same_run(tmp_path, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.8 MB tmpfs: room for two checkpoints of this model (~0.6 MB each) but not for the third, which orbax
+    writes before it rotates the oldest out. Needs root (CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1856k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode:
+        pytest.skip(f"could not mount a tmpfs: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_stops_in_one_line_and_keeps_the_checkpoints_before(small_disk):
+    """A resumed run ending as an uninterrupted one is the test above's; here the disk is really full."""
+    workdir = small_disk / "w"
+    line = fails(workdir)
+    failed = int(line.split(f"could not write {workdir}/checkpoints/")[1].split(":")[0])
+    assert "No space left on device" in line and "run the same command to resume" in line, line
+    assert saved_steps(workdir) == [failed - 14, failed - 7]
+    step, params, _ = final_params(workdir)  # the newest restores, intact
+    assert step == failed - 7 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))

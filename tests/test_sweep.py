@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 import cnn.cli.sweep as cli
 from cnn import sweep as sweep_lib
+from cnn.workdir import LOCK
 from cnn.config import ConfigError
 from conftest import REPO
 
@@ -70,7 +71,7 @@ def starts(log):
 
 
 def lock_is_held(folder):
-    with open(folder / ".sweep.lock") as f:
+    with open(folder / LOCK) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -124,6 +125,7 @@ def test_sweep_files_become_optuna_spaces():
 
 @pytest.mark.parametrize("body, flags, message", [
     (None, [], "sweep file '{tmp}/missing.py' does not exist"),
+    ("space={'seed': [0]}, n_trials=1 // 0", [], "{tmp}/s.py, line 5: ZeroDivisionError: integer division or modulo"),
     ("space={'optimizer.lr': [0.1]}", [], "override optimizer.lr: optimizer has no field 'lr'; its fields: b1, b2"),
     ("fixed={'train.epochs': 1}, space={'seed': [0]}", [], "override train.epochs: train has no field 'epochs'"),
     ("space={'seed': [0]}, trials=[{'seed': 1}]", [], "one of 'space' (to search) or 'trials' (to run each)"),
@@ -249,6 +251,10 @@ def test_a_killed_workers_trial_is_never_started_twice_and_resumes_from_its_chec
     first.kill()  # SIGKILL: no handler runs; its trial process goes on training, holding the folder's lock
     first.communicate()
     assert lock_is_held(folder) and trial_pid(folder)
+    by_hand = subprocess.run([sys.executable, "-m", "cnn.main", "--config=configs/digits.py", f"--workdir={folder}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert by_hand.returncode == 2  # the trial process took its worker's lock over as its own, and says so
+    assert f"is in use by another run: PID {trial_pid(folder)} on " in by_hand.stderr, by_hand.stderr
 
     assert cli.main(["cnn.sweep", path, f"--workdir={work}"]) == 0  # a second worker, in this process
     assert "no trial to run here: the study has 1 of 1 trials, 1 running" in capsys.readouterr().out
@@ -264,6 +270,23 @@ def test_a_killed_workers_trial_is_never_started_twice_and_resumes_from_its_chec
     assert trial.state == TrialState.COMPLETE and trial.number == 0
     epochs = [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, done + 3))  # every epoch once: resumed, not restarted
+
+
+def test_a_folder_a_run_started_by_hand_holds_is_not_given_a_trial(tmp_path, capsys):
+    path = write_sweep(tmp_path, f"fixed={{{MLP}}}, trials=[{{'seed': 0}}]")
+    work, folder = tmp_path / "w", tmp_path / "w" / "seed=0"
+    by_hand = subprocess.Popen([sys.executable, "-m", "cnn.main", "--config=configs/digits.py", f"--workdir={folder}",
+                                "--config.train.num_epochs=1000", "--config.model.layers=('Flatten()', 'Dense(10)')"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (folder / "metrics.jsonl").exists(), "the run by hand to start training")
+        assert cli.main(["cnn.sweep", path, f"--workdir={work}"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {folder} is in use by PID {by_hand.pid} on " in err, err
+        assert not (folder / "log.txt").exists() and by_hand.poll() is None  # nothing started there
+    finally:
+        by_hand.kill()
+        by_hand.wait()
 
 
 def test_sigterm_stops_the_workers_trials_with_checkpoints(tmp_path):

@@ -13,6 +13,8 @@ from typing import NoReturn
 
 from absl import flags, logging
 
+from cnn.errors import ConfigError
+
 FLAGS = flags.FLAGS
 
 
@@ -34,6 +36,8 @@ def flags_parser(usage: str, explain: Callable[[list[str], Exception], str] | No
         try:
             return FLAGS(argv)
         except flags.Error as e:
+            if isinstance(e.__context__, ConfigError):  # a flag's own parser named the mistake (say, --config's file)
+                fail(str(e.__context__))
             message = str(e)
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             if explain is None:

@@ -24,7 +24,23 @@ from cnn.train import train_and_evaluate
 
 USAGE = ("usage: python -m cnn.main --config=configs/mnist.py --workdir=DIR "
          "[--config.section.field=value ...]")
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+    """Replaces config_flags' --config parser: the file is read as `cnn.load_config` reads it, so a broken file
+    is one line naming it, not a traceback through importlib."""
+
+    def parse(self, argument: str):
+        config = config_lib.load_config(argument)
+        config.lock()  # as lock_config=True: an override must name a field the config has
+        return config
+
+    def flag_type(self) -> str:
+        return "config object"
+
+
 config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().", lock_config=True)
+FLAGS["config"].parser = _ConfigFileParser()
 flags.DEFINE_string("workdir", None, "Folder for metrics, summaries and results.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process (multi-host) run; "
                     "without it, JAX_DISTRIBUTED=1 or a SLURM job with several tasks reads the cluster's environment.")
@@ -37,7 +53,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     quiet_logging()
-    config = _config()
+    config = FLAGS.config
     try:
         if FLAGS.coordinator_address and (FLAGS.num_processes is None or FLAGS.process_id is None):
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
@@ -70,23 +86,12 @@ def _sweep_reporter():
     return reporter_from_env()
 
 
-def _config():
-    """The --config file's config; config_flags defers a bad file's error to the first read."""
-    try:
-        config = FLAGS.config
-        config.train
-    except OSError as e:
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        fail(f"--config could not be loaded ({detail}); pass a file such as configs/mnist.py")
-    return config
-
-
 def _explain_override(argv: list[str], error: Exception) -> str:
     """Names the first `--config.a.b=v` override whose field the config file lacks, or says what failed."""
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     try:
         config = config_lib.load_config(path)
-    except Exception:  # noqa: BLE001 - the file itself is reported once flags are read
+    except ConfigError:  # the file itself is reported by its own parser
         config = None
     for arg in argv:
         if config is not None and arg.startswith("--config.") and "=" in arg:

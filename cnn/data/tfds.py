@@ -8,12 +8,15 @@ beside the prepared files (cnn/data/cache.py), so later runs start in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import os
 import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -71,13 +74,39 @@ def load_tfds(data: ml_collections.ConfigDict) -> Dataset:
     return Dataset(data.name, splits[data.train_split], splits[data.test_split], class_names)
 
 
+def _verbose() -> bool:
+    """Whether the command line asked for logs (--verbosity); a notebook, which has no flags, is quiet."""
+    from absl import flags
+
+    return flags.FLAGS.is_parsed() and bool(flags.FLAGS["verbosity"].present)
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow() -> Iterator[None]:
+    """TFDS's absl warnings and TensorFlow's C++ logs tell a user nothing to act on: hidden unless --verbosity
+    asks for them."""
+    from absl import logging
+
+    if _verbose():
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # for TensorFlow's logs once it has started
+    before = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+
+
 def _builder(data: ml_collections.ConfigDict):
     import tensorflow_datasets as tfds  # TFDS (and TensorFlow behind it) only for TFDS names
 
     try:
         return tfds.builder(data.name, data_dir=data_dir(data))
     except tfds.core.registered.DatasetNotFoundError:
-        known = [*EMBEDDED, *tfds.list_builders()]
+        # Not community datasets: listing them imports TensorFlow and asks Google Cloud for credentials.
+        known = [*EMBEDDED, *tfds.list_builders(with_community_datasets=False)]
         close = difflib.get_close_matches(data.name, known, n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ConfigError(f"data.name={data.name!r} is not a known dataset; {hint}use 'digits' (offline, built in) "
@@ -94,6 +123,7 @@ def _builder(data: ml_collections.ConfigDict):
                           + (f"; {base} has {', '.join(map(repr, known[:8]))}" if known else "")) from None
 
 
+@_quiet_tensorflow()
 def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[str], bool]:
     """Both splits as arrays, the class names, and whether the inputs are text (token ids)."""
     import tensorflow_datasets as tfds
@@ -156,6 +186,9 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     _say(f"Preparing {data.name} in {builder.data_dir} (once; TFDS needs TensorFlow for this step)...")
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()  # its bars are one line per update in a log file
+    if data.manual_dir:
+        _check_manual_files(builder, data)
+    _import_tensorflow()
     start = time.time()
     # TFDS unpacks archives into a folder shared by all datasets and reuses
     # files by name, so MNIST and Fashion-MNIST (same file names) would mix:
@@ -178,6 +211,29 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     finally:
         downloader.MAX_RETRIES = retries
     _say(f"Prepared {data.name} in {time.time() - start:.1f}s")
+
+
+def _check_manual_files(builder, data: ml_collections.ConfigDict) -> None:
+    """Names a file in data.manual_dir that TFDS would reject by its checksum (a copy cut short, another
+    dataset's file), before TensorFlow loads and its stack trace would."""
+    for info in (builder.url_infos or {}).values():
+        path = os.path.join(data.manual_dir, info.filename or "")
+        if not info.filename or not os.path.isfile(path):
+            continue  # TFDS downloads what is missing (or says it cannot)
+        size = os.path.getsize(path)
+        if size == int(info.size) and _sha256(path) == info.checksum:
+            continue
+        found = f"{size:,} bytes" if size != int(info.size) else "the right size but other bytes"
+        raise ConfigError(f"data.manual_dir: {path} is not {data.name}'s {info.filename} ({found}; expected "
+                          f"{int(info.size):,} bytes with SHA-256 {info.checksum}); copy it again, or remove it")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collections.ConfigDict) -> Split:
@@ -205,6 +261,32 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _import_tensorflow() -> None:
+    """Imports TensorFlow, its start-up lines (oneDNN, CPU features) kept off the terminal unless --verbosity.
+
+    Its C++ libraries write them straight to file descriptor 2 as they load,
+    and TF_CPP_MIN_LOG_LEVEL does not stop them (TF 2.21), so stderr points
+    at a temporary file meanwhile; that file is shown if the import fails.
+    """
+    if "tensorflow" in sys.modules or _verbose():
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@_quiet_tensorflow()
 def input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
     """A TFDS dataset's input shape from its description, without loading or preparing it."""
     info = _builder(data).info

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -93,19 +92,7 @@ def _find_config(path: str, sweep_path: str) -> str:
 
 
 def _call_get_sweep(path: str) -> Mapping:
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file {path!r} does not exist; pass a file such as experiments/digits_search.py")
-    try:
-        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not callable(getattr(module, "get_sweep", None)):
-            raise ConfigError("it has no get_sweep() function; see experiments/digits_search.py")
-        result = module.get_sweep()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - anything in the user's file is one line
-        raise ConfigError(f"{path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    result = config_lib.call_file(path, "get_sweep", "sweep file", "experiments/digits_search.py")
     if not isinstance(result, Mapping) or "config" not in result or ("space" in result) == ("trials" in result):
         raise ConfigError(f"{path}: get_sweep() must return a dict with 'config' and one of 'space' (to search) "
                           "or 'trials' (to run each)")

@@ -23,6 +23,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 from cnn.progress import format_seconds
 from cnn.sweep import storage as storage_lib
@@ -135,8 +136,8 @@ def _adoptable(worker: Worker, trials: list[optuna.trial.FrozenTrial]) -> trial_
         if t.state != TrialState.RUNNING:
             continue
         path = trial_dir(worker.sweep, worker.workdir, t.number, t.params, worker.grid)
-        if os.path.isdir(path) and (fd := trial_lib.lock_folder(path)) is not None:
-            return trial_lib.Running(t.number, dict(t.params), path, fd, resumed=True)
+        if os.path.isdir(path) and (lock := workdir_lib.try_lock(path)) is not None:
+            return trial_lib.Running(t.number, dict(t.params), path, lock.fd, resumed=True)
     return None
 
 
@@ -168,11 +169,12 @@ def claim(worker: Worker) -> trial_lib.Running | None:
             return None
         number, params = new
         path = trial_dir(worker.sweep, worker.workdir, number, params, worker.grid)
-        fd = trial_lib.lock_folder(path)
+        lock = workdir_lib.try_lock(path)  # the workdir lock cnn.main takes: the trial's process inherits it
         trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id, number)
-        if fd is None:  # not a sweep's process: say, a SLURM array's cnn.main still running there
+        if lock is None:  # not a sweep's process: say, a SLURM array's cnn.main still running there
             worker.teller.tell(number, state=TrialState.FAIL)
-            worker.fatal = f"{path} is in use by another process; let it finish, then run the sweep again"
+            worker.fatal = (f"{path} is in use by {workdir_lib.describe_holder(workdir_lib.holder(path))}; let it "
+                            "finish, then run the sweep again")
             return None
         worker.storage.set_trial_user_attr(trial_id, "workdir", path)
         worker.storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -180,7 +182,7 @@ def claim(worker: Worker) -> trial_lib.Running | None:
         json.dump({"study": worker.sweep.name, "storage": storage_lib.shown(worker.spec), "token": worker.token,
                    "number": number, "config": worker.sweep.config_name,
                    "overrides": {**worker.sweep.fixed, **params}}, f, indent=2)
-    return trial_lib.Running(number, dict(params), path, fd)
+    return trial_lib.Running(number, dict(params), path, lock.fd)
 
 
 def _env(worker: Worker, number: int) -> dict[str, str]:

@@ -2,16 +2,16 @@
 
 The process gets the trial's identity in environment variables, so the
 command line stays the one a user could type, and `cnn.main` imports Optuna
-only when they are set. A lock in the trial's folder is held by the worker
-and inherited by the process: while either lives, no other worker starts
-the trial again (on a shared filesystem too), and once both are gone any
-worker may resume it from its checkpoints.
+only when they are set. The trial folder's workdir lock (cnn.workdir.hold)
+is taken by the worker and inherited by the process, which recognises it
+($CNN_WORKDIR_LOCK_FD): while either lives, no other worker starts the trial
+again and no other cnn.main runs there (on a shared filesystem too), and
+once both are gone any worker may resume it from its checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shlex
@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cnn import workdir as workdir_lib
 from cnn.errors import Pruned
 
 STORAGE, STUDY, TRIAL, PRUNER = "CNN_SWEEP_STORAGE", "CNN_SWEEP_STUDY", "CNN_SWEEP_TRIAL", "CNN_SWEEP_PRUNER"
 PRUNED_EXIT = 3  # cnn.main's status for Pruned
 STOPPED_EXITS = (130, 143, -2, -15)  # interrupted or SIGTERM: the checkpoint stays, the trial can resume
-LOCK = ".sweep.lock"
 
 
 def make_pruner(name: str, startup_trials: int):
@@ -81,22 +81,10 @@ class Running:
     number: int
     params: dict[str, Any]
     workdir: str
-    lock: int  # the locked file's descriptor
+    lock: int  # the descriptor of the folder's workdir lock (cnn.workdir.try_lock)
     resumed: bool = False
     proc: subprocess.Popen | None = None
     started: float = 0.0
-
-
-def lock_folder(workdir: str) -> int | None:
-    """Takes the trial folder's lock (creating the folder); None while another worker or trial process holds it."""
-    os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def start(run: Running, command: list[str], env: dict[str, str]) -> None:
@@ -106,7 +94,8 @@ def start(run: Running, command: list[str], env: dict[str, str]) -> None:
         log.flush()
         # A session of its own: Ctrl-C in the terminal reaches the worker, which stops the trial with SIGTERM.
         run.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True, pass_fds=(run.lock,))
+                                    env={**env, workdir_lib.LOCK_FD: str(run.lock)}, start_new_session=True,
+                                    pass_fds=(run.lock,))
     run.started = time.time()
 
 

@@ -1,7 +1,9 @@
 """Checkpoints of the train state with orbax-checkpoint, and resuming from them.
 
 Orbax writes each step to a temporary folder and renames it when complete,
-so a process killed mid-save never leaves a checkpoint that looks valid.
+so a process killed mid-save never leaves a checkpoint that looks valid; a
+save that fails (a full disk) raises before the older checkpoints are
+rotated out, so the newest good one stays.
 A checkpoint holds every array a step depends on (parameters, optimizer
 state, batch statistics, step, dropout key) plus the running sums of the
 current epoch's metrics, so a resumed run continues bit for bit.
@@ -9,15 +11,20 @@ current epoch's metrics, so a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 
 
@@ -35,24 +42,54 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 class Checkpoints:
     """The checkpoints of one workdir: save, and restore the newest one that is intact."""
 
-    def __init__(self, workdir: str, keep: int = 3):
+    def __init__(self, workdir: str, keep: int = 3, owner: bool = False):
+        """`owner`: the run holding the workdir's lock, which saves; it also clears what unfinished saves left."""
         import orbax.checkpoint as ocp  # here: it adds about half a second to `import cnn`
 
         self._ocp = ocp
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.directory = os.path.join(self.workdir, workdir_lib.CHECKPOINTS)
         # Synchronous saves: the next train step donates the state's buffers.
-        self._manager = ocp.CheckpointManager(
-            self.directory, item_handlers=ocp.StandardCheckpointHandler(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=owner,
+            temporary_path_class=_faulty_rename() if owner and workdir_lib.faults_at(workdir_lib.CHECKPOINTS)
+            else None)
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+                                              options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, state, epoch_sums: dict[str, jax.Array]) -> None:
+        """Saves the step's checkpoint; a failed write (a full disk) is `WriteFailed`, the older ones kept."""
         step = int(state.step)
-        if step not in self._manager.all_steps():
-            self._manager.save(step, args=self._ocp.args.StandardSave(_arrays(state, epoch_sums)))
+        if step in self._manager.all_steps():
+            return
+        arrays = _arrays(state, epoch_sums)
+        self._check_space(step, arrays)
+        try:
+            with _quiet_orbax():
+                self._manager.save(step, args=self._ocp.args.StandardSave(arrays))
+        except Exception as e:  # noqa: BLE001 - OSError from Python, ValueError from TensorStore: same failure
+            cause = _write_error(e)
+            if cause is None:
+                raise
+            raise workdir_lib.write_failed(os.path.join(self.directory, str(step)), cause) from None
+
+    def _check_space(self, step: int, arrays: dict[str, Any]) -> None:
+        """Refuses a save the disk has no room for before orbax starts it: orbax's own failure mid-write is
+        raised cleanly but leaves its threads to print their tracebacks too."""
+        need = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(arrays)) * 1.05 + _SAVE_OVERHEAD
+        try:
+            disk = os.statvfs(self.directory)
+        except OSError:
+            return  # not made yet, or not a local filesystem: orbax reports what goes wrong
+        free = disk.f_bavail * disk.f_frsize
+        if free < need:
+            raise workdir_lib.write_failed(
+                os.path.join(self.directory, str(step)),
+                OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a checkpoint needs about {need / 2**20:.1f} "
+                                      f"MB, {free / 2**20:.1f} MB are free)"))
 
     def restore(self, state) -> tuple[Any, dict[str, jax.Array]] | None:
         """Returns (state, epoch_sums) from the newest intact checkpoint, or None if there is none.
@@ -111,3 +148,47 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+_SAVE_OVERHEAD = 256 * 1024  # bytes of a checkpoint beyond its arrays: metadata files, each a block or more
+# What a failed write says when TensorStore (C++) reports it as a ValueError instead of an OSError.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def _write_error(error: Exception) -> OSError | None:
+    """The OSError behind a failed save: the error itself, or one rebuilt from TensorStore's message
+    ('RESOURCE_EXHAUSTED: ... Failed to write ...: No space left on device'); None for any other failure."""
+    if isinstance(error, OSError):
+        return error
+    text = str(error)
+    code = next((c for c in _WRITE_ERRNOS if os.strerror(c) in text), None)
+    return OSError(code, os.strerror(code)) if code is not None else None
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax's threads log a failed write with a traceback each before save() raises it: the error is raised
+    (and reported once) anyway, so their copies are dropped."""
+    def from_orbax(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(from_orbax)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(from_orbax)
+
+
+def _faulty_rename():
+    """Orbax's rename of a finished save into place, with workdir.fault('checkpoints') first: $CNN_FAULT can make a
+    save fail, or kill the process, once every file of it is written but before it becomes a checkpoint."""
+    from orbax.checkpoint.path import atomicity
+
+    class FaultyRename(atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self, *args, **kwargs):
+            if self.get_final().name.isdigit():  # the step's folder, not an item's inside it
+                workdir_lib.fault(workdir_lib.CHECKPOINTS)
+            return await super().finalize(*args, **kwargs)
+
+    return FaultyRename

@@ -56,34 +56,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     In a multi-process run every process calls this; only the first writes.
     """
     run = prepare(config, workdir, dataset)
-    announce(run)
-    with MetricWriter(workdir, run.step, enabled=run.lead) as writer, runtime.sigterm_flag() as sigterm:
-        for epoch in range(run.step // run.steps_per_epoch + 1, config.train.num_epochs + 1):
-            epoch_start, first = time.time(), run.step - (epoch - 1) * run.steps_per_epoch
-            recent, input_seconds = train_epoch(run, epoch, sigterm)
-            epoch_sums = sharding.to_host(run.sums)
-            if not np.isfinite(epoch_sums["loss"]):
-                check_finite(run, recent, epoch)  # raises Diverged naming the step
-            train_seconds = time.time() - epoch_start
-            test = evaluate(run.state, run.dataset.test, run.eval_batch_size, run.run_eval,
-                            sharding.batch_sharding(run.mesh))
-            record = {"epoch": epoch, "step": run.step,
-                      "train_loss": float(epoch_sums["loss"]) / run.steps_per_epoch,
-                      "train_accuracy": float(epoch_sums["accuracy"]) / run.steps_per_epoch,
-                      "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                      "epoch_seconds": time.time() - epoch_start,
-                      "images_per_second": (run.steps_per_epoch - first) * config.train.batch_size / train_seconds,
-                      "input_seconds": input_seconds,
-                      "elapsed_seconds": time.time() - run.start}  # since the process started, imports included
-            writer.write(record)
-            run.sums = sharding.put_replicated(ZEROS, run.mesh)
-            save(run, recent, epoch)  # after the record: a resume never redoes a logged epoch
-            report(run, record)
-            if on_epoch_end is not None:
-                on_epoch_end(record)
-        history = writer.history
-    run.checkpoints.close()
-    return finish(run, history)
+    with run.lock:  # the workdir's lock, released however the run ends
+        announce(run)
+        with MetricWriter(workdir, run.step, enabled=run.lead) as writer, runtime.sigterm_flag() as sigterm:
+            for epoch in range(run.step // run.steps_per_epoch + 1, config.train.num_epochs + 1):
+                record, recent = train_and_test(run, epoch, sigterm)
+                writer.write(record)
+                run.sums = sharding.put_replicated(ZEROS, run.mesh)
+                save(run, recent, epoch)  # after the record: a resume never redoes a logged epoch
+                report(run, record)
+                if on_epoch_end is not None:
+                    on_epoch_end(record)
+            history = writer.history
+        run.checkpoints.close()
+        return finish(run, history)
+
+
+def train_and_test(run: Training, epoch: int, sigterm) -> tuple[dict, list[jax.Array]]:
+    """One epoch's training and test: its record for metrics.jsonl, and the losses since the last checkpoint."""
+    epoch_start, first = time.time(), run.step - (epoch - 1) * run.steps_per_epoch
+    recent, input_seconds = train_epoch(run, epoch, sigterm)
+    epoch_sums = sharding.to_host(run.sums)
+    if not np.isfinite(epoch_sums["loss"]):
+        check_finite(run, recent, epoch)  # raises Diverged naming the step
+    train_seconds = time.time() - epoch_start
+    test = evaluate(run.state, run.dataset.test, run.eval_batch_size, run.run_eval, sharding.batch_sharding(run.mesh))
+    record = {"epoch": epoch, "step": run.step,
+              "train_loss": float(epoch_sums["loss"]) / run.steps_per_epoch,
+              "train_accuracy": float(epoch_sums["accuracy"]) / run.steps_per_epoch,
+              "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+              "epoch_seconds": time.time() - epoch_start,
+              "images_per_second": (run.steps_per_epoch - first) * run.config.train.batch_size / train_seconds,
+              "input_seconds": input_seconds,
+              "elapsed_seconds": time.time() - run.start}  # since the process started, imports included
+    return record, recent
 
 
 def train_epoch(run: Training, epoch: int, sigterm) -> tuple[list[jax.Array], float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -24,7 +25,7 @@ class MetricWriter:
         process killed mid-write, is dropped too. With `enabled` False (every
         process but the first of a multi-process run) it only keeps history.
         """
-        path = os.path.join(workdir, workdir_lib.METRICS)
+        self.path = path = os.path.join(workdir, workdir_lib.METRICS)
         self.history = []
         if os.path.exists(path):
             with open(path) as f:
@@ -40,7 +41,8 @@ class MetricWriter:
         if not enabled:
             return
         workdir_lib.write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
-        self._jsonl = open(path, "a")
+        with workdir_lib.writing(path):
+            self._jsonl = open(path, "a")
         # tensorboardX takes ~1 s to import: done beside start-up's compilation, not before it.
         self._tb = None
         self._opening = threading.Thread(target=self._open_tensorboard, args=(workdir,), daemon=True)
@@ -56,8 +58,10 @@ class MetricWriter:
         self.history.append(record)
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        with workdir_lib.writing(self.path):  # a full disk: one line; a torn last line is dropped on resume
+            workdir_lib.fault(workdir_lib.METRICS)
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
         self._opening.join()
         step = record["step"]
         for key, value in record.items():
@@ -68,12 +72,17 @@ class MetricWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._jsonl.close()
+        with workdir_lib.writing(self.path):
+            self._jsonl.close()
         self._opening.join()
         self._tb.close()
 
     def __enter__(self) -> "MetricWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the error that ends the run is the one to report, not the next
+            self.close()

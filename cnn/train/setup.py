@@ -7,6 +7,7 @@ split over the devices, a checkpoint of another model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -51,6 +52,7 @@ class Training:
     run_eval: Callable
     start: float  # when the process started (wall clock): logged times count from it
     startup_seconds: float | None = None  # process start to the end of the first step, compilation included
+    lock: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)  # the workdir's, held
 
     @property
     def step(self) -> int:
@@ -62,15 +64,25 @@ class Training:
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None) -> Training:
-    """Checks the config, loads the data, builds the model and the state (resumed if the workdir has one)."""
+    """Checks the config, takes the workdir's lock, loads the data, builds the model and the state (resumed if the
+    workdir has one). The lock stays held until `Training.lock` is closed (train_and_evaluate does)."""
     start = runtime.process_start_time()
     config_lib.validate(config)
     models.check_config(config.model)
     runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
     runtime.use_compilation_cache()
     lead = jax.process_index() == 0
-    if lead:
-        workdir_lib.check_writable(workdir)
+    with contextlib.ExitStack() as lock:  # released here if setting up fails
+        if lead:  # the process that writes: one lock per run, however many processes
+            workdir_lib.check_writable(workdir)
+            lock.enter_context(workdir_lib.hold(workdir))
+        run = _build(config, workdir, dataset, lead, start)
+        run.lock = lock.pop_all()
+    return run
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None, lead: bool,
+           start: float) -> Training:
     t = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
@@ -81,7 +93,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     tx = make_optimizer(config.optimizer, steps_per_epoch, t.num_epochs)
     platform = mesh.devices.flat[0].platform
     state = create_state(model, tx, dataset.input_shape, config.seed, t.kernels, platform)
-    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints)
+    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, owner=True)
     restored = checkpoints.restore(state)
     state, sums = restored if restored else (state, ZEROS)
     state, sums = sharding.put_replicated((state, sums), mesh)
