@@ -19,6 +19,7 @@ from cnn.errors import ConfigError
 CONFIG = "config.json"
 SUMMARY = "summary.txt"
 METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
