@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py throughput        # cnn's train step vs PyTorch eager, same model and batch
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax example's recipe, from process start
+    python experiments/benchmark.py logging           # the training loop with step records vs without
 
 `throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
 avg-pool, dense 256, dense 10; float32, SGD with momentum, global batch 128)
@@ -14,8 +15,11 @@ each. `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
 metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
 final accuracy, start-up time, data-loading share and peak memory. The peer
 is the Flax example's recipe (constant SGD 0.1, momentum 0.9, 10 epochs).
-Both need MNIST prepared (`--data_dir`, or `--manual_dir` pointing at the
-original archives).
+`logging` runs `train_and_evaluate` on configs/flax_cnn.py in one process,
+alternating train.log_every_steps=0 (records at epoch ends only) with the
+values given, and compares the second epoch's training speed (the loop,
+not the compiled step alone, since the loop fetches the sums). All need MNIST
+prepared (`--data_dir`, or `--manual_dir` pointing at the original archives).
 """
 
 from __future__ import annotations
@@ -188,6 +192,33 @@ def time_to_accuracy(args) -> None:
             print(f"time to 99.0%: {peer['reached_at'] / ours['reached_at']:.1f}x faster than the Flax example recipe")
 
 
+def step_logging(args) -> None:
+    import cnn
+
+    config = cnn.load_config(os.path.join(REPO, "configs", "flax_cnn.py"))
+    config.data.data_dir, config.data.manual_dir = args.data_dir, args.manual_dir
+    config.data.train_split, config.train.num_epochs = args.train_split, 2
+    dataset = cnn.load_dataset(config.data)
+    settings = [0, *args.log_every_steps]
+    rates = {n: [] for n in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds + 1):  # round 0 compiles (and fills the compilation cache)
+            for n in settings:
+                config.train.log_every_steps = n
+                run = cnn.train_and_evaluate(config, os.path.join(tmp, f"{round_}-{n}"), dataset)
+                if round_:
+                    rates[n].append(run.history[-1]["images_per_second"])  # epoch 2: no compilation in it
+    steps = len(dataset.train) // config.train.batch_size
+    print(f"configs/flax_cnn.py on {config.data.train_split}: {steps} steps an epoch, epoch 2 of each run, "
+          f"{args.rounds} rounds")
+    for n in settings:
+        print(f"  log_every_steps={n:<3} {statistics.median(rates[n]):8,.0f} images/s   "
+              f"(runs: {', '.join(f'{r:,.0f}' for r in rates[n])})")
+    for n in args.log_every_steps:  # each run against the log_every_steps=0 run just before it, same machine state
+        paired = statistics.median(r / base for r, base in zip(rates[n], rates[0]))
+        print(f"  ratio log_every_steps={n} / 0: {paired:.3f}x (median of paired runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -204,6 +235,12 @@ def main() -> None:
     a.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     a.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     a.add_argument("--skip_peer", action="store_true", help="skip the Flax example recipe (about 4 minutes on 2 cores)")
+    g = sub.add_parser("logging")
+    g.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
+    g.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
+    g.add_argument("--train_split", default="train[:25%]")
+    g.add_argument("--log_every_steps", type=int, nargs="+", default=[50, 1], help="compared with 0")
+    g.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):
@@ -211,7 +248,7 @@ def main() -> None:
     from cnn.config import ConfigError
 
     try:
-        {"throughput": throughput, "time_to_accuracy": time_to_accuracy}[args.benchmark](args)
+        {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "logging": step_logging}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 
