@@ -25,6 +25,8 @@ prepared (`--data_dir`, or `--manual_dir` pointing at the original archives).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -197,15 +199,16 @@ def step_logging(args) -> None:
 
     config = cnn.load_config(os.path.join(REPO, "configs", "flax_cnn.py"))
     config.data.data_dir, config.data.manual_dir = args.data_dir, args.manual_dir
-    config.data.train_split, config.train.num_epochs = args.train_split, 2
+    config.data.train_split, config.data.test_split, config.train.num_epochs = args.train_split, args.test_split, 2
     dataset = cnn.load_dataset(config.data)
     settings = [0, *args.log_every_steps]
     rates = {n: [] for n in settings}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds + 1):  # round 0 compiles (and fills the compilation cache)
-            for n in settings:
+            for n in settings if round_ % 2 else settings[::-1]:  # no setting always runs first
                 config.train.log_every_steps = n
-                run = cnn.train_and_evaluate(config, os.path.join(tmp, f"{round_}-{n}"), dataset)
+                with contextlib.redirect_stdout(io.StringIO()):  # each run's summary and epoch lines
+                    run = cnn.train_and_evaluate(config, os.path.join(tmp, f"{round_}-{n}"), dataset)
                 if round_:
                     rates[n].append(run.history[-1]["images_per_second"])  # epoch 2: no compilation in it
     steps = len(dataset.train) // config.train.batch_size
@@ -239,8 +242,9 @@ def main() -> None:
     g.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     g.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     g.add_argument("--train_split", default="train[:25%]")
+    g.add_argument("--test_split", default="test[:10%]", help="evaluated after each epoch, outside the timing")
     g.add_argument("--log_every_steps", type=int, nargs="+", default=[50, 1], help="compared with 0")
-    g.add_argument("--rounds", type=int, default=5)
+    g.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
     if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):

@@ -68,8 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
             epoch_sums = sharding.to_host(run.sums)
             if not np.isfinite(epoch_sums["loss"]):
                 check_finite(run, recent, epoch)  # raises Diverged naming the step
-            steps.write(run.step, epoch, epoch_sums)  # the epoch's last window
             train_seconds = time.time() - epoch_start
+            steps.write(run.step, epoch, epoch_sums)  # the epoch's last window
             test = evaluate(run.state, run.dataset.test, run.eval_batch_size, run.run_eval,
                             sharding.batch_sharding(run.mesh))
             record = {"epoch": epoch, "step": run.step,
