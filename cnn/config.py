@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     # end of every epoch, keeping the newest few. A rerun resumes from them.
     c.train.checkpoint_every_steps = 500
     c.train.keep_checkpoints = 3
+    # Step records (WORKDIR/steps.jsonl and TensorBoard's train/loss,
+    # train/accuracy, learning_rate): the mean training loss and accuracy of
+    # every this many steps, and the learning rate (0: epoch ends only).
+    c.train.log_every_steps = 50
     # Devices to split each batch over; 0 means every local device. On a CPU
     # 0 splits it into one host device per two cores (see sharding.py).
     c.train.num_devices = 0
@@ -256,6 +260,7 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
         int_at_least(t[name], f"train.{name}")
     int_at_least(t.checkpoint_every_steps, "train.checkpoint_every_steps", 0,
                  "0 (epoch ends only) or a positive integer")
+    int_at_least(t.log_every_steps, "train.log_every_steps", 0, "0 (epoch ends only) or a positive integer")
     int_at_least(t.num_devices, "train.num_devices", 0, "0 (all local devices) or a positive integer")
     require(t.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype", t.compute_dtype,
             f"one of {', '.join(COMPUTE_DTYPES)}")

@@ -74,10 +74,13 @@ def _conv_layers(run: TrainResult) -> list[tuple[str, str]]:
 # --- Learning curves ----------------------------------------------------------
 
 
-def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
+def learning_curves(history: Sequence[dict], title: str = "", steps: Sequence[dict] = ()) -> Figure:
     """Train and test loss and accuracy against epoch (top) and against wall time (bottom).
 
-    `history` is `run.history`, or the records of WORKDIR/metrics.jsonl.
+    `history` is `run.history`, or the records of WORKDIR/metrics.jsonl;
+    `steps` (`run.steps`, WORKDIR/steps.jsonl) adds the training loss of
+    every `train.log_every_steps` steps to the loss panels, where an epoch's
+    mean hides how the loss moved within it.
     """
     fig = _figure(10, 7)
     axes = fig.subplots(2, 2)
@@ -89,9 +92,15 @@ def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
     unit, scale = ("seconds", 1) if seconds[-1] < 120 else ("minutes", 60) if seconds[-1] < 7200 else ("hours", 3600)
     times = [s / scale for s in seconds]
     marker = "o" if len(history) <= 30 else None  # a one-epoch run still shows its point
+    steps_per_epoch = history[-1]["step"] / history[-1]["epoch"]
+    steps = [r for r in steps if r["step"] <= history[-1]["step"]]
+    step_xs = ([r["step"] / steps_per_epoch for r in steps], [r.get("elapsed_seconds", 0.0) / scale for r in steps])
     for row, (xs, xlabel) in enumerate(((epochs, "epoch"), (times, f"wall time since the run started ({unit})"))):
         for col, (metric, label) in enumerate((("loss", "loss"), ("accuracy", "accuracy"))):
             ax = axes[row, col]
+            if metric == "loss" and steps:
+                ax.plot(step_xs[row], [r["train_loss"] for r in steps], color="tab:blue", alpha=0.35, linewidth=1,
+                        label="train, every few steps")
             for split, colour in (("train", "tab:blue"), ("test", "tab:orange")):
                 ys = [r[f"{split}_{metric}"] for r in history]
                 ax.plot(xs, ys, marker=marker, markersize=4, color=colour, label=split)
@@ -106,7 +115,7 @@ def learning_curves(history: Sequence[dict], title: str = "") -> Figure:
                     ax.set_xticks(epochs)  # whole epochs only, even for a one-epoch run
                 else:
                     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+                ax.set_xlim(min([min(epochs) - 0.5, *step_xs[0]]), max(epochs) + 0.5)
             else:
                 ax.set_xlim(0, max(times) * 1.05 or 1)
             ax.legend(loc="best")
@@ -349,7 +358,7 @@ def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_i
     probs = probabilities(run, test.images, description="predicting the test split")
     sample = _sample(test, num_images)
     title = dataset.name
-    figures = {"learning_curves": lambda: learning_curves(run.history, title)}
+    figures = {"learning_curves": lambda: learning_curves(run.history, title, run.steps)}
     if _conv_layers(run):
         figures["filters"] = lambda: filters(run)
         figures["feature_maps"] = lambda: feature_maps(run, test.images[sample], test.labels[sample], probs=probs[sample])

@@ -68,13 +68,14 @@ def load_run(workdir: str) -> TrainResult:
     if restored is None:  # every one was damaged, and set aside
         raise no_checkpoint
     return TrainResult(state=restored[0], model=model, history=read_history(workdir), results=results,
-                       class_names=class_names, recipe=Recipe.from_config(config, loss))
+                       class_names=class_names, recipe=Recipe.from_config(config, loss),
+                       steps=read_history(workdir, workdir_lib.STEPS))
 
 
-def read_history(workdir: str) -> list[dict]:
-    """The per-epoch records of metrics.jsonl (none if it is missing or unreadable)."""
+def read_history(workdir: str, name: str = workdir_lib.METRICS) -> list[dict]:
+    """The records of metrics.jsonl (per epoch) or steps.jsonl (per window); none if it is missing or unreadable."""
     try:
-        with open(os.path.join(workdir, workdir_lib.METRICS)) as f:
+        with open(os.path.join(workdir, name)) as f:
             return [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError):
         return []

@@ -29,6 +29,7 @@ from cnn.errors import ConfigError, WriteFailed
 CONFIG = "config.json"
 SUMMARY = "summary.txt"
 METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"

@@ -3,6 +3,7 @@
     python experiments/benchmark.py throughput        # cnn's train step vs PyTorch eager, same model and batch
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax example's recipe, from process start
     python experiments/benchmark.py own_data          # MNIST as 70,000 PNGs in class folders vs the TFDS path
+    python experiments/benchmark.py logging           # the training loop with step records vs without
 
 `throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
 avg-pool, dense 256, dense 10; float32, SGD with momentum, global batch 128)
@@ -22,11 +23,19 @@ cached `load_dataset` in fresh processes and the start-up of `python -m
 cnn.main --config=configs/mnist.py` (process start to the end of the first
 step), which on a busy machine varies by seconds. All three need MNIST prepared (`--data_dir`, or
 `--manual_dir` pointing at the original archives).
+
+`logging` runs `train_and_evaluate` on configs/flax_cnn.py in one process,
+alternating train.log_every_steps=0 (records at epoch ends only) with the
+values given, and compares the second epoch's training speed (the loop,
+not the compiled step alone, since the loop fetches the sums). All need MNIST
+prepared (`--data_dir`, or `--manual_dir` pointing at the original archives).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -254,6 +263,34 @@ def own_data(args) -> None:
               f"{', '.join(f'{s:.2f}' for s in runs['folders'])}; TFDS {', '.join(f'{s:.2f}' for s in runs['tfds'])})")
 
 
+def step_logging(args) -> None:
+    import cnn
+
+    config = cnn.load_config(os.path.join(REPO, "configs", "flax_cnn.py"))
+    config.data.data_dir, config.data.manual_dir = args.data_dir, args.manual_dir
+    config.data.train_split, config.data.test_split, config.train.num_epochs = args.train_split, args.test_split, 2
+    dataset = cnn.load_dataset(config.data)
+    settings = [0, *args.log_every_steps]
+    rates = {n: [] for n in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds + 1):  # round 0 compiles (and fills the compilation cache)
+            for n in settings if round_ % 2 else settings[::-1]:  # no setting always runs first
+                config.train.log_every_steps = n
+                with contextlib.redirect_stdout(io.StringIO()):  # each run's summary and epoch lines
+                    run = cnn.train_and_evaluate(config, os.path.join(tmp, f"{round_}-{n}"), dataset)
+                if round_:
+                    rates[n].append(run.history[-1]["images_per_second"])  # epoch 2: no compilation in it
+    steps = len(dataset.train) // config.train.batch_size
+    print(f"configs/flax_cnn.py on {config.data.train_split}: {steps} steps an epoch, epoch 2 of each run, "
+          f"{args.rounds} rounds")
+    for n in settings:
+        print(f"  log_every_steps={n:<3} {statistics.median(rates[n]):8,.0f} images/s   "
+              f"(runs: {', '.join(f'{r:,.0f}' for r in rates[n])})")
+    for n in args.log_every_steps:  # each run against the log_every_steps=0 run just before it, same machine state
+        paired = statistics.median(r / base for r, base in zip(rates[n], rates[0]))
+        print(f"  ratio log_every_steps={n} / 0: {paired:.3f}x (median of paired runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
@@ -274,6 +311,13 @@ def main() -> None:
     o.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     o.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     o.add_argument("--repeats", type=int, default=3, help="loads and start-ups of each path")
+    g = sub.add_parser("logging")
+    g.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
+    g.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
+    g.add_argument("--train_split", default="train[:25%]")
+    g.add_argument("--test_split", default="test[:10%]", help="evaluated after each epoch, outside the timing")
+    g.add_argument("--log_every_steps", type=int, nargs="+", default=[50, 1], help="compared with 0")
+    g.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
     if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):
@@ -281,7 +325,8 @@ def main() -> None:
     from cnn.config import ConfigError
 
     try:
-        {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "own_data": own_data}[args.benchmark](args)
+        {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "own_data": own_data,
+         "logging": step_logging}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 

@@ -39,3 +39,33 @@ def digits_run(tmp_path_factory):
 def shared_tfds_dir(tmp_path_factory):
     """One TFDS data_dir for the session, so MNIST and Fashion-MNIST are prepared (TensorFlow, ~40 s) once."""
     return str(tmp_path_factory.mktemp("tfds-shared"))
+
+
+# Imported at start-up (sitecustomize) by a subprocess given without_tensorflow's environment: TensorFlow then looks
+# not installed, to imports and to importlib.util.find_spec alike, while every other package imports as usual.
+_HIDE_TENSORFLOW = '''
+import importlib.abc, importlib.machinery, sys
+
+
+class _HideTensorFlow(importlib.abc.MetaPathFinder):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        return None if name.partition(".")[0] == "tensorflow" else self.inner.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        self.inner.invalidate_caches()
+
+
+sys.meta_path[:] = [_HideTensorFlow(f) if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+'''
+
+
+@pytest.fixture
+def without_tensorflow(tmp_path):
+    """An environment for subprocesses in which TensorFlow is not installed, as after `pip install -e .`."""
+    folder = tmp_path / "hide_tensorflow"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_HIDE_TENSORFLOW)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}

@@ -45,6 +45,17 @@ def test_cached_mnist_loads_without_tensorflow(data_dir):
     assert out.stdout.strip() == "(12000, 28, 28, 1) (10000, 28, 28, 1) False", out.stderr
 
 
+def test_prepared_mnist_reads_without_tensorflow_installed(data_dir, without_tensorflow):
+    """Prepared array_record files read through TFDS in a process where TensorFlow is not installed."""
+    code = ("import cnn; c = cnn.load_config('configs/mnist.py'); "
+            f"c.data.data_dir = {data_dir!r}; c.data.cache = False; c.data.train_split = 'train[:2000]'; "
+            "c.data.test_split = 'test[:500]'; d = cnn.load_dataset(c.data); "
+            "print(d.train.images.shape, d.test.images.shape, d.class_names[:2])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=without_tensorflow)
+    assert out.stdout.strip() == "(2000, 28, 28, 1) (500, 28, 28, 1) ['0', '1']", out.stderr
+
+
 def test_fashion_mnist_beside_mnist_gets_its_own_images(data_dir):
     """Both sets use the same archive names; TFDS must not reuse MNIST's unpacked files."""
     config = cnn.load_config(str(REPO / "configs" / "fashion_mnist.py"))

@@ -20,7 +20,8 @@ from conftest import REPO
 # 16x16 digits in batches of 16: 89 steps an epoch, slow enough to be killed mid-run.
 ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=3", "--config.train.batch_size=16",
         "--config.data.image_size=(16, 16)", "--config.train.checkpoint_every_steps=7",
-        "--config.train.keep_checkpoints=2", "--config.model.layers=('Conv2D(16, 3, activation=\"relu\")', "
+        "--config.train.keep_checkpoints=2", "--config.train.log_every_steps=5",  # windows that cross checkpoints
+        "--config.model.layers=('Conv2D(16, 3, activation=\"relu\")', "
         "'MaxPooling2D(2)', 'Dropout(0.2)', 'Flatten()', 'Dense(64, activation=\"relu\")', 'Dense(10)')"]
 TIMING = {"epoch_seconds", "images_per_second", "input_seconds", "elapsed_seconds", "time"}
 
@@ -48,8 +49,8 @@ def fails(workdir, fault=None):
     return line
 
 
-def metrics(workdir):
-    with open(workdir / "metrics.jsonl") as f:
+def metrics(workdir, name="metrics.jsonl"):
+    with open(workdir / name) as f:
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
 
 
@@ -87,6 +88,7 @@ def reference(tmp_path_factory):
 
 def assert_same_run(workdir, reference):
     assert metrics(workdir) == metrics(reference)
+    assert metrics(workdir, "steps.jsonl") == metrics(reference, "steps.jsonl")
     step, params, opt_state = final_params(workdir)
     ref_step, ref_params, ref_opt_state = final_params(reference)
     assert step == ref_step == 3 * 89

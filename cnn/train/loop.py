@@ -24,7 +24,7 @@ from cnn import models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import Diverged, Preempted
 from cnn.progress import Progress
-from cnn.train.metrics import MetricWriter
+from cnn.train.metrics import MetricWriter, StepLog
 from cnn.train.setup import ZEROS, Training, announce, prepare
 from cnn.train.state import TrainState
 from cnn.train.steps import Recipe
@@ -41,6 +41,7 @@ class TrainResult:
     class_names: list[str]
     recipe: Recipe = Recipe()  # how the state's model reads inputs (scaling, compute dtype, loss)
     dataset: data_lib.Dataset | None = None  # what it trained on (None when loaded back from a workdir)
+    steps: list[dict[str, float]] = dataclasses.field(default_factory=list)  # as in steps.jsonl
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None,
@@ -48,7 +49,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     """Trains the configured model, evaluating on the test split after every epoch.
 
     Writes to `workdir`: summary.txt, config.json, metrics.jsonl (one record
-    per epoch), TensorBoard event files, checkpoints/ and results.json. If
+    per epoch), steps.jsonl (one every `train.log_every_steps`), TensorBoard
+    event files, checkpoints/ and results.json. If
     `workdir` holds checkpoints of this model, training continues from the
     newest one, mid-epoch included, and ends exactly as an uninterrupted run.
     `dataset` replaces the one `config.data` names; `on_epoch_end(record)`
@@ -59,27 +61,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     with run.lock:  # the workdir's lock, released however the run ends
         announce(run)
         with MetricWriter(workdir, run.step, enabled=run.lead) as writer, runtime.sigterm_flag() as sigterm:
+            steps = StepLog(writer, config.train.log_every_steps, run.steps_per_epoch, run.learning_rate, run.start,
+                            run.step)
             for epoch in range(run.step // run.steps_per_epoch + 1, config.train.num_epochs + 1):
-                record, recent = train_and_test(run, epoch, sigterm)
+                record, recent = train_and_test(run, epoch, sigterm, steps)
                 writer.write(record)
                 run.sums = sharding.put_replicated(ZEROS, run.mesh)
                 save(run, recent, epoch)  # after the record: a resume never redoes a logged epoch
                 report(run, record)
                 if on_epoch_end is not None:
                     on_epoch_end(record)
-            history = writer.history
+            history, step_records = writer.history, writer.steps
         run.checkpoints.close()
-        return finish(run, history)
+        return finish(run, history, step_records)
 
 
-def train_and_test(run: Training, epoch: int, sigterm) -> tuple[dict, list[jax.Array]]:
+def train_and_test(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[dict, list[jax.Array]]:
     """One epoch's training and test: its record for metrics.jsonl, and the losses since the last checkpoint."""
     epoch_start, first = time.time(), run.step - (epoch - 1) * run.steps_per_epoch
-    recent, input_seconds = train_epoch(run, epoch, sigterm)
+    recent, input_seconds = train_epoch(run, epoch, sigterm, steps)
     epoch_sums = sharding.to_host(run.sums)
     if not np.isfinite(epoch_sums["loss"]):
         check_finite(run, recent, epoch)  # raises Diverged naming the step
     train_seconds = time.time() - epoch_start
+    steps.write(run.step, epoch, epoch_sums)  # the epoch's last window
     test = evaluate(run.state, run.dataset.test, run.eval_batch_size, run.run_eval, sharding.batch_sharding(run.mesh))
     record = {"epoch": epoch, "step": run.step,
               "train_loss": float(epoch_sums["loss"]) / run.steps_per_epoch,
@@ -92,12 +97,13 @@ def train_and_test(run: Training, epoch: int, sigterm) -> tuple[dict, list[jax.A
     return record, recent
 
 
-def train_epoch(run: Training, epoch: int, sigterm) -> tuple[list[jax.Array], float]:
+def train_epoch(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[list[jax.Array], float]:
     """Runs the rest of `epoch`'s steps; returns the losses since the last checkpoint and the input time.
 
     Batches are staged on the devices a chunk at a time, so each step only
-    dispatches. A checkpoint is saved every `train.checkpoint_every_steps`,
-    and at once when SIGTERM arrives, which then ends the run (Preempted).
+    dispatches; the running sums are fetched only where a step record is due.
+    A checkpoint is saved every `train.checkpoint_every_steps`, and at once
+    when SIGTERM arrives, which then ends the run (Preempted).
     """
     t = run.config.train
     first = run.step - (epoch - 1) * run.steps_per_epoch  # batches of this epoch done before a resume
@@ -118,6 +124,8 @@ def train_epoch(run: Training, epoch: int, sigterm) -> tuple[list[jax.Array], fl
         recent.append(loss)
         bar and bar.update()
         step = i + 1 + (epoch - 1) * run.steps_per_epoch
+        if steps.due(step):  # before a checkpoint at this step: a resume from it relies on the record
+            steps.write(step, epoch, sharding.to_host(run.sums))
         if sigterm.raised or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
                               and step % run.steps_per_epoch):
             save(run, recent, epoch)
@@ -170,7 +178,7 @@ def report(run: Training, record: dict) -> None:
             f"({record['images_per_second']:,.0f} img/s) at {record['elapsed_seconds']:.1f}s")
 
 
-def finish(run: Training, history: list[dict]) -> TrainResult:
+def finish(run: Training, history: list[dict], step_records: list[dict]) -> TrainResult:
     """Writes results.json (the last epoch's figures, and what prediction needs) and returns the TrainResult."""
     last, t = history[-1], run.config.train
     results = {
@@ -184,7 +192,8 @@ def finish(run: Training, history: list[dict]) -> TrainResult:
     }
     state = run.state if jax.process_count() == 1 else sharding.to_host(run.state)  # a host copy to draw from
     result = TrainResult(state=state, model=run.model, history=history, results=results,
-                         class_names=run.dataset.class_names, recipe=run.recipe, dataset=run.dataset)
+                         class_names=run.dataset.class_names, recipe=run.recipe, dataset=run.dataset,
+                         steps=step_records)
     if run.lead:
         workdir_lib.write_json(os.path.join(run.workdir, workdir_lib.RESULTS), results)
         run.say(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -22,7 +23,7 @@ from cnn import models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 from cnn.train.checkpoint import Checkpoints
-from cnn.train.optimizer import make_optimizer
+from cnn.train.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
 from cnn.train.state import TrainState, create_state
 from cnn.train.steps import Recipe, TrainStepFn, compile_eval_step, compile_train_step
 
@@ -50,6 +51,7 @@ class Training:
     parts: int
     run_step: TrainStepFn
     run_eval: Callable
+    learning_rate: Callable[[int], float]  # the rate of update `count` (0: the first), computed on the host
     start: float  # when the process started (wall clock): logged times count from it
     startup_seconds: float | None = None  # process start to the end of the first step, compilation included
     lock: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)  # the workdir's, held
@@ -107,7 +109,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Da
         steps_per_epoch=steps_per_epoch, steps_per_chunk=data_lib.chunk_steps(dataset.train, t.batch_size,
                                                                               steps_per_epoch),
         eval_batch_size=eval_batch_size, parts=parts, run_step=compile_train_step(mesh, parts, recipe),
-        run_eval=compile_eval_step(mesh, recipe), start=start)
+        run_eval=compile_eval_step(mesh, recipe), start=start,
+        learning_rate=functools.partial(host_learning_rate,
+                                        learning_rate_schedule(config.optimizer, steps_per_epoch, t.num_epochs)))
 
 
 def _mesh(config: ml_collections.ConfigDict, train_size: int, test_size: int) -> tuple[jax.sharding.Mesh, int]:
