@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -183,12 +184,10 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
 
     if builder.is_prepared():
         return
-    try:
-        import tensorflow  # noqa: F401 - TFDS prepares with it; reading the prepared files needs none
-    except ImportError:
+    if importlib.util.find_spec("tensorflow") is None:  # TFDS prepares with it; reading the files needs none
         raise ConfigError(f"data.name={data.name!r} is not prepared in {data_dir(data)}, and preparing a TFDS "
                           "dataset needs TensorFlow: pip install -e '.[tfds]', or point data.data_dir (or "
-                          "$TFDS_DATA_DIR) at a folder where it is prepared") from None
+                          "$TFDS_DATA_DIR) at a folder where it is prepared")
     _say(f"Preparing {data.name} in {builder.data_dir} (once; TFDS needs TensorFlow for this step)...")
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()  # its bars are one line per update in a log file
