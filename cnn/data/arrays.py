@@ -13,6 +13,7 @@ distinct training labels, named by their text.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import ml_collections
 import numpy as np
@@ -148,8 +149,9 @@ def load_npz(data: ml_collections.ConfigDict, seed: int) -> Dataset:
     except ValueError as e:
         raise ConfigError(f"data.path={path!r} holds Python objects or is not an .npz file ({str(e)[:100]}); save "
                           "plain arrays with np.savez") from None
-    except OSError as e:
-        raise ConfigError(f"data.path={path!r} could not be read as an .npz file ({str(e)[:100]})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:  # truncated by a failed copy, or not an .npz at all
+        raise ConfigError(f"data.path={path!r} could not be read as an .npz file ({str(e)[:100] or type(e).__name__}); "
+                          "is it cut short? copy it again, or save it with np.savez") from None
     need = ["x_train", "y_train"] + (["x_test", "y_test"] if "x_test" in arrays or "y_test" in arrays else [])
     missing = [k for k in need if k not in arrays]
     if missing:

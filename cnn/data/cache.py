@@ -98,7 +98,8 @@ def _damaged(folder: str, why: str) -> None:
 
 
 def write(folder: str, key: Any, entry: Entry) -> None:
-    """Writes `entry` atomically; a failure (full disk, read-only cache) is a warning: the cache only saves time."""
+    """Writes `entry` atomically; a failure (a full disk, a read-only cache) stops the run with one line naming
+    the folder and the cause, before any training would meet the same disk."""
     parent, base = os.path.split(os.path.normpath(folder))
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -110,12 +111,12 @@ def write(folder: str, key: Any, entry: Entry) -> None:
             np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
             arrays[name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": array.dtype.str,
                             "bytes": int(array.nbytes), "crc32": checksum(array)}
+        workdir.fault("cache")  # test hook: a full disk, or a kill, with the arrays written but no manifest
         manifest = {"format": FORMAT, "key": _plain(key), "arrays": arrays, "info": _plain(entry.info)}
         workdir.write_json(os.path.join(tmp, MANIFEST), manifest)
         _swap(tmp, folder)
     except OSError as e:
-        print(f"warning: could not cache the decoded data in {folder} ({e.strerror or e}); the next run decodes "
-              "it again", file=sys.stderr, flush=True)
+        raise workdir.write_failed(folder, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

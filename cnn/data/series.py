@@ -125,8 +125,9 @@ def _read_ts(lines: list[str], path: str, field: str) -> _Series:
         at = f"{where} line {number + 1}"
         expected = int(dimensions) if dimensions else len(channels) if not series else series[0].shape[1]
         if not channels or len(channels) != expected:
+            cut = "; it is the file's last line: is the file cut short?" if number == len(lines) - 1 else ""
             raise ConfigError(f"{at}: {len(channels)} dimensions where the file has {expected}; each line is "
-                              "VALUES:VALUES:...:LABEL, one VALUES per dimension")
+                              f"VALUES:VALUES:...:LABEL, one VALUES per dimension{cut}")
         label = label.strip()
         if label not in classes:
             raise ConfigError(f"{at}: label {label!r} is not among @classLabel's {' '.join(classes)}")
