@@ -17,7 +17,9 @@ from collections.abc import Iterator
 
 import jax
 
-NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
+# XLA_FLAGS that cnn adds, per jaxlib (major, minor) they were measured on: XLA stops at a flag it does not know,
+# so another release gets none of them until they are measured there.
+XLA_CPU_FLAGS = {(0, 10): {"xla_cpu_experimental_ynn_fusion_type": ""}}
 _IMPORTED = time.time()
 
 
@@ -39,8 +41,8 @@ def set_cpu_devices(num_devices: int) -> None:
     with as many devices as threads, a device blocked at an all-reduce can
     starve another of the thread it needs, so PJRT_NPROC is raised to at
     least two threads per device, never lowered (a smaller value inherited
-    from a parent process would hang). XLA:CPU's YNNPACK fusions are turned
-    off unless XLA_FLAGS sets them: they slow the pooling reductions and the
+    from a parent process would hang). On jaxlib 0.10 (XLA_CPU_FLAGS), XLA:CPU's
+    YNNPACK fusions are turned off unless XLA_FLAGS sets them: they slow the pooling reductions and the
     weight-gradient convolution down.
 
     Must run before JAX first touches a device; afterwards the devices are
@@ -50,12 +52,22 @@ def set_cpu_devices(num_devices: int) -> None:
     threads = int(os.environ.get("PJRT_NPROC", "0") or 0)
     os.environ["PJRT_NPROC"] = str(max(threads, 2 * count, cpu_count()))
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {NO_YNN_FUSIONS}".strip()
+    for name, value in xla_cpu_flags().items():
+        if name not in flags:
+            flags = f"{flags} --{name}={value}".strip()
+    os.environ["XLA_FLAGS"] = flags
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
         pass
+
+
+def xla_cpu_flags() -> dict[str, str]:
+    """The XLA flags cnn sets for this jaxlib release (none for a release they were not measured on)."""
+    import jaxlib
+
+    major, minor = (int(v) for v in jaxlib.__version__.split(".")[:2])
+    return XLA_CPU_FLAGS.get((major, minor), {})
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -85,3 +85,20 @@ def test_micro_batch_that_does_not_divide_is_refused(tmp_path):
         in output
     output = run(tmp_path, "--config.train.num_devices=4", "--config.train.micro_batch_size=2", expect=2)
     assert "error: train.micro_batch_size=2 does not divide over 4 devices" in output
+
+
+def test_xla_flags_follow_the_jaxlib_release(monkeypatch):
+    """XLA aborts on a flag it does not know, so a release the flags were not measured on gets none of them."""
+    import jaxlib
+
+    from cnn import runtime
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setattr(jaxlib, "__version__", "0.10.2")
+    runtime.set_cpu_devices(1)
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=1 "
+                                       "--xla_cpu_experimental_ynn_fusion_type=")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(jaxlib, "__version__", "0.11.0")
+    runtime.set_cpu_devices(1)
+    assert os.environ["XLA_FLAGS"] == ""
