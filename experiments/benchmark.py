@@ -1,21 +1,25 @@
 """Benchmarks for the performance targets, each against a peer measured in the same run.
 
-    python experiments/benchmark.py throughput        # cnn's train step vs PyTorch eager, same model and batch
-    python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax example's recipe, from process start
+    python experiments/benchmark.py throughput        # cnn's train step vs PyTorch's fast paths, same model and batch
+    python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax recipe and PyTorch, process start
     python experiments/benchmark.py own_data          # MNIST as 70,000 PNGs in class folders vs the TFDS path
     python experiments/benchmark.py logging           # the training loop with step records vs without
 
 `throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
-avg-pool, dense 256, dense 10; float32, SGD with momentum, global batch 128)
-through cnn's own compiled step as training runs it by default (on a CPU,
-one host device per two cores and each device's share of a batch in parts
-of at most 64 examples; `--num_devices` and `--micro_batch_size` change
-that), alternating timed blocks with PyTorch eager (`pip install -e
-'.[bench]'`) so both see the same machine state, and prints the median of
-each. `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
+avg-pool, dense 256, dense 10; SGD with momentum, global batch 128) in each
+of `VARIANTS`, each in a fresh process one after another: cnn's own
+compiled step as training runs it by default (the kernels, host devices and
+micro-batches `train.kernels='auto'` and the defaults choose; `--num_devices`
+and `--micro_batch_size` change those) in float32 and in bfloat16, and
+PyTorch (`pip install -e '.[bench]'`) eager, channels_last, bf16 autocast,
+torch.compile, and torch.compile with bf16 autocast. It prints the median
+block of each and the ratio of cnn's best to PyTorch's best.
+`time_to_accuracy` runs `python -m cnn.main` as a user would and reads
 metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
-final accuracy, start-up time, data-loading share and peak memory. The peer
-is the Flax example's recipe (constant SGD 0.1, momentum 0.9, 10 epochs).
+final accuracy, start-up time, data-loading share and peak memory. The peers
+are the Flax example's recipe (configs/flax_cnn.py: constant SGD 0.1,
+momentum 0.9, 10 epochs) and, given `--manual_dir`, configs/mnist.py's own
+recipe in PyTorch (experiments/torch_mnist.py).
 `own_data` exports MNIST as 70,000 PNGs into train/ and test/ class folders,
 times their first decode (listing, decoding over every core, writing the
 cache) in a fresh process, then, alternating with the cached TFDS set, the
@@ -97,7 +101,9 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
     return run, device
 
 
-def torch_trainer(batch_size: int, device: str):
+def torch_trainer(batch_size: int, device: str, channels_last: bool = False, bf16: bool = False,
+                  compile: bool = False):
+    """The same model, batch and optimizer in PyTorch, with one of its fast paths (`pip install -e '.[bench]'`)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -113,18 +119,22 @@ def torch_trainer(batch_size: int, device: str):
             x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
             return self.dense2(F.relu(self.dense1(x.flatten(1))))
 
-    model = CNN().to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = CNN().to(device, memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    forward = torch.compile(model) if compile else model
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     rng = np.random.default_rng(0)
     images = torch.tensor(rng.integers(0, 256, (8, batch_size, 1, 28, 28), dtype=np.uint8))
     labels = torch.tensor(rng.integers(0, 10, (8, batch_size)))
 
     def run(steps: int) -> None:
         for i in range(steps):  # uint8 batch from the host, scaled on the device, as cnn does
-            x = images[i % 8].to(device).float() / 255.0
+            x = (images[i % 8].to(device).float() / 255.0).contiguous(memory_format=layout)
             y = labels[i % 8].to(device)
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            with autocast:
+                loss = F.cross_entropy(forward(x), y)
             loss.backward()
             optimizer.step()
         loss.item()
@@ -132,30 +142,75 @@ def torch_trainer(batch_size: int, device: str):
     return run, f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads"
 
 
-def throughput(args) -> None:
-    run_jax, jax_device = jax_trainer(args.batch_size, args.num_devices, args.compute_dtype, args.micro_batch_size)
-    import jax
+# Every run `throughput` compares, each in its own process: (trainer, its options).
+VARIANTS = {
+    "cnn float32": ("cnn", {"compute_dtype": "float32"}),
+    "cnn bfloat16": ("cnn", {"compute_dtype": "bfloat16"}),
+    "torch eager float32": ("torch", {}),
+    "torch channels_last": ("torch", {"channels_last": True}),
+    "torch bf16 autocast": ("torch", {"bf16": True}),
+    "torch.compile": ("torch", {"compile": True}),
+    "torch.compile + bf16": ("torch", {"compile": True, "bf16": True}),
+}
 
-    torch_device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
-    run_torch, torch_name = torch_trainer(args.batch_size, torch_device)
-    for run in (run_jax, run_torch):
-        run(args.steps)  # compile / warm up
-    times = {"cnn": [], "torch": []}
-    for _ in range(args.blocks):  # alternate, so drift in the machine's state hits both alike
-        for name, run in (("cnn", run_jax), ("torch", run_torch)):
-            start = time.perf_counter()
-            run(args.steps)
-            times[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
-    cnn_rate, torch_rate = statistics.median(times["cnn"]), statistics.median(times["torch"])
-    # Each cnn block and the torch block right after it saw nearly the same machine, so the median of these
-    # paired ratios is steadier than the ratio of the two medians when the machine's speed drifts.
-    paired = statistics.median(c / t for c, t in zip(times["cnn"], times["torch"]))
-    print(f"Flax MNIST CNN, batch {args.batch_size}, {args.compute_dtype}, median of {args.blocks} blocks of "
-          f"{args.steps} steps")
-    print(f"  cnn   ({jax_device}): {cnn_rate:9,.0f} images/s   (blocks: {', '.join(f'{t:,.0f}' for t in times['cnn'])})")
-    print(f"  torch ({torch_name}): {torch_rate:9,.0f} images/s   "
-          f"(blocks: {', '.join(f'{t:,.0f}' for t in times['torch'])})")
-    print(f"  ratio cnn / torch: {paired:.2f}x (median of paired blocks; ratio of medians {cnn_rate / torch_rate:.2f}x)")
+
+def throughput_worker(args) -> None:
+    """One variant in this process: a warm-up block (compilation), then timed blocks; prints one JSON line."""
+    kind, options = VARIANTS[args.variant]
+    if kind == "cnn":
+        run, device = jax_trainer(args.batch_size, args.num_devices, options["compute_dtype"], args.micro_batch_size)
+    else:
+        import torch
+
+        run, device = torch_trainer(args.batch_size, "cuda" if torch.cuda.is_available() else "cpu", **options)
+    run(args.steps)
+    rates = []
+    for _ in range(args.blocks):
+        start = time.perf_counter()
+        run(args.steps)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+    print(json.dumps({"device": device, "blocks": rates}))
+
+
+def throughput(args) -> None:
+    """Each variant in a fresh process, one after another, `--rounds` times; the median block of each."""
+    rates: dict[str, list[float]] = {name: [] for name in args.variants}
+    devices = {}
+    for round_ in range(args.rounds):
+        for name in args.variants if round_ % 2 == 0 else args.variants[::-1]:  # no variant always runs first
+            command = [sys.executable, os.path.abspath(__file__), "throughput_worker", f"--variant={name}",
+                       f"--batch_size={args.batch_size}", f"--num_devices={args.num_devices}",
+                       f"--micro_batch_size={args.micro_batch_size}", f"--steps={args.steps}",
+                       f"--blocks={args.blocks}"]
+            out = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            devices[name] = result["device"]
+            rates[name] += result["blocks"]
+            print(f"  {name:<22} {statistics.median(result['blocks']):9,.0f} images/s", file=sys.stderr, flush=True)
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"Flax MNIST CNN, batch {args.batch_size}, SGD with momentum; each run in its own process, median of "
+          f"{args.rounds} x {args.blocks} blocks of {args.steps} steps; {cpu_model()}")
+    for name in args.variants:
+        print(f"  {name:<22} {medians[name]:9,.0f} images/s   ({devices[name]}; blocks "
+              f"{min(rates[name]):,.0f}-{max(rates[name]):,.0f})")
+    ours = {n: r for n, r in medians.items() if VARIANTS[n][0] == "cnn"}
+    peers = {n: r for n, r in medians.items() if VARIANTS[n][0] == "torch"}
+    if ours and peers:
+        best, peer = max(ours, key=ours.get), max(peers, key=peers.get)
+        print(f"  ratio cnn's best / PyTorch's best: {ours[best] / peers[peer]:.2f}x ({best} against {peer})")
+
+
+def cpu_model() -> str:
+    """The CPU's name and the reduced-precision units it reports, which decide which paths are fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "CPU unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX-512'}"
 
 
 def run_main(config: str, workdir: str, overrides: list[str]) -> dict:
@@ -181,6 +236,21 @@ def run_main(config: str, workdir: str, overrides: list[str]) -> dict:
     }
 
 
+def run_torch_mnist(manual_dir: str, variant: str) -> dict:
+    """experiments/torch_mnist.py (configs/mnist.py's recipe in PyTorch) in a fresh process; returns its figures."""
+    command = [sys.executable, os.path.join(REPO, "experiments", "torch_mnist.py"), f"--manual_dir={manual_dir}",
+               f"--variant={variant}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.time()
+    out = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True).stdout
+    wall = time.time() - start
+    history = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    reached = next((r for r in history if r["test_accuracy"] >= 0.99), None)
+    return {"wall": wall, "final": history[-1]["test_accuracy"], "epochs": len(history),
+            "reached_at": reached and reached["elapsed_seconds"], "reached_epoch": reached and reached["epoch"],
+            "peak_mb": max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024}
+
+
 def time_to_accuracy(args) -> None:
     data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
     data += [f"--config.data.manual_dir={args.manual_dir}"] if args.manual_dir else []
@@ -191,16 +261,20 @@ def time_to_accuracy(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in recipes.items():
             rows[name] = run_main(config, os.path.join(tmp, str(len(rows))), data)
+    if args.manual_dir and args.torch_variant != "none":
+        rows[f"PyTorch ({args.torch_variant})"] = run_torch_mnist(args.manual_dir, args.torch_variant)
+    print(f"MNIST, from process start; {cpu_model()}")
     for name, r in rows.items():
         reached = (f"99.0% at {r['reached_at']:.1f}s (epoch {r['reached_epoch']})" if r["reached_at"]
                    else "never reached 99.0%")
-        print(f"{name:>22}: {reached}; final {r['final']:.2%} after {r['epochs']} epochs ({r['wall']:.0f}s); "
-              f"start-up {r['startup']:.1f}s; data loading {r['input_share']:.1%} of training; "
-              f"{r['images_per_second']:,.0f} img/s; peak memory {r['peak_mb']:,.0f} MB")
-    if len(rows) == 2:
-        ours, peer = rows["configs/mnist.py"], rows["Flax example recipe"]
-        if ours["reached_at"] and peer["reached_at"]:
-            print(f"time to 99.0%: {peer['reached_at'] / ours['reached_at']:.1f}x faster than the Flax example recipe")
+        extra = (f"; start-up {r['startup']:.1f}s; data loading {r['input_share']:.1%} of training; "
+                 f"{r['images_per_second']:,.0f} img/s" if "startup" in r else "")
+        print(f"{name:>22}: {reached}; final {r['final']:.2%} after {r['epochs']} epochs ({r['wall']:.0f}s){extra}; "
+              f"peak memory {r['peak_mb']:,.0f} MB")
+    ours = rows["configs/mnist.py"]["reached_at"]
+    for name, r in rows.items():
+        if name != "configs/mnist.py" and ours and r["reached_at"]:
+            print(f"time to 99.0%: configs/mnist.py {r['reached_at'] / ours:.2f}x sooner than {name}")
 
 
 def export_mnist(data_args: list[str], root: str) -> int:
@@ -294,19 +368,26 @@ def step_logging(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    t = sub.add_parser("throughput")
-    t.add_argument("--batch_size", type=int, default=128)
-    t.add_argument("--num_devices", type=int, default=0, help="0: every local device (one per two cores on a CPU)")
-    t.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
-    t.add_argument("--micro_batch_size", type=int, default=0,
-                   help="train.micro_batch_size: 0 as training does by default (on a CPU, parts of at most 64 "
-                   "examples per device); the batch size for one call per step")
-    t.add_argument("--steps", type=int, default=40, help="steps per timed block")
-    t.add_argument("--blocks", type=int, default=15)
+    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker")):
+        t.add_argument("--batch_size", type=int, default=128)
+        t.add_argument("--num_devices", type=int, default=0,
+                       help="cnn's train.num_devices: 0 as training does (one host device per two cores on a CPU)")
+        t.add_argument("--micro_batch_size", type=int, default=0,
+                       help="cnn's train.micro_batch_size: 0 as training does by default; the batch size for one "
+                       "call per step")
+        t.add_argument("--steps", type=int, default=40, help="steps per timed block")
+        t.add_argument("--blocks", type=int, default=7, help="timed blocks per process")
+    t.add_argument("--variant", choices=list(VARIANTS), required=True)
+    sub.choices["throughput"].add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                                           metavar="NAME", help=f"which runs, of: {', '.join(VARIANTS)}")
+    sub.choices["throughput"].add_argument("--rounds", type=int, default=1, help="processes per variant")
     a = sub.add_parser("time_to_accuracy")
     a.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     a.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     a.add_argument("--skip_peer", action="store_true", help="skip the Flax example recipe (about 4 minutes on 2 cores)")
+    a.add_argument("--torch_variant", default="bf16", choices=["fp32", "bf16", "compile", "compile_bf16", "none"],
+                   help="the PyTorch peer (experiments/torch_mnist.py; needs --manual_dir): bf16 autocast, eager, "
+                   "was its fastest to 99%% here; 'none' skips it")
     o = sub.add_parser("own_data")
     o.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     o.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
@@ -319,13 +400,13 @@ def main() -> None:
     g.add_argument("--log_every_steps", type=int, nargs="+", default=[50, 1], help="compared with 0")
     g.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    if args.benchmark == "throughput" and (args.micro_batch_size < 0 or (
+    if args.benchmark.startswith("throughput") and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):
         parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
     from cnn.config import ConfigError
 
     try:
-        {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "own_data": own_data,
+        {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy, "own_data": own_data,
          "logging": step_logging}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
