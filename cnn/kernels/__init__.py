@@ -22,7 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from cnn.kernels import cpu
+from cnn.kernels import cpu, onednn
 from cnn.models.layers import Pool
 
 CHOICES = ("auto", "xla")
@@ -32,6 +32,8 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "patches_conv": (nn.Conv, cpu.patches_conv_applies, cpu.patches_conv),
     "dense_transposed": (nn.Dense, cpu.dense_applies, cpu.dense),
     "tiled_pool": (Pool, cpu.tiled_pool_applies, cpu.tiled_pool),
+    "onednn_conv": (nn.Conv, onednn.conv_applies, onednn.conv),
+    "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (README, Performance); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
