@@ -81,9 +81,14 @@ def why_unavailable() -> str:
     return _load()
 
 
-def _compute_dtype(module: nn.Module, x: jax.Array) -> jnp.dtype:
-    """The dtype Flax's promote_dtype gives the layer's input and parameters."""
-    return jnp.dtype(module.dtype) if module.dtype is not None else jnp.result_type(x.dtype, module.param_dtype)
+def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None) -> jnp.dtype:
+    """The dtype Flax's promote_dtype gives the layer's input and parameters (as passed in, or as stored)."""
+    if module.dtype is not None:
+        return jnp.dtype(module.dtype)
+    if not params:  # before the layer runs: its stored parameters, which a step may have cast to bf16
+        params = tuple(module.get_variable("params", name) for name in ("kernel", "bias"))
+    dtypes = [p.dtype for p in params if p is not None] or [module.param_dtype]
+    return jnp.dtype(jnp.result_type(x.dtype, *dtypes))
 
 
 # --- Convolutions ---------------------------------------------------------------
@@ -106,7 +111,7 @@ def conv(module: nn.Conv, x: jax.Array) -> jax.Array:
     kernel = module.param("kernel", module.kernel_init, (*module.kernel_size, x.shape[-1], module.features),
                           module.param_dtype)
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-    dtype = _compute_dtype(module, x)
+    dtype = _compute_dtype(module, x, kernel, bias)
     bias = jnp.zeros((module.features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     x = x.astype(dtype)
     if rank == 1:  # as a 2-D convolution over (1, width)
@@ -165,7 +170,7 @@ def dense(module: nn.Dense, x: jax.Array) -> jax.Array:
     """nn.Dense's output with oneDNN computing the product (bias fused) and both gradients' products."""
     kernel = module.param("kernel", module.kernel_init, (x.shape[-1], module.features), module.param_dtype)
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-    dtype = _compute_dtype(module, x)
+    dtype = _compute_dtype(module, x, kernel, bias)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
     kernel = kernel.astype(jnp.float32)  # cast to `dtype` inside, so the gradient comes out in float32
     y = _dense(rows, kernel) if bias is None else _dense_bias(rows, kernel, bias.astype(jnp.float32))
