@@ -14,6 +14,23 @@ import sysconfig
 from setuptools import Extension, setup
 
 
+def _onednn_include() -> str | None:
+    """The folder holding dnnl.hpp: from the onednn-devel wheel's file list, as pip's isolated build environment
+    puts its data files under its own prefix, not sys.prefix; else an installed oneDNN under the prefixes."""
+    try:
+        from importlib import metadata
+        files = metadata.distribution("onednn-devel-cpu-gomp").files or []
+        header = next((f for f in files if str(f).replace("\\", "/").endswith("include/dnnl.hpp")), None)
+        if header is not None:
+            return os.path.dirname(os.path.abspath(str(header.locate())))
+    except metadata.PackageNotFoundError:
+        pass
+    for prefix in dict.fromkeys((sysconfig.get_path("data"), sys.prefix, sys.base_prefix, "/usr")):
+        if os.path.exists(os.path.join(prefix, "include", "dnnl.hpp")):
+            return os.path.join(prefix, "include")
+    return None
+
+
 def _include_dirs() -> list[str] | None:
     """oneDNN's and XLA FFI's header folders, or None (and a note) when either is missing."""
     try:
@@ -21,14 +38,13 @@ def _include_dirs() -> list[str] | None:
     except ImportError:
         print("cnn: jaxlib is not importable at build time; building without the oneDNN extension", file=sys.stderr)
         return None
-    prefixes = dict.fromkeys((sysconfig.get_path("data"), sys.prefix, sys.base_prefix))
-    onednn = [os.path.join(p, "include") for p in prefixes if os.path.exists(os.path.join(p, "include", "dnnl.hpp"))]
+    onednn = _onednn_include()
     ffi = os.path.join(os.path.dirname(jaxlib.__file__), "include")
-    if not onednn or not os.path.exists(os.path.join(ffi, "xla", "ffi", "api", "ffi.h")):
+    if onednn is None or not os.path.exists(os.path.join(ffi, "xla", "ffi", "api", "ffi.h")):
         print("cnn: oneDNN's or XLA FFI's headers are missing; building without the oneDNN extension",
               file=sys.stderr)
         return None
-    return [onednn[0], ffi]
+    return [onednn, ffi]
 
 
 def _extensions() -> list[Extension]:

@@ -7,9 +7,13 @@
 // (kernels are small). Primitives are built once per shape and kept, since
 // building one costs far more than running it at these sizes.
 
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -116,6 +120,39 @@ void run_with_weights(Entry& e, void* user, int weights_arg, std::unordered_map<
   stream.wait();
 }
 
+// Fills `e` with the fastest of oneDNN's implementations for `pd` (reference ones aside), timing each on the
+// call's own buffers through `run(e)`: several may take a shape and the first oneDNN lists is not always the
+// fastest (its brgemm weight gradients, for one, lose to its plain JIT ones on small images).
+// `make_pd()` builds the descriptor; its impls are tried in oneDNN's order, each name once (oneDNN lists some
+// many times over).
+template <typename Prim, typename MakePD, typename Weights, typename Run>
+void fastest(Entry& e, MakePD make_pd, Weights weights_of, Run run) {
+  double best = 1e30;
+  std::set<std::string> tried;
+  auto pd = make_pd();
+  do {
+    std::string impl = pd.impl_info_str();
+    if (!tried.insert(impl).second || (impl.rfind("ref", 0) == 0 && best < 1e30)) continue;
+    Entry candidate;
+    candidate.prim = Prim(pd);
+    candidate.weights = weights_of(pd);
+    candidate.user_weights = e.user_weights;
+    double seconds = 1e30;
+    for (int i = 0; i < 6; ++i) {  // the first two warm up: oneDNN generates code and touches its buffers
+      auto start = std::chrono::steady_clock::now();
+      run(candidate);
+      double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (i >= 2) seconds = std::min(seconds, took);
+    }
+    if (std::getenv("CNN_ONEDNN_LOG")) std::fprintf(stderr, "cnn oneDNN: %s %.3f ms\n", impl.c_str(), seconds * 1e3);
+    if (seconds < best) {
+      best = seconds;
+      e.prim = candidate.prim;
+      e.weights = candidate.weights;
+    }
+  } while (pd.next_impl());
+}
+
 ffi::Error bad_shape(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string("cnn oneDNN: unsupported ") + what);
 }
@@ -125,17 +162,17 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
                            ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   ConvShape s(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
   if (!s.valid()) return bad_shape("convolution");
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
+      {DNNL_ARG_BIAS, memory({{s.oc}, memory::data_type::f32, tag::a}, cpu_engine(), bias.typed_data())},
+      {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}};
+  auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
   Entry& e = cached(s.key("fwd"), [&](Entry& e) {
-    auto pd = conv_forward_pd(s);
-    e.prim = dnnl::convolution_forward(pd);
-    e.weights = pd.weights_desc();
     e.user_weights = s.weights(s.type, tag::hwio);
+    fastest<dnnl::convolution_forward>(e, [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
-  run_with_weights(e, w.untyped_data(), DNNL_ARG_WEIGHTS,
-                   {{DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
-                    {DNNL_ARG_BIAS, memory({{s.oc}, memory::data_type::f32, tag::a}, cpu_engine(), bias.typed_data())},
-                    {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}});
+  run(e);
   return ffi::Error::Success();
 }
 
@@ -144,19 +181,21 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result
                                 int64_t sw, int64_t pt, int64_t pl) {
   ConvShape s(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl, dnnl_type(dy.element_type()));
   if (!s.valid()) return bad_shape("convolution");
+  std::unordered_map<int, memory> args{{DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
+                                       {DNNL_ARG_DIFF_SRC, memory(s.src(s.type), cpu_engine(), dx->untyped_data())}};
+  auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
   Entry& e = cached(s.key("bwd_data"), [&](Entry& e) {
-    auto hint = conv_forward_pd(s);
-    dnnl::convolution_backward_data::primitive_desc pd(
-        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(s.type, tag::any),
-        s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint);
-    e.prim = dnnl::convolution_backward_data(pd);
-    e.weights = pd.weights_desc();
+    auto hint = conv_forward_pd(s);  // must outlive the descriptors made from it: next_impl() reads it
+    auto make_pd = [&] {
+      return dnnl::convolution_backward_data::primitive_desc(
+          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(s.type, tag::any),
+          s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint);
+    };
     e.user_weights = s.weights(s.type, tag::hwio);
+    fastest<dnnl::convolution_backward_data>(e, make_pd, [](auto& pd) { return pd.weights_desc(); }, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
-  run_with_weights(e, w.untyped_data(), DNNL_ARG_WEIGHTS,
-                   {{DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
-                    {DNNL_ARG_DIFF_SRC, memory(s.src(s.type), cpu_engine(), dx->untyped_data())}});
+  run(e);
   return ffi::Error::Success();
 }
 
@@ -167,20 +206,23 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
   ConvShape s(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
   if (!s.valid()) return bad_shape("convolution");
   const auto f32 = memory::data_type::f32;
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
+      {DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
+      {DNNL_ARG_DIFF_BIAS, memory({{s.oc}, f32, tag::a}, cpu_engine(), dbias->typed_data())}};
+  auto run = [&](Entry& c) { run_with_weights(c, dw->typed_data(), DNNL_ARG_DIFF_WEIGHTS, args); };
   Entry& e = cached(s.key("bwd_weights"), [&](Entry& e) {
     auto hint = conv_forward_pd(s);
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(f32, tag::any),
-        memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint);
-    e.prim = dnnl::convolution_backward_weights(pd);
-    e.weights = pd.diff_weights_desc();
+    auto make_pd = [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(f32, tag::any),
+          memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint);
+    };
     e.user_weights = s.weights(f32, tag::hwio);
+    fastest<dnnl::convolution_backward_weights>(e, make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
-  run_with_weights(e, dw->typed_data(), DNNL_ARG_DIFF_WEIGHTS,
-                   {{DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
-                    {DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
-                    {DNNL_ARG_DIFF_BIAS, memory({{s.oc}, f32, tag::a}, cpu_engine(), dbias->typed_data())}});
+  run(e);
   return ffi::Error::Success();
 }
 
