@@ -84,6 +84,19 @@ def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ..
     return AUTO.get(platform, AUTO_ELSEWHERE)
 
 
+def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
+    """Whether `kernels` sends this run's convolutions and dense layers to oneDNN, given the compute dtype."""
+    paths = resolve(kernels, platform)
+    return any(name.startswith("onednn") and (compute_dtype == "bfloat16" or not name.endswith("bf16"))
+               for name in paths)
+
+
+def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
+    """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
+    were 15-35% slower per image here), not with XLA's or oneDNN's float32 ones (README, Performance)."""
+    return compute_dtype == "bfloat16" and onednn_in_force(kernels, compute_dtype, platform)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Interceptor:
     paths: tuple[str, ...]
