@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cnn
-from cnn import kernels
+from cnn import kernels, sharding
 from cnn.kernels import onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
@@ -89,13 +89,28 @@ def test_auto_takes_onednn_for_bfloat16_only_on_a_cpu_with_bf16():
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_digits_train_through_onednn(config_path, tmp_path, dtype):
-    """A real run on the digits with every conv and dense layer in oneDNN reaches XLA's accuracy band."""
+def test_digits_train_through_onednn(config_path, tmp_path, capsys, dtype):
+    """A real run on the digits with every conv and dense layer in oneDNN reaches XLA's accuracy band; its start-up
+    line says so, and bf16 steps take the whole batch in one call (float32 ones stay in parts of 64)."""
     config = cnn.load_config(config_path("digits"))
-    config.train.kernels, config.train.compute_dtype = "onednn", dtype
+    config.train.kernels, config.train.compute_dtype, config.train.batch_size = "onednn", dtype, 128
+    config.train.num_epochs = 40
     run = cnn.train_and_evaluate(config, str(tmp_path))
     assert run.results["test_accuracy"] >= 0.95
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(run.state.params))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("digits:"))
+    assert line.endswith("through oneDNN")
+    assert ("parts of 64" in line) == (dtype == "float32") and "batch norm" not in line
+
+
+def test_micro_batches_follow_the_kernels():
+    """The one rule (sharding.micro_batch_size): whole batches where oneDNN's bf16 kernels run, else parts of 64."""
+    mesh = sharding.make_mesh(1)
+    whole = kernels.whole_batch("auto", "bfloat16", "cpu")
+    assert whole == (onednn.available() and kernels.cpu_has_bf16())
+    assert sharding.micro_batch_size(128, mesh, whole) == (128 if whole else 64)
+    assert not kernels.whole_batch("auto", "float32", "cpu") and not kernels.whole_batch("xla", "bfloat16", "cpu")
+    assert sharding.micro_batch_size(128, mesh) == 64
 
 
 def test_without_the_extension_auto_falls_back_and_onednn_is_a_config_error():

@@ -45,13 +45,49 @@ memory::data_type dnnl_type(ffi::DataType t) {
   }
 }
 
-// One cached primitive and the kernel layout it wants; `lock` serialises runs of it.
+// Each primitive gets its own scratchpad: oneDNN's default one is shared by all primitives, and XLA may run two
+// of these calls at once on different threads.
+dnnl::primitive_attr own_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+memory scratchpad(const memory::desc& desc) {
+  return desc.get_size() ? memory(desc, cpu_engine()) : memory();
+}
+
+// One cached primitive, the kernel layout it wants and the buffers it runs with; `lock` serialises runs of it.
 struct Entry {
   dnnl::primitive prim;
+  memory scratch;
   memory::desc weights;  // the primitive's (diff_)weights layout
   memory::desc user_weights;
+  memory blocked;  // the kernel in `weights`' layout, when that is not the user's
+  dnnl::primitive reorder;  // between `blocked` and the user's kernel
+  memory reorder_scratch;
   std::mutex lock;
+
+  // Builds the buffers for `prim` (scratchpad `scratch_md`), with a reorder into `weights` or, for a weight
+  // gradient (`to_user`), out of it.
+  void prepare(const memory::desc& scratch_md, bool to_user) {
+    scratch = scratchpad(scratch_md);
+    if (weights == user_weights) return;
+    blocked = memory(weights, cpu_engine());
+    auto from = to_user ? weights : user_weights, to = to_user ? user_weights : weights;
+    dnnl::reorder::primitive_desc pd(cpu_engine(), from, cpu_engine(), to, own_scratchpad());
+    reorder = dnnl::reorder(pd);
+    reorder_scratch = scratchpad(pd.scratchpad_desc());
+  }
+  void adopt(const Entry& other) {
+    prim = other.prim, scratch = other.scratch, weights = other.weights, blocked = other.blocked;
+    reorder = other.reorder, reorder_scratch = other.reorder_scratch;
+  }
 };
+
+void add_scratch(std::unordered_map<int, memory>& args, const memory& scratch) {
+  if (scratch) args[DNNL_ARG_SCRATCHPAD] = scratch;
+}
 
 template <typename Build>
 Entry& cached(const std::string& key, Build build) {
@@ -96,27 +132,29 @@ dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s) {
   memory::desc bias({s.oc}, memory::data_type::f32, tag::a);
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.src(s.type),
-      s.weights(s.type, tag::any), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r());
+      s.weights(s.type, tag::any), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), own_scratchpad());
 }
 
-// Runs `e.prim` with the user's HWIO kernel at `user` reordered into the primitive's layout first if needed.
+// Runs `e.prim` with the user's HWIO kernel at `user`, reordered into (or, for a gradient, out of) the primitive's
+// layout if needed.
 void run_with_weights(Entry& e, void* user, int weights_arg, std::unordered_map<int, memory> args) {
   dnnl::stream& stream = cpu_stream();
   memory user_mem(e.user_weights, cpu_engine(), user);
-  if (e.weights == e.user_weights) {
+  add_scratch(args, e.scratch);
+  if (!e.blocked) {
     args[weights_arg] = user_mem;
     e.prim.execute(stream, args);
-  } else if (weights_arg == DNNL_ARG_DIFF_WEIGHTS) {
-    memory blocked(e.weights, cpu_engine());
-    args[weights_arg] = blocked;
-    e.prim.execute(stream, args);
-    dnnl::reorder(blocked, user_mem).execute(stream, blocked, user_mem);
-  } else {
-    memory blocked(e.weights, cpu_engine());
-    dnnl::reorder(user_mem, blocked).execute(stream, user_mem, blocked);
-    args[weights_arg] = blocked;
-    e.prim.execute(stream, args);
+    stream.wait();
+    return;
   }
+  bool to_user = weights_arg == DNNL_ARG_DIFF_WEIGHTS;
+  std::unordered_map<int, memory> reorder_args{{DNNL_ARG_FROM, to_user ? e.blocked : user_mem},
+                                               {DNNL_ARG_TO, to_user ? user_mem : e.blocked}};
+  add_scratch(reorder_args, e.reorder_scratch);
+  args[weights_arg] = e.blocked;
+  if (!to_user) e.reorder.execute(stream, reorder_args);
+  e.prim.execute(stream, args);
+  if (to_user) e.reorder.execute(stream, reorder_args);
   stream.wait();
 }
 
@@ -126,7 +164,7 @@ void run_with_weights(Entry& e, void* user, int weights_arg, std::unordered_map<
 // `make_pd()` builds the descriptor; its impls are tried in oneDNN's order, each name once (oneDNN lists some
 // many times over).
 template <typename Prim, typename MakePD, typename Weights, typename Run>
-void fastest(Entry& e, MakePD make_pd, Weights weights_of, Run run) {
+void fastest(Entry& e, MakePD make_pd, Weights weights_of, bool to_user, Run run) {
   double best = 1e30;
   std::set<std::string> tried;
   auto pd = make_pd();
@@ -137,6 +175,7 @@ void fastest(Entry& e, MakePD make_pd, Weights weights_of, Run run) {
     candidate.prim = Prim(pd);
     candidate.weights = weights_of(pd);
     candidate.user_weights = e.user_weights;
+    candidate.prepare(pd.scratchpad_desc(), to_user);
     double seconds = 1e30;
     for (int i = 0; i < 6; ++i) {  // the first two warm up: oneDNN generates code and touches its buffers
       auto start = std::chrono::steady_clock::now();
@@ -147,8 +186,7 @@ void fastest(Entry& e, MakePD make_pd, Weights weights_of, Run run) {
     if (std::getenv("CNN_ONEDNN_LOG")) std::fprintf(stderr, "cnn oneDNN: %s %.3f ms\n", impl.c_str(), seconds * 1e3);
     if (seconds < best) {
       best = seconds;
-      e.prim = candidate.prim;
-      e.weights = candidate.weights;
+      e.adopt(candidate);
     }
   } while (pd.next_impl());
 }
@@ -169,7 +207,7 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
   auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
   Entry& e = cached(s.key("fwd"), [&](Entry& e) {
     e.user_weights = s.weights(s.type, tag::hwio);
-    fastest<dnnl::convolution_forward>(e, [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, run);
+    fastest<dnnl::convolution_forward>(e, [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -189,10 +227,10 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result
     auto make_pd = [&] {
       return dnnl::convolution_backward_data::primitive_desc(
           cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(s.type, tag::any),
-          s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint);
+          s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
     };
     e.user_weights = s.weights(s.type, tag::hwio);
-    fastest<dnnl::convolution_backward_data>(e, make_pd, [](auto& pd) { return pd.weights_desc(); }, run);
+    fastest<dnnl::convolution_backward_data>(e, make_pd, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -216,10 +254,10 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
     auto make_pd = [&] {
       return dnnl::convolution_backward_weights::primitive_desc(
           cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(f32, tag::any),
-          memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint);
+          memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
     };
     e.user_weights = s.weights(f32, tag::hwio);
-    fastest<dnnl::convolution_backward_weights>(e, make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, run);
+    fastest<dnnl::convolution_backward_weights>(e, make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, true, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -243,15 +281,17 @@ ffi::Error MatmulImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::F32>*
   key << "matmul " << int(in_type) << ' ' << int(out_type) << ' ' << m << ' ' << n << ' ' << k << ' ' << trans_a
       << ' ' << trans_b << ' ' << (bias != nullptr);
   Entry& e = cached(key.str(), [&](Entry& e) {
-    auto pd = bias ? dnnl::matmul::primitive_desc(cpu_engine(), a_md, b_md, bias_md, c_md)
-                   : dnnl::matmul::primitive_desc(cpu_engine(), a_md, b_md, c_md);
+    auto pd = bias ? dnnl::matmul::primitive_desc(cpu_engine(), a_md, b_md, bias_md, c_md, own_scratchpad())
+                   : dnnl::matmul::primitive_desc(cpu_engine(), a_md, b_md, c_md, own_scratchpad());
     e.prim = dnnl::matmul(pd);
+    e.scratch = scratchpad(pd.scratchpad_desc());
   });
   std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(a_md, cpu_engine(), a.untyped_data())},
                                        {DNNL_ARG_WEIGHTS, memory(b_md, cpu_engine(), b.untyped_data())},
                                        {DNNL_ARG_DST, memory(c_md, cpu_engine(), c->untyped_data())}};
   if (bias) args[DNNL_ARG_BIAS] = memory(bias_md, cpu_engine(), bias->typed_data());
   std::lock_guard<std::mutex> guard(e.lock);
+  add_scratch(args, e.scratch);
   dnnl::stream& stream = cpu_stream();
   e.prim.execute(stream, args);
   stream.wait();
