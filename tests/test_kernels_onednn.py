@@ -26,6 +26,9 @@ CASES = [
     ("Conv1D(6, 5, strides=2, padding='same')", (3, 17, 4)),
     ("Dense(10)", (5, 33)),
     ("Dense(7, use_bias=False)", (2, 5, 12)),
+    ("AveragePooling2D(2)", (3, 28, 28, 8)),
+    ("AveragePooling2D(2)", (2, 15, 13, 3)),  # 'valid' drops the last row and column
+    ("AveragePooling2D(3, padding='same')", (2, 9, 6, 4)),
 ]
 
 

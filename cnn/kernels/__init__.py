@@ -9,11 +9,12 @@ to Flax otherwise. Parameters are created exactly as Flax creates them, so
 checkpoints and results do not depend on the choice, up to float rounding.
 
 `train.kernels`: 'auto' (the paths that pay on the platform), 'onednn'
-(every convolution and dense layer oneDNN can take, in float32 and bf16; an
-error when cnn/kernels/onednn.py's extension is not built) or 'xla' (none).
-On a CPU, 'auto' sends bf16 convolutions and dense layers to oneDNN when its
-extension loaded and the processor has bf16 instructions (AVX512-BF16 or
-AMX), and keeps float32 layers on the XLA paths in cpu.py. This module is the
+(every convolution, dense layer and tiling average pool oneDNN can take, in
+float32 and bf16; an error when cnn/kernels/onednn.py's extension is not
+built) or 'xla' (none). On a CPU, 'auto' sends bf16 convolutions, dense
+layers and tiling average pools to oneDNN when its extension loaded and the
+processor has bf16 instructions (AVX512-BF16 or AMX), and keeps float32
+layers on the XLA paths in cpu.py. This module is the
 only one that looks at the backend and the processor to decide how a layer
 computes.
 """
@@ -45,6 +46,8 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
     "onednn_conv_bf16": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
     "onednn_dense_bf16": (nn.Dense, functools.partial(onednn.dense_applies, dtypes=_BF16), onednn.dense),
+    "onednn_avg_pool": (Pool, onednn.avg_pool_applies, onednn.avg_pool),
+    "onednn_avg_pool_bf16": (Pool, functools.partial(onednn.avg_pool_applies, dtypes=_BF16), onednn.avg_pool),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (README, Performance); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
@@ -52,8 +55,8 @@ AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool")}
 AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers only, as
 # XLA:CPU's bf16 products are the slow ones (README, Performance). 'onednn' takes ONEDNN for every dtype.
-AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16")
-ONEDNN = ("onednn_conv", "onednn_dense", "tiled_pool")
+AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16")
+ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool")
 
 
 @functools.cache

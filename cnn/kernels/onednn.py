@@ -6,8 +6,8 @@ through oneDNN. The C++ library is an optional extension built by
 `available()` is False, `why_unavailable()` says why, and cnn/kernels keeps
 to the XLA paths. Each function takes the bound Flax module and its input and
 creates the parameters exactly as Flax does; the kernel is cast to the
-compute dtype inside the custom VJP, so its gradient comes out in float32
-straight from oneDNN's float32 accumulation.
+compute dtype inside the custom VJP, so its gradient comes out of oneDNN's
+float32 sums in the kernel's own dtype.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jax import lax
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
-            "MatmulBias": "cnn_onednn_matmul_bias"}
+            "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool"}
 
 
 def _extension_path() -> str | None:
@@ -121,7 +121,7 @@ def conv(module: nn.Conv, x: jax.Array) -> jax.Array:
     # Rows a strided VALID window never reaches: cut them off, as oneDNN takes no negative padding.
     ends = [(o - 1) * s + k - lo for o, k, s, (lo, _) in zip(out, kernel.shape[:2], strides, pads)]
     x = x[:, :ends[0], :ends[1]]
-    y = _conv(x, kernel.astype(jnp.float32), bias, strides, (pads[0][0], pads[1][0]), tuple(out))
+    y = _conv(x, kernel, bias, strides, (pads[0][0], pads[1][0]), tuple(out))
     return y[:, 0] if rank == 1 else y
 
 
@@ -141,18 +141,18 @@ def _conv(x, kernel, bias, strides, pads_lo, out):
 
 def _conv_fwd(x, kernel, bias, strides, pads_lo, out):
     w = kernel.astype(x.dtype)
-    return _conv_forward(x, w, bias, strides, pads_lo, out), (x, w)
+    return _conv_forward(x, w, bias, strides, pads_lo, out), (x, w, kernel)
 
 
 def _conv_bwd(strides, pads_lo, out, residuals, g):
-    x, w = residuals
+    x, w, kernel = residuals
     g = g.astype(x.dtype)
     attrs = _conv_attrs(strides, pads_lo)
     d_x = jax.ffi.ffi_call(_TARGETS["ConvBackwardData"], jax.ShapeDtypeStruct(x.shape, x.dtype))(g, w, **attrs)
     d_w, d_bias = jax.ffi.ffi_call(
         _TARGETS["ConvBackwardWeights"],
         (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape[-1:], jnp.float32)))(x, g, **attrs)
-    return d_x, d_w, d_bias
+    return d_x, d_w.astype(kernel.dtype), d_bias
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -172,7 +172,6 @@ def dense(module: nn.Dense, x: jax.Array) -> jax.Array:
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
     dtype = _compute_dtype(module, x, kernel, bias)
     rows = x.reshape(-1, x.shape[-1]).astype(dtype)
-    kernel = kernel.astype(jnp.float32)  # cast to `dtype` inside, so the gradient comes out in float32
     y = _dense(rows, kernel) if bias is None else _dense_bias(rows, kernel, bias.astype(jnp.float32))
     return y.reshape(*x.shape[:-1], module.features)
 
@@ -185,10 +184,11 @@ def _matmul(a, b, out_dtype, trans_a=False, trans_b=False, bias=None):
         *args, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b))
 
 
-def _dense_grads(x, w, g):
+def _dense_grads(x, w, kernel, g):
+    """The input, kernel and bias gradients; oneDNN writes the kernel's in the kernel's own dtype (f32 sums)."""
     g = g.astype(x.dtype)
     d_x = _matmul(g, w, x.dtype, trans_b=True)
-    d_w = _matmul(x, g, jnp.float32, trans_a=True)
+    d_w = _matmul(x, g, kernel.dtype, trans_a=True)
     return d_x, d_w, g.astype(jnp.float32).sum(0)
 
 
@@ -199,7 +199,7 @@ def _dense(x, kernel):
 
 def _dense_fwd(x, kernel):
     w = kernel.astype(x.dtype)
-    return _matmul(x, w, x.dtype), (x, w)
+    return _matmul(x, w, x.dtype), (x, w, kernel)
 
 
 def _dense_bwd(residuals, g):
@@ -216,7 +216,7 @@ def _dense_bias(x, kernel, bias):
 
 def _dense_bias_fwd(x, kernel, bias):
     w = kernel.astype(x.dtype)
-    return _matmul(x, w, x.dtype, bias=bias), (x, w)
+    return _matmul(x, w, x.dtype, bias=bias), (x, w, kernel)
 
 
 def _dense_bias_bwd(residuals, g):
@@ -224,3 +224,41 @@ def _dense_bias_bwd(residuals, g):
 
 
 _dense_bias.defvjp(_dense_bias_fwd, _dense_bias_bwd)
+
+
+# --- Average pools whose windows tile the input ----------------------------------
+
+
+def avg_pool_applies(module, x: jax.Array, dtypes=DTYPES) -> bool:
+    """A 2-D average pool with windows equal to its strides that cover the input ('same') or drop a remainder."""
+    return (available() and module.kind == "avg" and x.ndim == 4 and tuple(module.window) == tuple(module.strides)
+            and (module.padding == "VALID" or all(n % w == 0 for n, w in zip(x.shape[1:3], module.window)))
+            and x.dtype in dtypes)
+
+
+def avg_pool(module, x: jax.Array) -> jax.Array:
+    """The pool through oneDNN; its backward pass too (XLA:CPU's reduction and broadcast were the slow parts)."""
+    (wh, ww) = module.window
+    return _avg_pool(x[:, :x.shape[1] // wh * wh, :x.shape[2] // ww * ww], (wh, ww))
+
+
+def _pool_call(g, out_shape, backward):
+    return jax.ffi.ffi_call(_TARGETS["AvgPool"], jax.ShapeDtypeStruct(out_shape, g.dtype))(
+        g, backward=np.int64(backward))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _avg_pool(x, window):
+    return _pool_call(x, (x.shape[0], x.shape[1] // window[0], x.shape[2] // window[1], x.shape[3]), False)
+
+
+def _avg_pool_fwd(x, window):
+    return _avg_pool(x, window), None
+
+
+def _avg_pool_bwd(window, _, g):
+    n, h, w, c = g.shape
+    return (_pool_call(g, (n, h * window[0], w * window[1], c), True),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)

@@ -308,6 +308,50 @@ ffi::Error MatmulBiasImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::F
   return MatmulImpl(a, b, &bias, c, trans_a, trans_b);
 }
 
+// Average pooling over windows that tile the input (no padding): y from x, or dx from dy; NHWC, f32 or bf16.
+// XLA:CPU runs these reductions and their broadcasts several times slower than oneDNN's JIT kernels.
+ffi::Error PoolImpl(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer> out, int64_t backward) {
+  auto id = in.dimensions(), od = out->dimensions();
+  if (id.size() != 4 || od.size() != 4) return bad_shape("pooling rank");
+  auto type = dnnl_type(in.element_type());
+  if (type == memory::data_type::undef) return bad_shape("dtype");
+  auto xd = backward ? od : id, yd = backward ? id : od;  // the forward pass's input and output shapes
+  memory::desc x_md({xd[0], xd[3], xd[1], xd[2]}, type, tag::nhwc), y_md({yd[0], yd[3], yd[1], yd[2]}, type, tag::nhwc);
+  memory::dims window{xd[1] / yd[1], xd[2] / yd[2]}, none{0, 0};
+  std::ostringstream key;
+  key << "pool " << backward << ' ' << int(type);
+  for (auto v : xd) key << ' ' << v;
+  for (auto v : yd) key << ' ' << v;
+  Entry& e = cached(key.str(), [&](Entry& e) {
+    dnnl::pooling_forward::primitive_desc fwd(cpu_engine(), dnnl::prop_kind::forward_training,
+                                              dnnl::algorithm::pooling_avg_exclude_padding, x_md, y_md, window,
+                                              window, none, none, none, own_scratchpad());
+    if (backward) {
+      dnnl::pooling_backward::primitive_desc pd(cpu_engine(), dnnl::algorithm::pooling_avg_exclude_padding, x_md,
+                                                y_md, window, window, none, none, none, fwd, own_scratchpad());
+      e.prim = dnnl::pooling_backward(pd);
+      e.scratch = scratchpad(pd.scratchpad_desc());
+    } else {
+      e.prim = dnnl::pooling_forward(fwd);
+      e.scratch = scratchpad(fwd.scratchpad_desc());
+    }
+  });
+  std::unordered_map<int, memory> args;
+  if (backward) {
+    args = {{DNNL_ARG_DIFF_DST, memory(y_md, cpu_engine(), in.untyped_data())},
+            {DNNL_ARG_DIFF_SRC, memory(x_md, cpu_engine(), out->untyped_data())}};
+  } else {
+    args = {{DNNL_ARG_SRC, memory(x_md, cpu_engine(), in.untyped_data())},
+            {DNNL_ARG_DST, memory(y_md, cpu_engine(), out->untyped_data())}};
+  }
+  std::lock_guard<std::mutex> guard(e.lock);
+  add_scratch(args, e.scratch);
+  dnnl::stream& stream = cpu_stream();
+  e.prim.execute(stream, args);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CONV_ATTRS Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
@@ -348,3 +392,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MatmulBias, MatmulBiasImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("trans_a")
                                   .Attr<int64_t>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPool, PoolImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("backward"));
