@@ -153,9 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.micro_batch_size = 0
     # How layers compute: 'auto' takes the fast paths in cnn/kernels that pay
     # on this hardware (on a CPU with bf16 instructions, oneDNN for bf16
-    # layers when its extension is built), 'onednn' oneDNN for every conv and
-    # dense layer it can take, 'xla' plain Flax and XLA everywhere (same
-    # results up to float rounding).
+    # layers when its extension is built), 'onednn' oneDNN for every conv,
+    # dense layer and tiling average pool it can take, 'xla' plain Flax and
+    # XLA everywhere (same results up to float rounding).
     c.train.kernels = "auto"
     return c
 

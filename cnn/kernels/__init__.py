@@ -96,7 +96,7 @@ def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = Non
 
 def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
     """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
-    were 15-35% slower per image here), not with XLA's or oneDNN's float32 ones (README, Performance)."""
+    were 20-37% slower per image here), not with XLA's or oneDNN's float32 ones (README, Performance)."""
     return compute_dtype == "bfloat16" and onednn_in_force(kernels, compute_dtype, platform)
 
 
