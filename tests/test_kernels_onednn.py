@@ -56,6 +56,7 @@ def test_float32_equals_flax(spec, shape):
     fast, plain, x = _programs(spec, shape)
     variables = fast.init(jax.random.key(1), x)
     jax.tree.map(np.testing.assert_array_equal, variables, plain.init(jax.random.key(1), x))
+    assert "cnn_onednn" in jax.jit(fast).lower(variables, x).as_text()  # the layer really went to oneDNN
     ours, theirs = (_value_and_grads(f, variables, x, jnp.float32) for f in (fast, plain))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours, theirs)
 
