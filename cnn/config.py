@@ -26,7 +26,7 @@ SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PAD_MODES = ("constant", "reflect")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
-KERNELS = ("auto", "xla")
+KERNELS = ("auto", "xla", "onednn")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -152,8 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
     # sharding.micro_batch_size choose for the hardware.
     c.train.micro_batch_size = 0
     # How layers compute: 'auto' takes the fast paths in cnn/kernels that pay
-    # on this hardware, 'xla' plain Flax and XLA everywhere (same results up
-    # to float rounding).
+    # on this hardware (on a CPU with bf16 instructions, oneDNN for bf16
+    # layers when its extension is built), 'onednn' oneDNN for every conv,
+    # dense layer and tiling average pool it can take, 'xla' plain Flax and
+    # XLA everywhere (same results up to float rounding).
     c.train.kernels = "auto"
     return c
 

@@ -49,14 +49,15 @@ def check_batch(field: str, batch_size: int, mesh: Mesh) -> None:
 CPU_MICRO_BATCH = 64  # examples per device per compiled call, at most, in a CPU's default
 
 
-def micro_batch_size(batch_size: int, mesh: Mesh) -> int:
+def micro_batch_size(batch_size: int, mesh: Mesh, whole: bool = False) -> int:
     """The default `train.micro_batch_size`: on CPUs, parts of at most 64 examples per device; else the batch.
 
     Past about 64 images per call XLA:CPU's step gets slower per image
-    (README, Performance); GPUs and TPUs want the whole batch in one call. A
+    (README, Performance); GPUs and TPUs want the whole batch in one call, and
+    so do oneDNN's bf16 kernels on a CPU (`whole`: cnn.kernels.whole_batch). A
     batch that does not split evenly stays whole.
     """
-    if mesh.devices.flat[0].platform != "cpu":
+    if whole or mesh.devices.flat[0].platform != "cpu":
         return batch_size
     per_device = batch_size // mesh.size
     parts = -(-per_device // CPU_MICRO_BATCH)

@@ -8,45 +8,96 @@ on this platform, wherever the layer sits (inside a ResidualBlock too), and
 to Flax otherwise. Parameters are created exactly as Flax creates them, so
 checkpoints and results do not depend on the choice, up to float rounding.
 
-`train.kernels`: 'auto' (the paths that pay on the platform) or 'xla' (none).
-This module is the only one that looks at the backend to decide how a layer
+`train.kernels`: 'auto' (the paths that pay on the platform), 'onednn'
+(every convolution, dense layer and tiling average pool oneDNN can take, in
+float32 and bf16; an error when cnn/kernels/onednn.py's extension is not
+built) or 'xla' (none). On a CPU, 'auto' sends bf16 convolutions, dense
+layers and tiling average pools to oneDNN when its extension loaded and the
+processor has bf16 instructions (AVX512-BF16 or AMX), and keeps float32
+layers on the XLA paths in cpu.py. This module is the
+only one that looks at the backend and the processor to decide how a layer
 computes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from cnn.kernels import cpu
+from cnn.errors import ConfigError
+from cnn.kernels import cpu, onednn
 from cnn.models.layers import Pool
 
-CHOICES = ("auto", "xla")
+CHOICES = ("auto", "xla", "onednn")
+_BF16 = (jnp.dtype(jnp.bfloat16),)
 
 # Fast path name -> (the Flax module type it replaces, applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "patches_conv": (nn.Conv, cpu.patches_conv_applies, cpu.patches_conv),
     "dense_transposed": (nn.Dense, cpu.dense_applies, cpu.dense),
     "tiled_pool": (Pool, cpu.tiled_pool_applies, cpu.tiled_pool),
+    "onednn_conv": (nn.Conv, onednn.conv_applies, onednn.conv),
+    "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
+    "onednn_conv_bf16": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
+    "onednn_dense_bf16": (nn.Dense, functools.partial(onednn.dense_applies, dtypes=_BF16), onednn.dense),
+    "onednn_avg_pool": (Pool, onednn.avg_pool_applies, onednn.avg_pool),
+    "onednn_avg_pool_bf16": (Pool, functools.partial(onednn.avg_pool_applies, dtypes=_BF16), onednn.avg_pool),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (README, Performance); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
 AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool")}
 AUTO_ELSEWHERE = ("tiled_pool",)
+# Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers only, as
+# XLA:CPU's bf16 products are the slow ones (README, Performance). 'onednn' takes ONEDNN for every dtype.
+AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16")
+ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this processor has bf16 arithmetic (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ...]:
     """The fast paths `kernels` stands for on `platform` ('cpu', 'gpu', 'tpu'; None: JAX's default backend)."""
     if kernels == "xla":
         return ()
-    if kernels != "auto":
+    if kernels not in CHOICES:
         raise ValueError(f"train.kernels={kernels!r} is not one of {', '.join(CHOICES)}")
     platform = platform or jax.default_backend()
+    if kernels == "onednn":
+        if platform != "cpu" or not onednn.available():
+            reason = onednn.why_unavailable() or f"this run's devices are {platform}, not cpu"
+            raise ConfigError(f"train.kernels='onednn': {reason}; use 'auto' or 'xla'")
+        return ONEDNN
+    if platform == "cpu" and onednn.available() and cpu_has_bf16():
+        return AUTO_ONEDNN + AUTO["cpu"]
     return AUTO.get(platform, AUTO_ELSEWHERE)
+
+
+def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
+    """Whether `kernels` sends this run's convolutions and dense layers to oneDNN, given the compute dtype."""
+    paths = resolve(kernels, platform)
+    return any(name.startswith("onednn") and (compute_dtype == "bfloat16" or not name.endswith("bf16"))
+               for name in paths)
+
+
+def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
+    """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
+    were 20-37% slower per image here), not with XLA's or oneDNN's float32 ones (README, Performance)."""
+    return compute_dtype == "bfloat16" and onednn_in_force(kernels, compute_dtype, platform)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from cnn import config as config_lib
 from cnn import data as data_lib
-from cnn import models, runtime, sharding
+from cnn import kernels, models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 from cnn.train.checkpoint import Checkpoints
@@ -99,7 +99,8 @@ def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Da
     restored = checkpoints.restore(state)
     state, sums = restored if restored else (state, ZEROS)
     state, sums = sharding.put_replicated((state, sums), mesh)
-    micro_batch_size = t.micro_batch_size or sharding.micro_batch_size(t.batch_size, mesh)
+    micro_batch_size = t.micro_batch_size or sharding.micro_batch_size(
+        t.batch_size, mesh, kernels.whole_batch(t.kernels, t.compute_dtype, platform))
     sharding.check_batch("train.micro_batch_size", micro_batch_size, mesh)
     recipe = Recipe.from_config(config, loss)
     parts = t.batch_size // micro_batch_size
@@ -133,11 +134,15 @@ def announce(run: Training) -> None:
     table = models.summary(run.model, dataset.input_shape)
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     parts = f", each step in {run.parts} parts of {t.batch_size // run.parts}" if run.parts > 1 else ""
+    if parts and run.state.batch_stats:
+        parts += " (batch norm statistics per part)"
+    onednn = " through oneDNN" if kernels.onednn_in_force(t.kernels, t.compute_dtype, mesh.devices.flat[0].platform) \
+        else ""
     dtype = f"; {t.compute_dtype} compute" if t.compute_dtype != "float32" else ""
     run.say(table)
     run.say(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test examples of {dataset.input_shape}, "
             f"{dataset.num_classes} classes; {run.steps_per_epoch} steps/epoch on {mesh.size} "
-            f"{mesh.devices.flat[0].platform} device(s){processes}{parts}; loss {run.recipe.loss}{dtype}")
+            f"{mesh.devices.flat[0].platform} device(s){processes}{parts}; loss {run.recipe.loss}{dtype}{onednn}")
     if run.resumed:
         run.say(f"resuming from the checkpoint at step {run.step} (epoch {run.step // run.steps_per_epoch + 1}, "
                 f"batch {run.step % run.steps_per_epoch})")

@@ -1,0 +1,264 @@
+"""nn.Conv and nn.Dense through oneDNN on CPUs, called from XLA through its FFI (cnn/kernels/onednn_ffi.cc).
+
+XLA:CPU's bf16 products run at a fraction of what AVX512-BF16 and AMX give
+through oneDNN. The C++ library is an optional extension built by
+`pip install` (setup.py); when it or oneDNN's runtime is missing,
+`available()` is False, `why_unavailable()` says why, and cnn/kernels keeps
+to the XLA paths. Each function takes the bound Flax module and its input and
+creates the parameters exactly as Flax does; the kernel is cast to the
+compute dtype inside the custom VJP, so its gradient comes out of oneDNN's
+float32 sums in the kernel's own dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
+            "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
+            "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool"}
+
+
+def _extension_path() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, "_onednn_ffi" + suffix)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _preload_onednn() -> None:
+    """Loads libdnnl.so.3 from the environment's lib/ (where the onednn-cpu-gomp wheel puts it) for the extension.
+
+    An editable install leaves the extension in the source tree, so no rpath
+    relative to it can reach the venv; loading the library globally first
+    satisfies the extension's dependency wherever it lives.
+    """
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        path = os.path.join(prefix, "lib", "libdnnl.so.3")
+        if os.path.exists(path):
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return
+    ctypes.CDLL("libdnnl.so.3", mode=ctypes.RTLD_GLOBAL)  # the system's, if any; OSError names it otherwise
+
+
+@functools.cache
+def _load() -> str:
+    """Registers the FFI targets; returns '' when they are ready, else the reason they are not."""
+    if os.environ.get("CNN_ONEDNN", "1") == "0":
+        return "CNN_ONEDNN=0 in the environment"
+    path = _extension_path()
+    if path is None:
+        return "the extension cnn/kernels/_onednn_ffi was not built (see README, Performance)"
+    try:
+        _preload_onednn()
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return f"loading {os.path.basename(path)} failed: {e}"
+    for symbol, target in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return ""
+
+
+def available() -> bool:
+    """Whether the oneDNN FFI targets are registered and usable."""
+    return not _load()
+
+
+def why_unavailable() -> str:
+    return _load()
+
+
+def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None) -> jnp.dtype:
+    """The dtype Flax's promote_dtype gives the layer's input and parameters (as passed in, or as stored)."""
+    if module.dtype is not None:
+        return jnp.dtype(module.dtype)
+    if not params:  # before the layer runs: its stored parameters, which a step may have cast to bf16
+        params = tuple(module.get_variable("params", name) for name in ("kernel", "bias"))
+    dtypes = [p.dtype for p in params if p is not None] or [module.param_dtype]
+    return jnp.dtype(jnp.result_type(x.dtype, *dtypes))
+
+
+# --- Convolutions ---------------------------------------------------------------
+
+
+def conv_applies(module: nn.Conv, x: jax.Array, dtypes=DTYPES) -> bool:
+    """A plain batched 1-D or 2-D convolution (no groups, dilation or masks; SAME or VALID) in a dtype of `dtypes`."""
+    kernel_size = module.kernel_size
+    return (available() and isinstance(kernel_size, (tuple, list)) and len(kernel_size) in (1, 2)
+            and x.ndim == len(kernel_size) + 2 and module.feature_group_count == 1 and module.shared_weights
+            and module.mask is None and module.padding in ("SAME", "VALID")
+            and all(d in (None, 1) for d in (module.input_dilation, module.kernel_dilation))
+            and _compute_dtype(module, x) in dtypes)
+
+
+def conv(module: nn.Conv, x: jax.Array) -> jax.Array:
+    """nn.Conv's output with oneDNN computing the convolution, its bias and both gradients."""
+    rank = len(module.kernel_size)
+    strides = (module.strides,) * rank if isinstance(module.strides, int) else tuple(module.strides or (1,) * rank)
+    kernel = module.param("kernel", module.kernel_init, (*module.kernel_size, x.shape[-1], module.features),
+                          module.param_dtype)
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    dtype = _compute_dtype(module, x, kernel, bias)
+    bias = jnp.zeros((module.features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    x = x.astype(dtype)
+    if rank == 1:  # as a 2-D convolution over (1, width)
+        x, kernel, strides = x[:, None], kernel[None], (1, *strides)
+    pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:2], strides, module.padding)
+    out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:2], strides, pads)]
+    # Rows a strided VALID window never reaches: cut them off, as oneDNN takes no negative padding.
+    ends = [(o - 1) * s + k - lo for o, k, s, (lo, _) in zip(out, kernel.shape[:2], strides, pads)]
+    x = x[:, :ends[0], :ends[1]]
+    y = _conv(x, kernel, bias, strides, (pads[0][0], pads[1][0]), tuple(out))
+    return y[:, 0] if rank == 1 else y
+
+
+def _conv_attrs(strides, pads_lo) -> dict:
+    return dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads_lo[0]), pl=np.int64(pads_lo[1]))
+
+
+def _conv_forward(x, w, bias, strides, pads_lo, out):
+    y = jax.ShapeDtypeStruct((x.shape[0], *out, w.shape[-1]), x.dtype)
+    return jax.ffi.ffi_call(_TARGETS["ConvForward"], y)(x, w, bias, **_conv_attrs(strides, pads_lo))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(x, kernel, bias, strides, pads_lo, out):
+    return _conv_forward(x, kernel.astype(x.dtype), bias, strides, pads_lo, out)
+
+
+def _conv_fwd(x, kernel, bias, strides, pads_lo, out):
+    w = kernel.astype(x.dtype)
+    return _conv_forward(x, w, bias, strides, pads_lo, out), (x, w, kernel)
+
+
+def _conv_bwd(strides, pads_lo, out, residuals, g):
+    x, w, kernel = residuals
+    g = g.astype(x.dtype)
+    attrs = _conv_attrs(strides, pads_lo)
+    d_x = jax.ffi.ffi_call(_TARGETS["ConvBackwardData"], jax.ShapeDtypeStruct(x.shape, x.dtype))(g, w, **attrs)
+    d_w, d_bias = jax.ffi.ffi_call(
+        _TARGETS["ConvBackwardWeights"],
+        (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape[-1:], jnp.float32)))(x, g, **attrs)
+    return d_x, d_w.astype(kernel.dtype), d_bias
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# --- Dense layers -----------------------------------------------------------------
+
+
+def dense_applies(module: nn.Dense, x: jax.Array, dtypes=DTYPES) -> bool:
+    return (available() and module.dot_general is None and module.dot_general_cls is None and x.ndim >= 2
+            and _compute_dtype(module, x) in dtypes)
+
+
+def dense(module: nn.Dense, x: jax.Array) -> jax.Array:
+    """nn.Dense's output with oneDNN computing the product (bias fused) and both gradients' products."""
+    kernel = module.param("kernel", module.kernel_init, (x.shape[-1], module.features), module.param_dtype)
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    dtype = _compute_dtype(module, x, kernel, bias)
+    rows = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = _dense(rows, kernel) if bias is None else _dense_bias(rows, kernel, bias.astype(jnp.float32))
+    return y.reshape(*x.shape[:-1], module.features)
+
+
+def _matmul(a, b, out_dtype, trans_a=False, trans_b=False, bias=None):
+    rows = a.shape[1] if trans_a else a.shape[0]
+    cols = b.shape[0] if trans_b else b.shape[1]
+    name, args = ("MatmulBias", (a, b, bias)) if bias is not None else ("Matmul", (a, b))
+    return jax.ffi.ffi_call(_TARGETS[name], jax.ShapeDtypeStruct((rows, cols), out_dtype))(
+        *args, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b))
+
+
+def _dense_grads(x, w, kernel, g):
+    """The input, kernel and bias gradients; oneDNN writes the kernel's in the kernel's own dtype (f32 sums)."""
+    g = g.astype(x.dtype)
+    d_x = _matmul(g, w, x.dtype, trans_b=True)
+    d_w = _matmul(x, g, kernel.dtype, trans_a=True)
+    return d_x, d_w, g.astype(jnp.float32).sum(0)
+
+
+@jax.custom_vjp
+def _dense(x, kernel):
+    return _matmul(x, kernel.astype(x.dtype), x.dtype)
+
+
+def _dense_fwd(x, kernel):
+    w = kernel.astype(x.dtype)
+    return _matmul(x, w, x.dtype), (x, w, kernel)
+
+
+def _dense_bwd(residuals, g):
+    return _dense_grads(*residuals, g)[:2]
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def _dense_bias(x, kernel, bias):
+    return _matmul(x, kernel.astype(x.dtype), x.dtype, bias=bias)
+
+
+def _dense_bias_fwd(x, kernel, bias):
+    w = kernel.astype(x.dtype)
+    return _matmul(x, w, x.dtype, bias=bias), (x, w, kernel)
+
+
+def _dense_bias_bwd(residuals, g):
+    return _dense_grads(*residuals, g)
+
+
+_dense_bias.defvjp(_dense_bias_fwd, _dense_bias_bwd)
+
+
+# --- Average pools whose windows tile the input ----------------------------------
+
+
+def avg_pool_applies(module, x: jax.Array, dtypes=DTYPES) -> bool:
+    """A 2-D average pool with windows equal to its strides that cover the input ('same') or drop a remainder."""
+    return (available() and module.kind == "avg" and x.ndim == 4 and tuple(module.window) == tuple(module.strides)
+            and (module.padding == "VALID" or all(n % w == 0 for n, w in zip(x.shape[1:3], module.window)))
+            and x.dtype in dtypes)
+
+
+def avg_pool(module, x: jax.Array) -> jax.Array:
+    """The pool through oneDNN; its backward pass too (XLA:CPU's reduction and broadcast were the slow parts)."""
+    (wh, ww) = module.window
+    return _avg_pool(x[:, :x.shape[1] // wh * wh, :x.shape[2] // ww * ww], (wh, ww))
+
+
+def _pool_call(g, out_shape, backward):
+    return jax.ffi.ffi_call(_TARGETS["AvgPool"], jax.ShapeDtypeStruct(out_shape, g.dtype))(
+        g, backward=np.int64(backward))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _avg_pool(x, window):
+    return _pool_call(x, (x.shape[0], x.shape[1] // window[0], x.shape[2] // window[1], x.shape[3]), False)
+
+
+def _avg_pool_fwd(x, window):
+    return _avg_pool(x, window), None
+
+
+def _avg_pool_bwd(window, _, g):
+    n, h, w, c = g.shape
+    return (_pool_call(g, (n, h * window[0], w * window[1], c), True),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)

@@ -1,0 +1,397 @@
+// oneDNN convolutions and matrix products for JAX on CPUs, called through XLA's FFI.
+//
+// XLA:CPU's own bf16 products run far below what the CPU's AVX512-BF16 and
+// AMX units give through oneDNN, so cnn/kernels/onednn.py sends nn.Conv and
+// nn.Dense here. Activations are NHWC and kernels HWIO, as Flax keeps them;
+// oneDNN picks its own blocked kernel layout, reached by a reorder per call
+// (kernels are small). Primitives are built once per shape and kept, since
+// building one costs far more than running it at these sizes.
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::stream& cpu_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
+}
+
+memory::data_type dnnl_type(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return memory::data_type::f32;
+    case ffi::DataType::BF16: return memory::data_type::bf16;
+    default: return memory::data_type::undef;
+  }
+}
+
+// Each primitive gets its own scratchpad: oneDNN's default one is shared by all primitives, and XLA may run two
+// of these calls at once on different threads.
+dnnl::primitive_attr own_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+memory scratchpad(const memory::desc& desc) {
+  return desc.get_size() ? memory(desc, cpu_engine()) : memory();
+}
+
+// One cached primitive, the kernel layout it wants and the buffers it runs with; `lock` serialises runs of it.
+struct Entry {
+  dnnl::primitive prim;
+  memory scratch;
+  memory::desc weights;  // the primitive's (diff_)weights layout
+  memory::desc user_weights;
+  memory blocked;  // the kernel in `weights`' layout, when that is not the user's
+  dnnl::primitive reorder;  // between `blocked` and the user's kernel
+  memory reorder_scratch;
+  std::mutex lock;
+
+  // Builds the buffers for `prim` (scratchpad `scratch_md`), with a reorder into `weights` or, for a weight
+  // gradient (`to_user`), out of it.
+  void prepare(const memory::desc& scratch_md, bool to_user) {
+    scratch = scratchpad(scratch_md);
+    if (weights == user_weights) return;
+    blocked = memory(weights, cpu_engine());
+    auto from = to_user ? weights : user_weights, to = to_user ? user_weights : weights;
+    dnnl::reorder::primitive_desc pd(cpu_engine(), from, cpu_engine(), to, own_scratchpad());
+    reorder = dnnl::reorder(pd);
+    reorder_scratch = scratchpad(pd.scratchpad_desc());
+  }
+  void adopt(const Entry& other) {
+    prim = other.prim, scratch = other.scratch, weights = other.weights, blocked = other.blocked;
+    reorder = other.reorder, reorder_scratch = other.reorder_scratch;
+  }
+};
+
+void add_scratch(std::unordered_map<int, memory>& args, const memory& scratch) {
+  if (scratch) args[DNNL_ARG_SCRATCHPAD] = scratch;
+}
+
+template <typename Build>
+Entry& cached(const std::string& key, Build build) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
+  std::lock_guard<std::mutex> guard(mutex);
+  auto found = cache.find(key);
+  if (found != cache.end()) return *found->second;
+  auto entry = std::make_unique<Entry>();
+  build(*entry);
+  return *cache.emplace(key, std::move(entry)).first->second;
+}
+
+// The shapes of one 2-D convolution, NHWC / HWIO, with oneDNN's logical (N, C, H, W) dims.
+struct ConvShape {
+  int64_t n, ih, iw, ic, kh, kw, oc, oh, ow, sh, sw, pt, pl, pb, pr;
+  memory::data_type type;
+
+  ConvShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y, int64_t sh_,
+            int64_t sw_, int64_t pt_, int64_t pl_, memory::data_type t)
+      : n(x[0]), ih(x[1]), iw(x[2]), ic(x[3]), kh(w[0]), kw(w[1]), oc(w[3]), oh(y[1]), ow(y[2]), sh(sh_), sw(sw_),
+        pt(pt_), pl(pl_), type(t) {
+    pb = (oh - 1) * sh + kh - ih - pt;
+    pr = (ow - 1) * sw + kw - iw - pl;
+  }
+  std::string key(const char* kind) const {
+    std::ostringstream s;
+    s << kind << ' ' << int(type);
+    for (int64_t v : {n, ih, iw, ic, kh, kw, oc, oh, ow, sh, sw, pt, pl, pb, pr}) s << ' ' << v;
+    return s.str();
+  }
+  memory::desc src(memory::data_type t) const { return {{n, ic, ih, iw}, t, tag::nhwc}; }
+  memory::desc dst(memory::data_type t) const { return {{n, oc, oh, ow}, t, tag::nhwc}; }
+  memory::desc weights(memory::data_type t, tag format) const { return {{oc, ic, kh, kw}, t, format}; }
+  memory::dims strides() const { return {sh, sw}; }
+  memory::dims pad_l() const { return {pt, pl}; }
+  memory::dims pad_r() const { return {pb, pr}; }
+  bool valid() const { return type != memory::data_type::undef && pb >= 0 && pr >= 0; }
+};
+
+dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s) {
+  memory::desc bias({s.oc}, memory::data_type::f32, tag::a);
+  return dnnl::convolution_forward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.src(s.type),
+      s.weights(s.type, tag::any), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), own_scratchpad());
+}
+
+// Runs `e.prim` with the user's HWIO kernel at `user`, reordered into (or, for a gradient, out of) the primitive's
+// layout if needed.
+void run_with_weights(Entry& e, void* user, int weights_arg, std::unordered_map<int, memory> args) {
+  dnnl::stream& stream = cpu_stream();
+  memory user_mem(e.user_weights, cpu_engine(), user);
+  add_scratch(args, e.scratch);
+  if (!e.blocked) {
+    args[weights_arg] = user_mem;
+    e.prim.execute(stream, args);
+    stream.wait();
+    return;
+  }
+  bool to_user = weights_arg == DNNL_ARG_DIFF_WEIGHTS;
+  std::unordered_map<int, memory> reorder_args{{DNNL_ARG_FROM, to_user ? e.blocked : user_mem},
+                                               {DNNL_ARG_TO, to_user ? user_mem : e.blocked}};
+  add_scratch(reorder_args, e.reorder_scratch);
+  args[weights_arg] = e.blocked;
+  if (!to_user) e.reorder.execute(stream, reorder_args);
+  e.prim.execute(stream, args);
+  if (to_user) e.reorder.execute(stream, reorder_args);
+  stream.wait();
+}
+
+// Fills `e` with the fastest of oneDNN's implementations for `pd` (reference ones aside), timing each on the
+// call's own buffers through `run(e)`: several may take a shape and the first oneDNN lists is not always the
+// fastest (its brgemm weight gradients, for one, lose to its plain JIT ones on small images).
+// `make_pd()` builds the descriptor; its impls are tried in oneDNN's order, each name once (oneDNN lists some
+// many times over).
+template <typename Prim, typename MakePD, typename Weights, typename Run>
+void fastest(Entry& e, MakePD make_pd, Weights weights_of, bool to_user, Run run) {
+  double best = 1e30;
+  std::set<std::string> tried;
+  auto pd = make_pd();
+  do {
+    std::string impl = pd.impl_info_str();
+    if (!tried.insert(impl).second || (impl.rfind("ref", 0) == 0 && best < 1e30)) continue;
+    Entry candidate;
+    candidate.prim = Prim(pd);
+    candidate.weights = weights_of(pd);
+    candidate.user_weights = e.user_weights;
+    candidate.prepare(pd.scratchpad_desc(), to_user);
+    double seconds = 1e30;
+    for (int i = 0; i < 6; ++i) {  // the first two warm up: oneDNN generates code and touches its buffers
+      auto start = std::chrono::steady_clock::now();
+      run(candidate);
+      double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (i >= 2) seconds = std::min(seconds, took);
+    }
+    if (std::getenv("CNN_ONEDNN_LOG")) std::fprintf(stderr, "cnn oneDNN: %s %.3f ms\n", impl.c_str(), seconds * 1e3);
+    if (seconds < best) {
+      best = seconds;
+      e.adopt(candidate);
+    }
+  } while (pd.next_impl());
+}
+
+ffi::Error bad_shape(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string("cnn oneDNN: unsupported ") + what);
+}
+
+// y = conv(x, w) + bias; x, w and y share a dtype (f32 or bf16), bias is f32.
+ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
+                           ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  ConvShape s(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
+  if (!s.valid()) return bad_shape("convolution");
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
+      {DNNL_ARG_BIAS, memory({{s.oc}, memory::data_type::f32, tag::a}, cpu_engine(), bias.typed_data())},
+      {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}};
+  auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
+  Entry& e = cached(s.key("fwd"), [&](Entry& e) {
+    e.user_weights = s.weights(s.type, tag::hwio);
+    fastest<dnnl::convolution_forward>(e, [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
+  });
+  std::lock_guard<std::mutex> guard(e.lock);
+  run(e);
+  return ffi::Error::Success();
+}
+
+// dx from dy and w (all one dtype); dx's shape is the convolution's input shape.
+ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
+                                int64_t sw, int64_t pt, int64_t pl) {
+  ConvShape s(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl, dnnl_type(dy.element_type()));
+  if (!s.valid()) return bad_shape("convolution");
+  std::unordered_map<int, memory> args{{DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
+                                       {DNNL_ARG_DIFF_SRC, memory(s.src(s.type), cpu_engine(), dx->untyped_data())}};
+  auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
+  Entry& e = cached(s.key("bwd_data"), [&](Entry& e) {
+    auto hint = conv_forward_pd(s);  // must outlive the descriptors made from it: next_impl() reads it
+    auto make_pd = [&] {
+      return dnnl::convolution_backward_data::primitive_desc(
+          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(s.type, tag::any),
+          s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
+    };
+    e.user_weights = s.weights(s.type, tag::hwio);
+    fastest<dnnl::convolution_backward_data>(e, make_pd, [](auto& pd) { return pd.weights_desc(); }, false, run);
+  });
+  std::lock_guard<std::mutex> guard(e.lock);
+  run(e);
+  return ffi::Error::Success();
+}
+
+// dw (f32, HWIO) and d_bias (f32) from x and dy (one dtype).
+ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
+                                   ffi::Result<ffi::Buffer<ffi::F32>> dbias, int64_t sh, int64_t sw, int64_t pt,
+                                   int64_t pl) {
+  ConvShape s(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
+  if (!s.valid()) return bad_shape("convolution");
+  const auto f32 = memory::data_type::f32;
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
+      {DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
+      {DNNL_ARG_DIFF_BIAS, memory({{s.oc}, f32, tag::a}, cpu_engine(), dbias->typed_data())}};
+  auto run = [&](Entry& c) { run_with_weights(c, dw->typed_data(), DNNL_ARG_DIFF_WEIGHTS, args); };
+  Entry& e = cached(s.key("bwd_weights"), [&](Entry& e) {
+    auto hint = conv_forward_pd(s);
+    auto make_pd = [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(f32, tag::any),
+          memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
+    };
+    e.user_weights = s.weights(f32, tag::hwio);
+    fastest<dnnl::convolution_backward_weights>(e, make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, true, run);
+  });
+  std::lock_guard<std::mutex> guard(e.lock);
+  run(e);
+  return ffi::Error::Success();
+}
+
+// c = op(a) @ op(b) [+ bias]: a is (M, K) or, with trans_a, stored (K, M); b is (K, N) or stored (N, K).
+// a and b share a dtype; c is f32 or that dtype; bias (N,) is f32.
+ffi::Error MatmulImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::F32>* bias, ffi::Result<ffi::AnyBuffer> c,
+                      int64_t trans_a, int64_t trans_b) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) return bad_shape("matmul rank");
+  int64_t m = cd[0], n = cd[1], k = trans_a ? ad[0] : ad[1];
+  auto in_type = dnnl_type(a.element_type()), out_type = dnnl_type(c->element_type());
+  if (in_type == memory::data_type::undef || out_type == memory::data_type::undef) return bad_shape("dtype");
+  memory::desc a_md({m, k}, in_type, trans_a ? memory::dims{1, m} : memory::dims{k, 1});
+  memory::desc b_md({k, n}, in_type, trans_b ? memory::dims{1, k} : memory::dims{n, 1});
+  memory::desc c_md({m, n}, out_type, memory::dims{n, 1});
+  memory::desc bias_md({1, n}, memory::data_type::f32, memory::dims{n, 1});
+  std::ostringstream key;
+  key << "matmul " << int(in_type) << ' ' << int(out_type) << ' ' << m << ' ' << n << ' ' << k << ' ' << trans_a
+      << ' ' << trans_b << ' ' << (bias != nullptr);
+  Entry& e = cached(key.str(), [&](Entry& e) {
+    auto pd = bias ? dnnl::matmul::primitive_desc(cpu_engine(), a_md, b_md, bias_md, c_md, own_scratchpad())
+                   : dnnl::matmul::primitive_desc(cpu_engine(), a_md, b_md, c_md, own_scratchpad());
+    e.prim = dnnl::matmul(pd);
+    e.scratch = scratchpad(pd.scratchpad_desc());
+  });
+  std::unordered_map<int, memory> args{{DNNL_ARG_SRC, memory(a_md, cpu_engine(), a.untyped_data())},
+                                       {DNNL_ARG_WEIGHTS, memory(b_md, cpu_engine(), b.untyped_data())},
+                                       {DNNL_ARG_DST, memory(c_md, cpu_engine(), c->untyped_data())}};
+  if (bias) args[DNNL_ARG_BIAS] = memory(bias_md, cpu_engine(), bias->typed_data());
+  std::lock_guard<std::mutex> guard(e.lock);
+  add_scratch(args, e.scratch);
+  dnnl::stream& stream = cpu_stream();
+  e.prim.execute(stream, args);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulPlainImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, int64_t trans_a,
+                           int64_t trans_b) {
+  return MatmulImpl(a, b, nullptr, c, trans_a, trans_b);
+}
+
+ffi::Error MatmulBiasImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::F32> bias,
+                          ffi::Result<ffi::AnyBuffer> c, int64_t trans_a, int64_t trans_b) {
+  return MatmulImpl(a, b, &bias, c, trans_a, trans_b);
+}
+
+// Average pooling over windows that tile the input (no padding): y from x, or dx from dy; NHWC, f32 or bf16.
+// XLA:CPU runs these reductions and their broadcasts several times slower than oneDNN's JIT kernels.
+ffi::Error PoolImpl(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer> out, int64_t backward) {
+  auto id = in.dimensions(), od = out->dimensions();
+  if (id.size() != 4 || od.size() != 4) return bad_shape("pooling rank");
+  auto type = dnnl_type(in.element_type());
+  if (type == memory::data_type::undef) return bad_shape("dtype");
+  auto xd = backward ? od : id, yd = backward ? id : od;  // the forward pass's input and output shapes
+  memory::desc x_md({xd[0], xd[3], xd[1], xd[2]}, type, tag::nhwc), y_md({yd[0], yd[3], yd[1], yd[2]}, type, tag::nhwc);
+  memory::dims window{xd[1] / yd[1], xd[2] / yd[2]}, none{0, 0};
+  std::ostringstream key;
+  key << "pool " << backward << ' ' << int(type);
+  for (auto v : xd) key << ' ' << v;
+  for (auto v : yd) key << ' ' << v;
+  Entry& e = cached(key.str(), [&](Entry& e) {
+    dnnl::pooling_forward::primitive_desc fwd(cpu_engine(), dnnl::prop_kind::forward_training,
+                                              dnnl::algorithm::pooling_avg_exclude_padding, x_md, y_md, window,
+                                              window, none, none, none, own_scratchpad());
+    if (backward) {
+      dnnl::pooling_backward::primitive_desc pd(cpu_engine(), dnnl::algorithm::pooling_avg_exclude_padding, x_md,
+                                                y_md, window, window, none, none, none, fwd, own_scratchpad());
+      e.prim = dnnl::pooling_backward(pd);
+      e.scratch = scratchpad(pd.scratchpad_desc());
+    } else {
+      e.prim = dnnl::pooling_forward(fwd);
+      e.scratch = scratchpad(fwd.scratchpad_desc());
+    }
+  });
+  std::unordered_map<int, memory> args;
+  if (backward) {
+    args = {{DNNL_ARG_DIFF_DST, memory(y_md, cpu_engine(), in.untyped_data())},
+            {DNNL_ARG_DIFF_SRC, memory(x_md, cpu_engine(), out->untyped_data())}};
+  } else {
+    args = {{DNNL_ARG_SRC, memory(x_md, cpu_engine(), in.untyped_data())},
+            {DNNL_ARG_DST, memory(y_md, cpu_engine(), out->untyped_data())}};
+  }
+  std::lock_guard<std::mutex> guard(e.lock);
+  add_scratch(args, e.scratch);
+  dnnl::stream& stream = cpu_stream();
+  e.prim.execute(stream, args);
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define CONV_ATTRS Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, ConvBackwardDataImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                                  .CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardWeights, ConvBackwardWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Matmul, MatmulPlainImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("trans_a")
+                                  .Attr<int64_t>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MatmulBias, MatmulBiasImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("trans_a")
+                                  .Attr<int64_t>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPool, PoolImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Attr<int64_t>("backward"));

@@ -1,0 +1,127 @@
+"""The oneDNN paths (cnn/kernels/onednn.py) against plain Flax: values, gradients, parameters, and real training."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cnn
+from cnn import kernels, sharding
+from cnn.kernels import onednn
+
+needs_onednn = pytest.mark.skipif(not onednn.available(),
+                                  reason=f"oneDNN extension unavailable: {onednn.why_unavailable()}")
+
+CASES = [
+    ("Conv2D(32, 3, padding='same')", (3, 28, 28, 1)),
+    ("Conv2D(16, 3, padding='same')", (2, 14, 14, 8)),
+    ("Conv2D(6, 5)", (2, 13, 12, 3)),
+    ("Conv2D(7, (3, 2), strides=(2, 3))", (3, 13, 11, 5)),  # VALID with rows the windows never reach
+    ("Conv2D(5, 4, strides=2, padding='same')", (2, 13, 10, 4)),
+    ("Conv2D(8, 3, use_bias=False)", (2, 9, 9, 3)),
+    ("Conv1D(6, 5, strides=2, padding='same')", (3, 17, 4)),
+    ("Dense(10)", (5, 33)),
+    ("Dense(7, use_bias=False)", (2, 5, 12)),
+    ("AveragePooling2D(2)", (3, 28, 28, 8)),
+    ("AveragePooling2D(2)", (2, 15, 13, 3)),  # 'valid' drops the last row and column
+    ("AveragePooling2D(3, padding='same')", (2, 9, 6, 4)),
+]
+
+
+def _programs(spec, shape):
+    model = cnn.build_model([spec])
+    fast, plain = kernels.ModelApply(model, kernels.ONEDNN), kernels.apply_fn(model, "xla")
+    x = jax.random.normal(jax.random.key(0), shape)
+    return fast, plain, x
+
+
+def _value_and_grads(apply, variables, x, dtype):
+    """The output and the gradients of a scalar of it for parameters and input, computed in `dtype` as a step does."""
+    def loss(v, x):
+        cast = jax.tree.map(lambda a: a.astype(dtype), v)
+        y = apply(cast, x.astype(dtype)).astype(jnp.float32)
+        return (y * jnp.cos(y)).sum(), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables, x)
+    return y, grads
+
+
+@needs_onednn
+@pytest.mark.parametrize("spec, shape", CASES)
+def test_float32_equals_flax(spec, shape):
+    fast, plain, x = _programs(spec, shape)
+    variables = fast.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, variables, plain.init(jax.random.key(1), x))
+    assert "cnn_onednn" in jax.jit(fast).lower(variables, x).as_text()  # the layer really went to oneDNN
+    ours, theirs = (_value_and_grads(f, variables, x, jnp.float32) for f in (fast, plain))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours, theirs)
+
+
+def _relative_errors(a, b):
+    return jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.abs(u - v).max() / (jnp.abs(v).max() + 1e-6)), a, b))
+
+
+@needs_onednn
+@pytest.mark.parametrize("spec, shape", CASES)
+def test_bfloat16_within_bfloat16_rounding(spec, shape):
+    """bf16 through oneDNN is as close to the float32 result as XLA's own bf16 path is, to bf16's precision."""
+    fast, plain, x = _programs(spec, shape)
+    variables = plain.init(jax.random.key(1), x)
+    exact = _value_and_grads(plain, variables, x, jnp.float32)
+    ours = _relative_errors(_value_and_grads(fast, variables, x, jnp.bfloat16), exact)
+    theirs = _relative_errors(_value_and_grads(plain, variables, x, jnp.bfloat16), exact)
+    assert max(ours) < 3e-2, ours
+    assert all(o <= 2 * t + 1e-2 for o, t in zip(ours, theirs)), (ours, theirs)
+
+
+@needs_onednn
+def test_auto_takes_onednn_for_bfloat16_only_on_a_cpu_with_bf16():
+    model = cnn.build_model(["Conv2D(4, 3)", "Flatten()", "Dense(3)"])
+    apply = kernels.apply_fn(model, "auto", "cpu")
+    x = jnp.ones((2, 8, 8, 3))
+    variables = apply.init(jax.random.key(0), x)
+    program = lambda dtype: str(jax.make_jaxpr(apply)(jax.tree.map(lambda a: a.astype(dtype), variables),
+                                                       x.astype(dtype)))
+    assert "cnn_onednn" not in program(jnp.float32)  # float32 stays on XLA's paths under 'auto'
+    assert ("cnn_onednn_conv_forward" in program(jnp.bfloat16)) == kernels.cpu_has_bf16()
+    assert "cnn_onednn_matmul" in str(jax.make_jaxpr(kernels.apply_fn(model, "onednn", "cpu"))(variables, x))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_digits_train_through_onednn(config_path, tmp_path, capsys, dtype):
+    """A real run on the digits with every conv and dense layer in oneDNN reaches XLA's accuracy band; its start-up
+    line says so, and bf16 steps take the whole batch in one call (float32 ones stay in parts of 64)."""
+    config = cnn.load_config(config_path("digits"))
+    config.train.kernels, config.train.compute_dtype, config.train.batch_size = "onednn", dtype, 128
+    config.train.num_epochs = 40
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    assert run.results["test_accuracy"] >= 0.95
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(run.state.params))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("digits:"))
+    assert line.endswith("through oneDNN")
+    assert ("parts of 64" in line) == (dtype == "float32") and "batch norm" not in line
+
+
+def test_micro_batches_follow_the_kernels():
+    """The one rule (sharding.micro_batch_size): whole batches where oneDNN's bf16 kernels run, else parts of 64."""
+    mesh = sharding.make_mesh(1)
+    whole = kernels.whole_batch("auto", "bfloat16", "cpu")
+    assert whole == (onednn.available() and kernels.cpu_has_bf16())
+    assert sharding.micro_batch_size(128, mesh, whole) == (128 if whole else 64)
+    assert not kernels.whole_batch("auto", "float32", "cpu") and not kernels.whole_batch("xla", "bfloat16", "cpu")
+    assert sharding.micro_batch_size(128, mesh) == 64
+
+
+def test_without_the_extension_auto_falls_back_and_onednn_is_a_config_error():
+    """CNN_ONEDNN=0 stands for a missing build: 'auto' keeps XLA's paths, 'onednn' names the cause in one line."""
+    code = ("from cnn import kernels, ConfigError\n"
+            "assert kernels.resolve('auto', 'cpu') == kernels.AUTO['cpu']\n"
+            "try:\n    kernels.resolve('onednn', 'cpu')\nexcept ConfigError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CNN_ONEDNN": "0"}, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "train.kernels='onednn': CNN_ONEDNN=0 in the environment; use 'auto' or 'xla'"
