@@ -67,7 +67,7 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
     import jax
     import jax.numpy as jnp
 
-    from cnn import config as config_lib, data as data_lib, models, sharding, train
+    from cnn import config as config_lib, data as data_lib, kernels, models, sharding, train
 
     config = config_lib.base_config()
     config.model.layers = FLAX_CNN
@@ -77,7 +77,9 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
     state = train.create_state(model, train.make_optimizer(config.optimizer, 100, 1), (28, 28, 1), 0,
                                config.train.kernels, mesh.devices.flat[0].platform)
     replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
-    micro_batch_size = micro_batch_size or sharding.micro_batch_size(batch_size, mesh)
+    platform = mesh.devices.flat[0].platform
+    micro_batch_size = micro_batch_size or sharding.micro_batch_size(  # as cnn/train/setup.py chooses it
+        batch_size, mesh, kernels.whole_batch(config.train.kernels, compute_dtype, platform))
     sharding.check_batch("--micro_batch_size", micro_batch_size, mesh)
     recipe = train.Recipe.from_config(config, "softmax_cross_entropy")
     step = train.compile_train_step(mesh, batch_size // micro_batch_size, recipe)
@@ -96,7 +98,8 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
             carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], chunk, start)
         jax.block_until_ready(loss)
 
-    device = f"{mesh.size} x {jax.devices()[0].device_kind}" + (
+    onednn = " through oneDNN" if kernels.onednn_in_force(config.train.kernels, compute_dtype, platform) else ""
+    device = f"{mesh.size} x {jax.devices()[0].device_kind}{onednn}" + (
         f", {batch_size // micro_batch_size} parts of {micro_batch_size}" if micro_batch_size < batch_size else "")
     return run, device
 
@@ -151,6 +154,7 @@ VARIANTS = {
     "torch bf16 autocast": ("torch", {"bf16": True}),
     "torch.compile": ("torch", {"compile": True}),
     "torch.compile + bf16": ("torch", {"compile": True, "bf16": True}),
+    "torch.compile + bf16, channels_last": ("torch", {"compile": True, "bf16": True, "channels_last": True}),
 }
 
 
@@ -186,12 +190,12 @@ def throughput(args) -> None:
             result = json.loads(out.strip().splitlines()[-1])
             devices[name] = result["device"]
             rates[name] += result["blocks"]
-            print(f"  {name:<22} {statistics.median(result['blocks']):9,.0f} images/s", file=sys.stderr, flush=True)
+            print(f"  {name:<36} {statistics.median(result['blocks']):9,.0f} images/s", file=sys.stderr, flush=True)
     medians = {name: statistics.median(r) for name, r in rates.items()}
     print(f"Flax MNIST CNN, batch {args.batch_size}, SGD with momentum; each run in its own process, median of "
           f"{args.rounds} x {args.blocks} blocks of {args.steps} steps; {cpu_model()}")
     for name in args.variants:
-        print(f"  {name:<22} {medians[name]:9,.0f} images/s   ({devices[name]}; blocks "
+        print(f"  {name:<36} {medians[name]:9,.0f} images/s   ({devices[name]}; blocks "
               f"{min(rates[name]):,.0f}-{max(rates[name]):,.0f})")
     ours = {n: r for n, r in medians.items() if VARIANTS[n][0] == "cnn"}
     peers = {n: r for n, r in medians.items() if VARIANTS[n][0] == "torch"}
