@@ -157,3 +157,26 @@ def test_two_processes_streamed_match_one(tmp_path, digits_folder):
     np.testing.assert_allclose([[r["train_loss"], r["test_loss"], r["test_accuracy"]] for r in two],
                                [[r["train_loss"], r["test_loss"], r["test_accuracy"]] for r in one], rtol=1e-5)
     assert json.loads((tmp_path / "two" / "results.json").read_text())["input_path"] == "streamed"
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_npz_over_budget_streams_the_same_arrays(tmp_path, held_out):
+    """Float images in [0, 1], string labels in a given class order: copied into the cache in pieces, they read
+    back as the in-memory path converts them, the held-out test split included."""
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 6, 6, 3)).astype(np.float32)
+    y = np.array(["cat", "dog", "eel"])[rng.integers(0, 3, 300)]
+    arrays = {"x_train": x, "y_train": y} if held_out else \
+        {"x_train": x[:240], "y_train": y[:240], "x_test": x[240:], "y_test": y[240:]}
+    np.savez_compressed(tmp_path / "set.npz", **arrays, class_names=np.array(["eel", "cat", "dog"]))
+    config = cnn.load_config(str(REPO / "configs" / "digits.py"))
+    config.data.name, config.data.path = "npz", str(tmp_path / "set.npz")
+    within = cnn.load_dataset(config.data)
+    config.data.max_memory_gb = 1e-6
+    over, again = cnn.load_dataset(config.data), cnn.load_dataset(config.data)  # built, then from the cache
+    assert within.input_path == "memory" and over.input_path == again.input_path == "streamed"
+    assert over.class_names == within.class_names == ["eel", "cat", "dog"]
+    for dataset in (over, again):
+        for split in ("train", "test"):
+            np.testing.assert_array_equal(np.asarray(getattr(dataset, split).images), getattr(within, split).images)
+            np.testing.assert_array_equal(getattr(dataset, split).labels, getattr(within, split).labels)
