@@ -19,6 +19,8 @@ import zipfile
 import ml_collections
 import numpy as np
 
+import cnn.data.cache as cache_lib
+import cnn.data.stream as stream
 from cnn.data.dataset import Dataset, Split
 from cnn.data.split import hold_out
 from cnn.errors import ConfigError
@@ -204,9 +206,6 @@ def _header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _load_streamed(data: ml_collections.ConfigDict, path: str, seed: int) -> Dataset | None:
     """An .npz whose inputs exceed data.max_memory_gb, copied into the cache a piece at a time and read from
     there by rows (cache.cached_within); None (load it whole, as always) when it fits, or cannot stream."""
-    import cnn.data.cache as cache_lib
-    from cnn.data import stream
-
     members = _members(path)
     budget, why = stream.memory_budget(data.get("max_memory_gb"))
     if not members or not data.get("cache") or "x_train" not in members or "y_train" not in members:
@@ -232,12 +231,9 @@ def _load_streamed(data: ml_collections.ConfigDict, path: str, seed: int) -> Dat
     return Dataset("npz", train, test, names)
 
 
-def _build_npz(path: str, members: dict, tmp: str | None) -> "cache_lib.Entry":
+def _build_npz(path: str, members: dict, tmp: str | None) -> cache_lib.Entry:
     """The cache entry of an .npz: inputs converted as `inputs` does, a piece at a time, into files in `tmp`;
     labels encoded as `from_arrays` does (they are small)."""
-    import cnn.data.cache as cache_lib
-    from cnn.data import stream
-
     keys = [k for k in NPZ_KEYS if k in members]
     with np.load(path, allow_pickle=False) as f:
         labels = {k: f[k] for k in keys if k.startswith("y_")}
@@ -266,8 +262,6 @@ def _build_npz(path: str, members: dict, tmp: str | None) -> "cache_lib.Entry":
 
 def _copy_inputs(archive: zipfile.ZipFile, key: str, member: tuple, tmp: str):
     """The input array `key`, read from the archive and converted (`inputs`) a piece of rows at a time."""
-    from cnn.data import stream
-
     shape, dtype = member
     if not shape or shape[0] == 0:
         raise ConfigError(f"{key} has no examples")
