@@ -16,7 +16,9 @@ folders and files in `data.cache_dir`, else $CNN_CACHE_DIR, else
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +26,7 @@ import shutil
 import sys
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -204,6 +206,25 @@ def cached(folder: str | None, key: Any, build: Callable[[], Entry]) -> tuple[En
     return entry, False
 
 
+@contextlib.contextmanager
+def _building(folder: str) -> Iterator[None]:
+    """Holds an exclusive lock beside `folder` (flock), so concurrent runs decode an entry once; where the
+    filesystem has no locks, each builds its own and the atomic rename keeps the result whole."""
+    parent, base = os.path.split(os.path.normpath(folder))
+    handle = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        handle = open(os.path.join(parent, f".{base}.lock"), "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
 def cached_within(folder: str | None, key: Any, build: Callable[[str | None], Entry], budget: int, why: str
                   ) -> tuple[Entry, bool]:
     """As `cached`, for sources that can decode into files: `build(tmp)` writes its inputs into `tmp` in pieces
@@ -211,13 +232,15 @@ def cached_within(folder: str | None, key: Any, build: Callable[[str | None], En
     disk by rows (DiskArrays) instead of loaded; one line says which path was taken and why (`why` names
     the budget)."""
     hit = True
-    entry = read(folder, key, budget) if folder is not None else None
-    if entry is None and folder is None:
+    if folder is None:
         entry, hit = build(None), False
         entry.size = sum(int(a.nbytes) for a in entry.arrays.values())
-    elif entry is None:
-        _write_with(folder, key, build)
-        entry, hit = read(folder, key, budget), False
+    else:
+        with _building(folder):  # the processes of a node: one decodes, the others then read its entry
+            entry = read(folder, key, budget)
+            if entry is None:
+                _write_with(folder, key, build)
+                entry, hit = read(folder, key, budget), False
         if entry is None:
             raise workdir.write_failed(folder, OSError("the entry just written does not read back"))
     gb = entry.size / 1e9

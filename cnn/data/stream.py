@@ -44,7 +44,7 @@ class DiskArray:
 
     Indexing with an int, a slice or an int array returns a numpy array (a
     copy), as indexing an in-memory array would; `take` selects rows without
-    reading them. It opens its file lazily, so it crosses a fork intact.
+    reading them. The file is opened once, when the array is made; a forked child opens it again.
     """
 
     def __init__(self, path: str, rows: np.ndarray | None = None):
@@ -58,7 +58,7 @@ class DiskArray:
             raise ValueError(f"{path}: a Fortran-ordered array cannot be read by rows")
         self.path, self.dtype, self.file_shape, self.rows = path, np.dtype(dtype), tuple(shape), rows
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._fd, self._pid = None, None
+        self._handle = _Handle(path)  # open now: a later rebuild of the entry (a rename over it) leaves this intact
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,7 +78,7 @@ class DiskArray:
     def take(self, rows: np.ndarray) -> DiskArray:
         """The rows `rows` of this array, still on disk."""
         out = DiskArray.__new__(DiskArray)
-        out.__dict__.update(self.__dict__, _fd=None, _pid=None)
+        out.__dict__.update(self.__dict__)  # the same open file
         rows = np.asarray(rows, np.int64)
         out.rows = rows if self.rows is None else self.rows[rows]
         return out
@@ -95,9 +95,7 @@ class DiskArray:
         return out if dtype is None else out.astype(dtype)
 
     def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
+        return self._handle.fd()
 
     def read(self, index: np.ndarray) -> np.ndarray:
         """The rows `index` names (any shape of ints, negative ones from the end) as one array index.shape + row."""
@@ -131,24 +129,41 @@ class DiskArray:
             yield start, self.read(np.arange(start, min(len(self), start + step)))
 
     def close(self) -> None:
+        """Closes the file now (for this array and every `take` of it), so it can be renamed or removed."""
+        self._handle.close()
+
+
+class _Handle:
+    """One open descriptor, shared by an array and the arrays taken from it; closed when the last one goes."""
+
+    def __init__(self, path: str):
+        self.path, self._fd, self._pid = path, os.open(path, os.O_RDONLY), os.getpid()
+
+    def fd(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # closed, or a forked child: open it for this process
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def close(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
         self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def file_checksum(path: str) -> int:
     """crc32 of the array data in the .npy at `path`, as cache.checksum gives for the array, read in pieces."""
     array = DiskArray(path)
-    crc, fd = 0, os.open(path, os.O_RDONLY)
-    try:
-        position, end = array.offset, array.offset + array.nbytes
-        while position < end:
-            piece = os.pread(fd, min(PIECE_BYTES, end - position), position)
-            if not piece:
-                raise OSError(f"{path} is cut short")
-            crc, position = zlib.crc32(piece, crc), position + len(piece)
-    finally:
-        os.close(fd)
+    crc, fd = 0, array._file()
+    position, end = array.offset, array.offset + array.nbytes
+    while position < end:
+        piece = os.pread(fd, min(PIECE_BYTES, end - position), position)
+        if not piece:
+            raise OSError(f"{path} is cut short")
+        crc, position = zlib.crc32(piece, crc), position + len(piece)
+    array.close()
     return crc
 
 
