@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,7 +105,9 @@ def build_cache(folder: str, env: dict) -> float:
 
 
 def train(folder: str, workdir: str, budget: float, args, env: dict) -> dict:
-    """One `python -m cnn.main` run from the cache: peak RSS, the last epoch's images/s and results.json."""
+    """One `python -m cnn.main` run from the cache, in a fresh workdir: peak RSS, the last epoch's images/s and
+    results.json."""
+    shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, "-m", "cnn.main", "--config=configs/digits.py", f"--workdir={workdir}",
                "--config.data.name=image_folder", f"--config.data.path={folder}",
                f"--config.data.max_memory_gb={budget}", f"--config.train.num_epochs={args.epochs}",

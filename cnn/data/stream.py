@@ -20,7 +20,7 @@ import numpy as np
 from cnn.errors import ConfigError
 
 PIECE_BYTES = 16 << 20  # what a sequential pass (checksum, describe) holds at a time
-READERS = 4  # threads that issue one gather's reads: pread releases the GIL, and a disk serves several at once
+READERS = min(4, os.cpu_count() or 1)  # threads per gather: pread releases the GIL, a disk serves several at once
 
 
 def memory_budget(value: float | None) -> tuple[int, str]:
