@@ -180,3 +180,16 @@ def test_npz_over_budget_streams_the_same_arrays(tmp_path, held_out):
         for split in ("train", "test"):
             np.testing.assert_array_equal(np.asarray(getattr(dataset, split).images), getattr(within, split).images)
             np.testing.assert_array_equal(getattr(dataset, split).labels, getattr(within, split).labels)
+
+
+def test_default_budget_is_a_quarter_of_memory_shared_by_local_processes(monkeypatch):
+    from cnn.data import stream
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    alone, why = stream.memory_budget(None)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < alone <= physical // 4 and "default" in why
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    assert stream.memory_budget(None)[0] == alone // 4
+    assert stream.memory_budget(0.25) == (250_000_000, "data.max_memory_gb=0.25")

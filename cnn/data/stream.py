@@ -28,15 +28,29 @@ def memory_budget(value: float | None) -> tuple[int, str]:
 
     The default, a quarter of physical memory divided by the processes on
     this machine ($LOCAL_WORLD_SIZE or $SLURM_NTASKS_PER_NODE, else 1), leaves
-    room for the model, the staged batches, XLA and the operating system.
+    room for the model, the staged batches, XLA and the operating system. A
+    container's or job's memory limit (cgroup, as SLURM sets) counts as the memory.
     """
     if value is not None:
         return int(float(value) * 1e9), f"data.max_memory_gb={float(value):g}"
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), _cgroup_limit())
     local = next((int(v) for v in (os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"))
                   if v and v.isdigit() and int(v) > 0), 1)
     budget = total // 4 // local
-    return budget, f"data.max_memory_gb (default {budget / 1e9:.2f}: a quarter of RAM / {local} local process(es))"
+    return budget, f"data.max_memory_gb (default {budget / 1e9:.2f}: a quarter of memory / {local} local process(es))"
+
+
+def _cgroup_limit() -> int:
+    """The memory limit of this process's cgroup (v2, else v1), or a huge number where there is none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return 1 << 62
 
 
 class DiskArray:
