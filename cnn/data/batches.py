@@ -82,9 +82,10 @@ def staged_chunks(split: Split, index: np.ndarray, first: int, steps: int, chunk
     try:
         ahead = pool.submit(gather, starts[0]) if starts else None
         for k in range(len(starts)):
-            host = ahead.result()
+            host, ahead = ahead.result(), None
+            staged, host = sharding.put_batch(host, chunk_sharding), None  # the host copy goes before the next read
             ahead = pool.submit(gather, starts[k + 1]) if k + 1 < len(starts) else None
-            yield sharding.put_batch(host, chunk_sharding)
-            host = None  # the next chunk's host copy replaces this one's
+            yield staged
+            staged = None  # resumed when the loop wants the next chunk: this one can go first
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
