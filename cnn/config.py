@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Keep decoded arrays (next to prepared TFDS data, or in data.cache_dir)
     # so later runs skip decoding (and TensorFlow).
     c.data.cache = True
+    # Budget for decoded data in RAM per process, in GB (10**9 bytes); None:
+    # a quarter of the machine's memory divided by its local processes. A
+    # decoded image folder or .npz larger than this streams from its on-disk
+    # cache (a batch at a time, read ahead by a thread) instead of loading.
+    c.data.max_memory_gb = config_dict.placeholder(float)
     # Image channels after loading: 1 (RGB to grey), 3 (grey to RGB) or None
     # (as stored).
     c.data.channels = config_dict.placeholder(int)
@@ -307,6 +312,10 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     if d.channels is not None:
         require(d.channels in (1, 3) and not isinstance(d.channels, bool), "data.channels", d.channels,
                 "1 (grey), 3 (RGB) or None (as stored)")
+    budget = d.get("max_memory_gb")
+    require(budget is None or (isinstance(budget, numbers.Real) and not isinstance(budget, bool) and 0 < budget
+                               < float("inf")), "data.max_memory_gb", budget,
+            "a positive number of GB such as 4.0, or None (a quarter of this machine's memory)")
     int_at_least(d.crop_padding, "data.crop_padding", 0, "0 (no random crop) or a positive integer")
     require(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
     require(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")

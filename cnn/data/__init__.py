@@ -16,8 +16,10 @@ import ml_collections
 
 from cnn.data.arrays import NAME as ARRAYS
 from cnn.data.arrays import from_arrays, load_npz
-from cnn.data.batches import chunk_steps, epoch_index, eval_index, host_batch, stage_chunk
+from cnn.data.batches import chunk_steps, epoch_index, eval_index, host_batch, stage_chunk, staged_chunks
+from cnn.data import stream
 from cnn.data.dataset import Dataset, Split, describe
+from cnn.data.stream import DiskArray
 from cnn.data.embedded import EMBEDDED, load_digits, load_synthetic_series
 from cnn.data.folders import load_folders
 from cnn.data.images import Augmentation, augment, preprocess, resize, to_channels
@@ -27,9 +29,9 @@ from cnn.data.tfds import load_tfds
 from cnn.data.tfds import input_shape as tfds_input_shape
 from cnn.errors import ConfigError
 
-__all__ = ["ARRAYS", "Augmentation", "Dataset", "EMBEDDED", "OOV", "OWN_DATA", "PAD", "Split", "augment",
+__all__ = ["ARRAYS", "Augmentation", "Dataset", "DiskArray", "EMBEDDED", "OOV", "OWN_DATA", "PAD", "Split", "augment",
            "build_vocabulary", "chunk_steps", "describe", "encode", "epoch_index", "eval_index", "from_arrays",
-           "host_batch", "input_shape", "load_dataset", "preprocess", "resize", "stage_chunk", "to_channels", "words"]
+           "host_batch", "input_shape", "load_dataset", "preprocess", "resize", "stage_chunk", "staged_chunks", "to_channels", "words"]
 
 # data.name of each source that reads your own files at data.path, and its loader (data, seed) -> Dataset.
 OWN_DATA = {"image_folder": load_folders, "text_folder": load_folders, "series_file": load_series_file,
@@ -65,6 +67,9 @@ def conform(dataset: Dataset, data: ml_collections.ConfigDict) -> Dataset:
             raise ConfigError(f"data.{field}={data[field]!r} applies to images, but {dataset.name} holds sequences "
                               f"shaped {dataset.input_shape}; leave data.{field}=None")
     for split in (dataset.train, dataset.test):
+        if isinstance(split.images, DiskArray):
+            _check_streamed(split.images, data)
+            continue
         if data.get("image_size") is not None:
             split.images = resize(split.images, tuple(int(v) for v in data.image_size))
         if data.get("channels") is not None:
@@ -73,6 +78,15 @@ def conform(dataset: Dataset, data: ml_collections.ConfigDict) -> Dataset:
         raise ConfigError(f"data.mean={tuple(data.mean)!r} has {len(data.mean)} values but the images have "
                           f"{dataset.input_shape[-1]} channels")
     return dataset
+
+
+def _check_streamed(images: DiskArray, data: ml_collections.ConfigDict) -> None:
+    """A streamed set is used as decoded: a resize or channel change it still needs is refused, naming the fix."""
+    size, channels = data.get("image_size"), data.get("channels")
+    if size is not None and tuple(images.shape[1:3]) != tuple(int(v) for v in size):
+        stream.refuse_conversion("image_size", tuple(size), images.shape)
+    if channels is not None and images.shape[-1] != channels:
+        stream.refuse_conversion("channels", channels, images.shape)
 
 
 def input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:

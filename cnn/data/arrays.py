@@ -13,11 +13,14 @@ distinct training labels, named by their text.
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 
 import ml_collections
 import numpy as np
 
+import cnn.data.cache as cache_lib
+import cnn.data.stream as stream
 from cnn.data.dataset import Dataset, Split
 from cnn.data.split import hold_out
 from cnn.errors import ConfigError
@@ -143,6 +146,9 @@ def load_npz(data: ml_collections.ConfigDict, seed: int) -> Dataset:
     if data.get("test_path"):
         raise ConfigError(f"data.test_path={data.test_path!r}: an .npz holds its own test split (x_test, y_test); "
                           "put it in data.path's file, or leave it out to hold out data.test_fraction")
+    streamed = _load_streamed(data, path, seed)
+    if streamed is not None:
+        return streamed
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -171,3 +177,110 @@ def load_npz(data: ml_collections.ConfigDict, seed: int) -> Dataset:
         raise ConfigError(f"data.path={path!r}: {e}") from None
     dataset.name = "npz"
     return dataset
+
+
+def _members(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+    """Each array's (shape, dtype) from its .npy header inside the .npz, nothing decompressed beyond it; None
+    when the file cannot be read this way (the in-memory path then names the problem)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            out = {}
+            for name in archive.namelist():
+                with archive.open(name) as f:
+                    shape, fortran, dtype = _header(f)
+                if fortran or dtype.hasobject:
+                    return None
+                out[name[:-4] if name.endswith(".npy") else name] = (shape, dtype)
+            return out
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return None
+
+
+def _header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), fortran, np.dtype(dtype)
+
+
+def _load_streamed(data: ml_collections.ConfigDict, path: str, seed: int) -> Dataset | None:
+    """An .npz whose inputs exceed data.max_memory_gb, copied into the cache a piece at a time and read from
+    there by rows (cache.cached_within); None (load it whole, as always) when it fits, or cannot stream."""
+    members = _members(path)
+    budget, why = stream.memory_budget(data.get("max_memory_gb"))
+    if not members or not data.get("cache") or "x_train" not in members or "y_train" not in members:
+        return None
+    size = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in members.values())
+    if size <= budget:
+        return None
+    stat = os.stat(path)
+    key = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "format": "npz-1"}
+    folder = cache_lib.entry_folder(data, "npz", path, {})
+    try:
+        entry, _ = cache_lib.cached_within(folder, key, lambda tmp: _build_npz(path, members, tmp), budget, why)
+    except ConfigError as e:
+        raise ConfigError(f"data.path={path!r}: {e}") from None
+    a, names = entry.arrays, entry.info["class_names"]
+    if "x_test" in a:
+        train, test = Split(a["x_train"], a["y_train"]), Split(a["x_test"], a["y_test"])
+    else:
+        rows = hold_out(a["y_groups"], float(data.test_fraction), seed)
+        train, test = (Split(stream.select(a["x_train"], r), a["y_train"][r]) for r in rows)
+    print(f"{path}: {len(train):,} train / {len(test):,} test examples of {tuple(a['x_train'].shape[1:])}, "
+          f"{len(names)} classes", file=sys.stderr, flush=True)
+    return Dataset("npz", train, test, names)
+
+
+def _build_npz(path: str, members: dict, tmp: str | None) -> cache_lib.Entry:
+    """The cache entry of an .npz: inputs converted as `inputs` does, a piece at a time, into files in `tmp`;
+    labels encoded as `from_arrays` does (they are small)."""
+    keys = [k for k in NPZ_KEYS if k in members]
+    with np.load(path, allow_pickle=False) as f:
+        labels = {k: f[k] for k in keys if k.startswith("y_")}
+        names = f["class_names"].tolist() if "class_names" in f.files else None
+    # from_arrays checks and encodes the labels; the inputs stand in as zero-size broadcasts of their row shape
+    stand_in = {k: np.broadcast_to(np.zeros(1, np.uint8), (members[k][0][0], 1, 1, 1)) for k in keys
+                if k.startswith("x_")}
+    if "x_test" not in members:
+        stand_in["x_test"], labels["y_test"] = stand_in["x_train"][:1], labels["y_train"][:1]
+    encoded = from_arrays(stand_in["x_train"], labels["y_train"], stand_in["x_test"], labels["y_test"], names)
+    arrays = {"y_train": encoded.train.labels}
+    if "x_test" in members:
+        arrays["y_test"] = encoded.test.labels
+    else:  # the groups load_npz holds out by: each distinct raw label, in sorted order
+        raw = _raw_labels(labels["y_train"], "y_train", members["x_train"][0][0], "x_train")
+        arrays["y_groups"] = np.unique(raw, return_inverse=True)[1].astype(np.int32)
+    with zipfile.ZipFile(path) as archive:
+        for key in (k for k in keys if k.startswith("x_")):
+            arrays[key] = _copy_inputs(archive, key, members[key], tmp)
+    shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items() if k.startswith("x_")}
+    if len(set(shapes.values())) > 1 or len({arrays[k].dtype for k in shapes}) > 1:
+        raise ConfigError(f"x_test examples are {shapes.get('x_test')} but x_train's are {shapes['x_train']}; both "
+                          "need one shape and kind")
+    return cache_lib.Entry(arrays, {"class_names": encoded.class_names})
+
+
+def _copy_inputs(archive: zipfile.ZipFile, key: str, member: tuple, tmp: str):
+    """The input array `key`, read from the archive and converted (`inputs`) a piece of rows at a time."""
+    shape, dtype = member
+    if not shape or shape[0] == 0:
+        raise ConfigError(f"{key} has no examples")
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    step, writer = max(1, stream.PIECE_BYTES // max(1, row_bytes)), None
+    with archive.open(f"{key}.npy") as f:
+        _header(f)
+        for start in range(0, shape[0], step):
+            count = min(step, shape[0] - start)
+            raw = f.read(count * row_bytes)
+            if len(raw) != count * row_bytes:
+                raise ConfigError(f"{key} is cut short in the file; copy it again, or save it with np.savez")
+            try:
+                piece = inputs(np.frombuffer(raw, dtype).reshape(count, *shape[1:]), key)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (in rows {start:,}-{start + count - 1:,})") from None
+            if writer is None:
+                writer = stream.ArrayWriter(os.path.join(tmp, f"{key}.npy"), (shape[0], *piece.shape[1:]),
+                                            piece.dtype)
+            writer.write(start, piece)
+    writer.close()
+    return stream.DiskArray(writer.path)

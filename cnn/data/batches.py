@@ -7,11 +7,15 @@ own devices only its columns of every global batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import numpy as np
 
 from cnn import sharding
 from cnn.data.dataset import Split
+from cnn.data.stream import DiskArray
 
 CHUNK_BYTES = 64 << 20  # how much training data `stage_chunk` puts on the devices at a time
 
@@ -52,5 +56,36 @@ def stage_chunk(split: Split, rows: np.ndarray, steps: int, chunk_sharding) -> d
     Short chunks (an epoch's last, or a resumed one) are padded with copies
     of their last batch, so every chunk has one shape and the step compiles once.
     """
-    rows = np.concatenate([rows, np.repeat(rows[-1:], steps - len(rows), axis=0)])
-    return sharding.put_batch(host_batch(split, rows), chunk_sharding)
+    return sharding.put_batch(host_batch(split, _padded(rows, steps)), chunk_sharding)
+
+
+def _padded(rows: np.ndarray, steps: int) -> np.ndarray:
+    return np.concatenate([rows, np.repeat(rows[-1:], steps - len(rows), axis=0)])
+
+
+def staged_chunks(split: Split, index: np.ndarray, first: int, steps: int, chunk_sharding
+                  ) -> Iterator[dict[str, jax.Array]]:
+    """The chunks (`stage_chunk`) of batches `index[first:]`, `steps` batches each, one at a time.
+
+    A streamed split (a DiskArray) is gathered from disk one chunk ahead on a
+    thread, so the reads overlap the steps of the chunk before; each process
+    reads only its own columns of every batch. The batches are the same on
+    either path: the order depends only on (seed, epoch).
+    """
+    starts = range(first, len(index), steps)
+    if not isinstance(split.images, DiskArray):
+        for start in starts:
+            yield stage_chunk(split, index[start:start + steps], steps, chunk_sharding)
+        return
+    gather = lambda start: host_batch(split, _padded(index[start:start + steps], steps))  # noqa: E731
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cnn-prefetch")
+    try:
+        ahead = pool.submit(gather, starts[0]) if starts else None
+        for k in range(len(starts)):
+            host, ahead = ahead.result(), None
+            staged, host = sharding.put_batch(host, chunk_sharding), None  # the host copy goes before the next read
+            ahead = pool.submit(gather, starts[k + 1]) if k + 1 < len(starts) else None
+            yield staged
+            staged = None  # resumed when the loop wants the next chunk: this one can go first
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

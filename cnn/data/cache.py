@@ -16,7 +16,9 @@ folders and files in `data.cache_dir`, else $CNN_CACHE_DIR, else
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -24,13 +26,14 @@ import shutil
 import sys
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from cnn import workdir
+import cnn.data.stream as stream
 
 FORMAT = 1  # bump when the layout changes: older entries are then rebuilt
 MANIFEST = "manifest.json"
@@ -38,8 +41,10 @@ MANIFEST = "manifest.json"
 
 @dataclasses.dataclass
 class Entry:
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray | stream.DiskArray]
     info: dict[str, Any]  # JSON: class names, skipped files, ...
+    streamed: bool = False  # inputs left on disk (DiskArrays): the entry is larger than the memory budget
+    size: int = 0  # bytes of every array, decoded
 
 
 def root(data: ml_collections.ConfigDict) -> str:
@@ -66,8 +71,13 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def read(folder: str, key: Any) -> Entry | None:
-    """The entry in `folder` if it was built from `key` and is intact; None (and a notice if damaged) otherwise."""
+def read(folder: str, key: Any, budget: int | None = None) -> Entry | None:
+    """The entry in `folder` if it was built from `key` and is intact; None (and a notice if damaged) otherwise.
+
+    With `budget` (bytes) and an entry larger than it, its inputs (arrays of
+    two or more dimensions) come back as DiskArrays, read from disk by rows;
+    labels are always loaded.
+    """
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         return None
@@ -78,18 +88,28 @@ def read(folder: str, key: Any) -> Entry | None:
         print(f"note: the data changed since it was cached in {folder}; decoding it again", file=sys.stderr,
               flush=True)
         return None
+    size = sum(int(meta.get("bytes", 0)) for meta in manifest["arrays"].values())
+    streamed = budget is not None and size > budget
     arrays = {}
     for name, meta in manifest["arrays"].items():
-        file = os.path.join(folder, meta["file"])
-        try:
-            array = np.load(file, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            return _damaged(folder, f"{meta['file']}: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
-        if (list(array.shape) != meta["shape"] or array.dtype.str != meta["dtype"] or array.nbytes != meta["bytes"]
-                or checksum(array) != meta["crc32"]):
-            return _damaged(folder, f"{meta['file']} does not match its size or checksum")
+        array = _read_array(os.path.join(folder, meta["file"]), meta, streamed and len(meta["shape"]) >= 2)
+        if isinstance(array, str):
+            return _damaged(folder, array)
         arrays[name] = array
-    return Entry(arrays, manifest.get("info", {}))
+    return Entry(arrays, manifest.get("info", {}), streamed=streamed, size=size)
+
+
+def _read_array(file: str, meta: dict, on_disk: bool) -> np.ndarray | stream.DiskArray | str:
+    """The array in `file`, loaded or left on disk, checked against its manifest entry; or what is wrong with it."""
+    name = os.path.basename(file)
+    try:
+        array = stream.DiskArray(file) if on_disk else np.load(file, allow_pickle=False)
+        if (list(array.shape) != meta["shape"] or array.dtype.str != meta["dtype"] or array.nbytes != meta["bytes"]
+                or (stream.file_checksum(file) if on_disk else checksum(array)) != meta["crc32"]):
+            return f"{name} does not match its size or checksum"
+    except (OSError, ValueError, EOFError) as e:
+        return f"{name}: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}"
+    return array
 
 
 def _damaged(folder: str, why: str) -> None:
@@ -100,17 +120,31 @@ def _damaged(folder: str, why: str) -> None:
 def write(folder: str, key: Any, entry: Entry) -> None:
     """Writes `entry` atomically; a failure (a full disk, a read-only cache) stops the run with one line naming
     the folder and the cause, before any training would meet the same disk."""
+    _write_with(folder, key, lambda tmp: entry)
+
+
+def _write_with(folder: str, key: Any, build: Callable[[str], Entry]) -> None:
+    """`build(tmp)` gives the entry, its DiskArrays already written in the temporary folder `tmp` (in pieces,
+    never whole in memory); the rest is saved there, then the manifest, then `tmp` is renamed into place."""
     parent, base = os.path.split(os.path.normpath(folder))
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(tmp)
         _remove_abandoned(parent, base)
+        entry = build(tmp)
         arrays = {}
         for name, array in entry.arrays.items():
-            array = np.ascontiguousarray(array)
-            np.save(os.path.join(tmp, f"{name}.npy"), array, allow_pickle=False)
+            file = os.path.join(tmp, f"{name}.npy")
+            if isinstance(array, stream.DiskArray):
+                if os.path.realpath(array.path) != os.path.realpath(file):
+                    raise ValueError(f"{name}: a DiskArray to cache must be written as {file}")
+                crc = stream.file_checksum(file)
+            else:
+                array = np.ascontiguousarray(array)
+                np.save(file, array, allow_pickle=False)
+                crc = checksum(array)
             arrays[name] = {"file": f"{name}.npy", "shape": list(array.shape), "dtype": array.dtype.str,
-                            "bytes": int(array.nbytes), "crc32": checksum(array)}
+                            "bytes": int(array.nbytes), "crc32": crc}
         workdir.fault("cache")  # test hook: a full disk, or a kill, with the arrays written but no manifest
         manifest = {"format": FORMAT, "key": _plain(key), "arrays": arrays, "info": _plain(entry.info)}
         workdir.write_json(os.path.join(tmp, MANIFEST), manifest)
@@ -170,3 +204,51 @@ def cached(folder: str | None, key: Any, build: Callable[[], Entry]) -> tuple[En
     if folder is not None:
         write(folder, key, entry)
     return entry, False
+
+
+@contextlib.contextmanager
+def _building(folder: str) -> Iterator[None]:
+    """Holds an exclusive lock beside `folder` (flock), so concurrent runs decode an entry once; where the
+    filesystem has no locks, each builds its own and the atomic rename keeps the result whole."""
+    parent, base = os.path.split(os.path.normpath(folder))
+    handle = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        handle = open(os.path.join(parent, f".{base}.lock"), "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def cached_within(folder: str | None, key: Any, build: Callable[[str | None], Entry], budget: int, why: str
+                  ) -> tuple[Entry, bool]:
+    """As `cached`, for sources that can decode into files: `build(tmp)` writes its inputs into `tmp` in pieces
+    (`build(None)`: in memory, for data.cache=False). An entry larger than `budget` bytes is then read from
+    disk by rows (DiskArrays) instead of loaded; one line says which path was taken and why (`why` names
+    the budget)."""
+    hit = True
+    if folder is None:
+        entry, hit = build(None), False
+        entry.size = sum(int(a.nbytes) for a in entry.arrays.values())
+    else:
+        with _building(folder):  # the processes of a node: one decodes, the others then read its entry
+            entry = read(folder, key, budget)
+            if entry is None:
+                _write_with(folder, key, build)
+                entry, hit = read(folder, key, budget), False
+        if entry is None:
+            raise workdir.write_failed(folder, OSError("the entry just written does not read back"))
+    gb = entry.size / 1e9
+    if entry.streamed:
+        line = f"data: {gb:.2f} GB decoded > {why}: streaming from {folder}"
+    elif folder is None and entry.size > budget:
+        line = f"data: {gb:.2f} GB decoded > {why}, but data.cache=False: in memory (streaming reads the cache)"
+    else:
+        line = f"data: {gb:.2f} GB decoded <= {why}: in memory"
+    print(line, file=sys.stderr, flush=True)
+    return entry, hit

@@ -8,13 +8,15 @@ from typing import Any
 import numpy as np
 
 from cnn.data.images import ink_box
+from cnn.data.stream import DiskArray
 
 
 @dataclasses.dataclass
 class Split:
     # The inputs, named for the common case: uint8 images (N, height, width,
-    # channels), int32 token ids (N, length) or float32 series (N, length, channels).
-    images: np.ndarray
+    # channels), int32 token ids (N, length) or float32 series (N, length, channels);
+    # a DiskArray (read by rows) when the data is larger than data.max_memory_gb.
+    images: np.ndarray | DiskArray
     labels: np.ndarray  # int32, (N,)
 
     def __len__(self) -> int:
@@ -40,6 +42,11 @@ class Dataset:
         return tuple(self.train.images.shape[1:])
 
     @property
+    def input_path(self) -> str:
+        """'streamed' when the training inputs are read from disk by rows (larger than data.max_memory_gb)."""
+        return "streamed" if isinstance(self.train.images, DiskArray) else "memory"
+
+    @property
     def is_image(self) -> bool:
         return self.train.images.dtype == np.uint8 and self.train.images.ndim == 4
 
@@ -57,8 +64,7 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     info = {"class_names": [str(n) for n in dataset.class_names], "input_shape": [int(v) for v in dataset.input_shape]}
     if not dataset.is_image:
         return info  # token ids or series: nothing to invert or frame
-    edges = [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]]
-    border = float(np.mean([e.mean(dtype=np.float64) for e in edges]))
+    border = _border(images)
     info["border_brightness"] = round(border, 2)
     if border < 64 or border > 191:
         sample = images[np.random.default_rng(0).permutation(len(images))[:2000]].mean(axis=-1)
@@ -66,3 +72,16 @@ def describe(dataset: Dataset) -> dict[str, Any]:
         if extents:
             info["ink_extent"] = round(float(np.median(extents)), 3)
     return info
+
+
+def _border(images: np.ndarray | DiskArray) -> float:
+    """The mean of the four edges' means; a streamed set is read once, a piece at a time."""
+    if not isinstance(images, DiskArray):
+        edges = [images[:, 0], images[:, -1], images[:, :, 0], images[:, :, -1]]
+        return float(np.mean([e.mean(dtype=np.float64) for e in edges]))
+    sums = np.zeros(4)
+    for _, piece in images.pieces():
+        edges = [piece[:, 0], piece[:, -1], piece[:, :, 0], piece[:, :, -1]]
+        sums += [e.sum(dtype=np.float64) for e in edges]
+    sizes = [len(images) * np.prod(e.shape[1:]) for e in (images[:1][:, 0], images[:1][:, :, 0])]
+    return float(np.mean(sums / np.array([sizes[0], sizes[0], sizes[1], sizes[1]])))

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 import cnn.data.cache as cache_lib
+import cnn.data.stream as stream
 import cnn.data.text as text_lib
 from cnn.data.dataset import Dataset, Split
 from cnn.data.images import GREY_MODES, to_mode
@@ -163,9 +164,11 @@ def _pool(count: int) -> Executor:
     return ThreadPoolExecutor(count)
 
 
-def _read_all(listing: Listing, read: Callable[[str], tuple], strict: bool) -> tuple[list, list[tuple[str, str]]]:
+def _read_all(listing: Listing, read: Callable[[str], tuple], strict: bool,
+              sink: Callable[[int, list], None] | None = None) -> tuple[list, list[tuple[str, str]]]:
     """Every file of `listing` read by `read` over every core, behind a progress bar: the results (None where
-    unreadable), and (path, reason) for each unreadable file."""
+    unreadable), and (path, reason) for each unreadable file. With `sink`, each chunk of results goes to
+    `sink(start, values)` as it arrives instead, and only True marks the readable ones."""
     paths = listing.paths
     results, skipped = [None] * len(paths), []
     bar = Progress(len(paths), f"reading {listing.root}", unit="file")
@@ -184,7 +187,9 @@ def _read_all(listing: Listing, read: Callable[[str], tuple], strict: bool) -> t
                                       "to skip unreadable files (they are then listed in WORKDIR/skipped_files.txt)")
                 if reason:
                     skipped.append((paths[i], reason))
-                results[i] = value
+                results[i] = value if sink is None or value is None else True
+            if sink is not None:
+                sink(start, [value for value, _ in chunk])
             start += len(chunk)
             bar.update(len(chunk))
     finally:
@@ -216,27 +221,137 @@ def _settings(data: ml_collections.ConfigDict) -> tuple[tuple[int, int] | None, 
     return (None if size is None else (int(size[0]), int(size[1]))), data.get("channels")
 
 
-def _build_images(train: Listing, test: Listing | None, data: ml_collections.ConfigDict) -> cache_lib.Entry:
-    """Decodes both folders into one uint8 array each, of one size and one channel count."""
+def _build_images(train: Listing, test: Listing | None, data: ml_collections.ConfigDict, tmp: str | None
+                  ) -> cache_lib.Entry:
+    """Decodes both folders into one uint8 array each, of one size and one channel count: written into
+    preallocated .npy files in `tmp` as the files are decoded (in memory when `tmp` is None), so the whole
+    decoded set is never held at once."""
     size, channels = _settings(data)
     mode = {1: "L", 3: "RGB"}.get(channels)
-    arrays, skipped, parts = {}, [], {}
-
     decode = functools.partial(_decode_image, size=size, mode=mode)
+    arrays, skipped, shape = {}, [], {}  # shape: the first image's (height, width) and its path
     for name, listing in (("train", train), ("test", test)):
-        if listing is not None:
-            values, bad = _read_all(listing, decode, bool(data.get("strict")))
-            skipped += bad
-            parts[name] = _keep_readable(listing, values, bad)
-    every = [(image, path) for images, _, paths in parts.values() for image, path in zip(images, paths)]
-    if size is None:
-        _check_sizes(every)
-    colour = any(image.shape[-1] == 3 for image, _ in every)  # mixed grey and colour files: all RGB
-    for name, (images, labels, _) in parts.items():
-        arrays[f"{name}_images"] = np.stack([np.repeat(i, 3, axis=-1) if colour and i.shape[-1] == 1 else i
-                                             for i in images])
+        if listing is None:
+            continue
+        rows = _ImageRows(tmp, f"{name}_images", len(listing.paths), listing.paths, shape)
+        marks, bad = _read_all(listing, decode, bool(data.get("strict")), sink=rows.add)
+        skipped += bad
+        _, labels, _ = _keep_readable(listing, marks, bad)
+        arrays[f"{name}_images"] = rows.keep(np.flatnonzero([m is not None for m in marks]))
         arrays[f"{name}_labels"] = labels
+    if any(a.shape[-1] == 3 for n, a in arrays.items() if n.endswith("_images")):  # mixed grey and colour: all RGB
+        for name in [n for n, a in arrays.items() if n.endswith("_images") and a.shape[-1] == 1]:
+            arrays[name] = _copy_rows(arrays[name], np.arange(len(arrays[name])), 3, tmp, name)
     return cache_lib.Entry(arrays, {"skipped": skipped})
+
+
+class _ImageRows:
+    """The decoded images of one folder, each written to its row as it arrives: the array is allocated at the
+    first readable image (its size, and its channel count until a colour image widens it to 3)."""
+
+    def __init__(self, tmp: str | None, name: str, count: int, paths: list[str], shape: dict):
+        self.tmp, self.name, self.count, self.paths, self.shape = tmp, name, count, paths, shape
+        self.array = None  # a DiskArray-to-be (stream.ArrayWriter) or, without tmp, an ndarray
+        self.channels = None
+
+    def add(self, start: int, values: list) -> None:
+        for i, image in enumerate(values, start):
+            if image is not None:
+                self._check(image, i)
+        present = [(i, image) for i, image in enumerate(values, start) if image is not None]
+        for i, image in present:
+            if self.array is None:
+                self.channels = image.shape[-1]
+                self.array = _rows_target(self.tmp, self.name + ".part", (self.count, *image.shape[:2],
+                                                                          self.channels))
+            elif image.shape[-1] > self.channels:
+                self.array = _widen(self.array, self.tmp, self.name)
+                self.channels = 3
+            _put(self.array, i, np.repeat(image, 3, axis=-1) if image.shape[-1] < self.channels else image)
+
+    def _check(self, image: np.ndarray, i: int) -> None:
+        if "size" not in self.shape:
+            self.shape.update(size=image.shape[:2], path=self.paths[i], image=image)
+        elif image.shape[:2] != self.shape["size"]:
+            _check_sizes([(self.shape["image"], self.shape["path"]), (image, self.paths[i])])
+
+    def keep(self, readable: np.ndarray):
+        """The finished array of the readable rows: the file itself when every file was readable."""
+        if self.array is None:
+            return np.zeros((0, 1, 1, 1), np.uint8)  # no readable file: _keep_readable has refused already
+        array = _finish(self.array)
+        if len(readable) == self.count:
+            return _rename(array, self.tmp, self.name)
+        return _copy_rows(array, readable, self.channels, self.tmp, self.name)
+
+
+def _rows_target(tmp: str | None, name: str, shape: tuple[int, ...]):
+    return np.zeros(shape, np.uint8) if tmp is None else stream.ArrayWriter(os.path.join(tmp, f"{name}.npy"), shape,
+                                                                            np.uint8)
+
+
+def _put(target, i: int, image: np.ndarray) -> None:
+    if isinstance(target, np.ndarray):
+        target[i] = image
+    else:
+        target.write(i, image[None])
+
+
+def _finish(target):
+    if isinstance(target, np.ndarray):
+        return target
+    target.close()
+    return stream.DiskArray(target.path)
+
+
+def _widen(target, tmp: str | None, name: str):
+    """A grey target as RGB (each row's channel repeated), to take the colour image that just arrived."""
+    array = _finish(target)
+    wide = _rows_target(tmp, name + ".wide", (*array.shape[:3], 3))
+    for start, rows in _pieces(array):
+        _put_rows(wide, start, np.repeat(rows, 3, axis=-1))
+    if isinstance(array, stream.DiskArray):
+        array.close()
+        wide.close()
+        os.replace(wide.path, array.path)
+        return stream.ArrayWriter.reopen(array.path)
+    return wide
+
+
+def _copy_rows(array, rows: np.ndarray, channels: int, tmp: str | None, name: str):
+    """`array[rows]` with `channels` channels (grey repeated to RGB), into a new array or file named `name`."""
+    source = stream.select(array, rows)
+    out = _rows_target(tmp, name + ".copy", (len(rows), *array.shape[1:3], channels))
+    for start, piece in _pieces(source):
+        _put_rows(out, start, np.repeat(piece, channels, axis=-1) if piece.shape[-1] < channels else piece)
+    if isinstance(array, stream.DiskArray):
+        array.close()
+        os.remove(array.path)
+    return _rename(_finish(out), tmp, name)
+
+
+def _pieces(array):
+    if isinstance(array, stream.DiskArray):
+        yield from array.pieces()
+    else:
+        yield 0, array
+
+
+def _put_rows(target, start: int, rows: np.ndarray) -> None:
+    if isinstance(target, np.ndarray):
+        target[start:start + len(rows)] = rows
+    else:
+        target.write(start, rows)
+
+
+def _rename(array, tmp: str | None, name: str):
+    """A finished file in `tmp` under its entry name (NAME.npy), where the cache's manifest expects it."""
+    if not isinstance(array, stream.DiskArray):
+        return array
+    array.close()
+    final = os.path.join(tmp, f"{name}.npy")
+    os.replace(array.path, final)
+    return stream.DiskArray(final)
 
 
 def _check_sizes(images: list[tuple[np.ndarray, str]]) -> None:
@@ -289,9 +404,11 @@ def load_folders(data: ml_collections.ConfigDict, seed: int) -> Dataset:
     settings["test_path"] = test and os.path.realpath(test.root)
     key = {**settings, "train": train.digest, "test": test and test.digest}
     folder = cache_lib.entry_folder(data, data.name, data.path, settings) if data.cache else None
-    build = (lambda: _build_texts(train, test, data, seed, length)) if text else \
-        (lambda: _build_images(train, test, data))
-    entry, hit = cache_lib.cached(folder, key, build)
+    if text:
+        entry, hit = cache_lib.cached(folder, key, lambda: _build_texts(train, test, data, seed, length))
+    else:
+        entry, hit = cache_lib.cached_within(folder, key, lambda tmp: _build_images(train, test, data, tmp),
+                                             *stream.memory_budget(data.get("max_memory_gb")))
     skipped = [tuple(s) for s in entry.info.get("skipped", [])]
     if data.get("strict") and skipped:  # cached by a run that skipped them
         raise ConfigError(f"{skipped[0][0]}: {skipped[0][1]}; remove or replace the file, or set data.strict=False")
@@ -300,7 +417,7 @@ def load_folders(data: ml_collections.ConfigDict, seed: int) -> Dataset:
         splits = Split(a["train_images"], a["train_labels"]), Split(a["test_images"], a["test_labels"])
     else:
         rows = hold_out(a["train_labels"], float(data.test_fraction), seed)
-        splits = tuple(Split(a["train_images"][i], a["train_labels"][i]) for i in rows)
+        splits = tuple(Split(stream.select(a["train_images"], i), a["train_labels"][i]) for i in rows)
     _report(train, test, splits, skipped, hit, folder, time.time() - start)
     return Dataset(data.name, *splits, list(train.folders), skipped=skipped)
 

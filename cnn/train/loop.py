@@ -110,11 +110,12 @@ def train_epoch(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[lis
     index = data_lib.epoch_index(len(run.dataset.train), t.batch_size, run.config.seed, epoch)
     bar = Progress(run.steps_per_epoch - first, f"epoch {epoch}/{t.num_epochs}") if run.lead else None
     recent, input_seconds, chunk, chunk_start = [], 0.0, None, None
+    chunks = data_lib.staged_chunks(run.dataset.train, index, first, run.steps_per_chunk,
+                                    sharding.chunk_sharding(run.mesh))
     for i in range(first, run.steps_per_epoch):
         if (i - first) % run.steps_per_chunk == 0:
             began, chunk = time.time(), None  # the previous chunk can go before the next one is made
-            chunk = data_lib.stage_chunk(run.dataset.train, index[i:i + run.steps_per_chunk], run.steps_per_chunk,
-                                         sharding.chunk_sharding(run.mesh))
+            chunk = next(chunks)
             chunk_start = sharding.put_replicated(np.int32((epoch - 1) * run.steps_per_epoch + i), run.mesh)
             input_seconds += time.time() - began
         run.state, run.sums, loss = run.run_step(run.state, run.sums, chunk, chunk_start)
@@ -131,10 +132,12 @@ def train_epoch(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[lis
             save(run, recent, epoch)
             recent = []
             if sigterm.raised:
+                chunks.close()  # stops a streamed split's read-ahead thread
                 run.checkpoints.close()
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run.checkpoints.directory}; "
                                 "run the same command to resume")
     bar and bar.close()
+    chunks.close()
     return recent, input_seconds
 
 
@@ -188,6 +191,8 @@ def finish(run: Training, history: list[dict], step_records: list[dict]) -> Trai
         "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - run.start,
         "seed": run.config.seed, "parameters": models.layers.parameter_count(run.state.params),
         "startup_seconds": run.startup_seconds, "devices": run.mesh.size, "processes": jax.process_count(),
+        "input_path": run.dataset.input_path,  # 'memory', or 'streamed' from disk (larger than data.max_memory_gb)
+        "input_share": sum(r["input_seconds"] for r in history) / max(sum(r["epoch_seconds"] for r in history), 1e-9),
         **data_lib.describe(run.dataset),  # class names, input shape: cnn.predict then needs no dataset
     }
     state = run.state if jax.process_count() == 1 else sharding.to_host(run.state)  # a host copy to draw from
