@@ -65,3 +65,22 @@ def test_fashion_mnist_beside_mnist_gets_its_own_images(data_dir):
     assert fashion.class_names[:2] == ["T-shirt/top", "Trouser"]
     assert np.bincount(fashion.train.labels).tolist() == [6000] * 10  # MNIST's classes are uneven
     assert len(fashion.test) == 10000
+
+
+def test_tfds_split_over_the_budget_streams_the_same_images(data_dir, capfd):
+    """A TFDS split larger than data.max_memory_gb is decoded into its cache entry in pieces and read by rows;
+    the rows equal the in-memory ones, on the first (decoding) load and on a later one from the cache."""
+    config = cnn.load_config(str(REPO / "configs" / "mnist.py"))
+    config.data.data_dir, config.data.manual_dir = data_dir, str(SHARED_DATASETS / "mnist")
+    config.data.train_split, config.data.test_split = "train[:3000]", "test[:500]"
+    config.data.cache = False
+    memory = cnn.load_dataset(config.data)
+    config.data.cache, config.data.max_memory_gb = True, 1e-3  # 1 MB: the 2.4 MB train split streams
+    for _ in range(2):
+        streamed = cnn.load_dataset(config.data)
+        assert type(streamed.train.images).__name__ == "DiskArray"
+        assert isinstance(streamed.test.images, np.ndarray)  # 0.4 MB: within the budget
+        rows = np.random.default_rng(0).permutation(3000)[:700]
+        np.testing.assert_array_equal(streamed.train.images[rows], memory.train.images[rows])
+        np.testing.assert_array_equal(streamed.train.labels, memory.train.labels)
+        assert "decoded > data.max_memory_gb=0.001: streaming from" in capfd.readouterr().err

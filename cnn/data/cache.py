@@ -243,12 +243,17 @@ def cached_within(folder: str | None, key: Any, build: Callable[[str | None], En
                 entry, hit = read(folder, key, budget), False
         if entry is None:
             raise workdir.write_failed(folder, OSError("the entry just written does not read back"))
+    report_path(entry, folder, why, budget)
+    return entry, hit
+
+
+def report_path(entry: Entry, folder: str | None, why: str, budget: int | None = None) -> None:
+    """One line on stderr: whether the entry's data is in memory or streamed from `folder`, and why."""
     gb = entry.size / 1e9
     if entry.streamed:
         line = f"data: {gb:.2f} GB decoded > {why}: streaming from {folder}"
-    elif folder is None and entry.size > budget:
+    elif folder is None and budget is not None and entry.size > budget:
         line = f"data: {gb:.2f} GB decoded > {why}, but data.cache=False: in memory (streaming reads the cache)"
     else:
         line = f"data: {gb:.2f} GB decoded <= {why}: in memory"
     print(line, file=sys.stderr, flush=True)
-    return entry, hit

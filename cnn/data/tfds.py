@@ -23,12 +23,13 @@ import ml_collections
 import numpy as np
 
 import cnn.data.cache as cache_lib
+import cnn.data.stream as stream
 import cnn.data.text as text_lib
 from cnn.data.dataset import Dataset, Split
 from cnn.data.embedded import EMBEDDED
 from cnn.data.images import resize
 from cnn.errors import ConfigError
-from cnn.progress import progress
+from cnn.progress import Progress
 
 
 def data_dir(data: ml_collections.ConfigDict) -> str:
@@ -55,23 +56,27 @@ def _cache_entry(data: ml_collections.ConfigDict, split: str, text: bool) -> tup
 
 
 def load_tfds(data: ml_collections.ConfigDict) -> Dataset:
-    """Both splits of a TFDS dataset as arrays, from the cache when it holds them."""
+    """Both splits of a TFDS dataset as arrays, from the cache when it holds them.
+
+    An image split larger than data.max_memory_gb stays in its cache entry
+    and is read from disk by rows (cnn/data/stream.py), as an image folder is;
+    token ids are always loaded.
+    """
     names = (data.train_split, data.test_split)
+    budget, why = stream.memory_budget(data.get("max_memory_gb"))
     if data.cache:
         for text in (False, True):  # which one is known only once read; finding the entries says it
             entries = [_cache_entry(data, split, text) for split in names]
             if not all(os.path.isdir(folder) for folder, _ in entries):
                 continue
-            found = [cache_lib.read(folder, key) for folder, key in entries]
+            found = [cache_lib.read(folder, key, None if text else budget) for folder, key in entries]
             if all(found):
+                if not text:
+                    for entry, (folder, _) in zip(found, entries):
+                        cache_lib.report_path(entry, folder, why)
                 splits = [Split(e.arrays["images"], e.arrays["labels"]) for e in found]
                 return Dataset(data.name, *splits, list(found[0].info["class_names"]))
-    splits, class_names, text = _read_tfds(data)
-    if data.cache:
-        for split, arrays in splits.items():
-            folder, key = _cache_entry(data, split, text)
-            entry = cache_lib.Entry({"images": arrays.images, "labels": arrays.labels}, {"class_names": class_names})
-            cache_lib.write(folder, key, entry)
+    splits, class_names = _read_tfds(data, budget, why)
     return Dataset(data.name, splits[data.train_split], splits[data.test_split], class_names)
 
 
@@ -125,8 +130,8 @@ def _builder(data: ml_collections.ConfigDict):
 
 
 @_quiet_tensorflow()
-def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[str], bool]:
-    """Both splits as arrays, the class names, and whether the inputs are text (token ids)."""
+def _read_tfds(data: ml_collections.ConfigDict, budget: int, why: str) -> tuple[dict[str, Split], list[str]]:
+    """Both splits (decoded into the cache where data.cache) and the class names."""
     import tensorflow_datasets as tfds
 
     builder = _builder(data)
@@ -144,19 +149,23 @@ def _read_tfds(data: ml_collections.ConfigDict) -> tuple[dict[str, Split], list[
     _prepare(builder, data)
     class_names = list(info.features[label_key].names)
     if isinstance(info.features[image_key], tfds.features.Text):
-        return _read_text(builder, image_key, label_key, data), class_names, True
+        splits = _read_text(builder, image_key, label_key, data)
+        for split, arrays in splits.items() if data.cache else ():
+            entry = cache_lib.Entry({"images": arrays.images, "labels": arrays.labels}, {"class_names": class_names})
+            cache_lib.write(*_cache_entry(data, split, True), entry)
+        return splits, class_names
     splits = {}
     for split in (data.train_split, data.test_split):
-        splits[split] = _decode(builder, split, image_key, label_key, data)
-    return splits, class_names, False
+        folder, key = _cache_entry(data, split, False) if data.cache else (None, None)
+        entry, _ = cache_lib.cached_within(
+            folder, key, lambda tmp: _decode(builder, split, image_key, label_key, data, tmp, class_names), budget, why)
+        splits[split] = Split(entry.arrays["images"], entry.arrays["labels"])
+    return splits, class_names
 
 
 def _examples(builder, split: str) -> list[dict]:
     source = builder.as_data_source(split=split)
-    try:
-        return source.__getitems__(range(len(source)))  # one bulk read: ~2x faster than indexing
-    except TypeError:  # tfds.testing.mock_data's sources only index
-        return [source[i] for i in range(len(source))]
+    return _read_range(source, 0, len(source))
 
 
 def _read_text(builder, text_key: str, label_key: str, data: ml_collections.ConfigDict) -> dict[str, Split]:
@@ -241,25 +250,61 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collections.ConfigDict) -> Split:
-    """Reads one split into arrays. Prepared array_record data reads without TensorFlow."""
+def _decode(builder, split: str, image_key: str, label_key: str, data: ml_collections.ConfigDict, tmp: str | None,
+            class_names: list[str]) -> cache_lib.Entry:
+    """Decodes one split, a piece at a time, into tmp/images.npy (or, with tmp None, into memory).
+
+    Prepared array_record data reads without TensorFlow; no more than one
+    piece of decoded images is held at once, so a split larger than memory
+    decodes too.
+    """
     start = time.time()
-    examples = _examples(builder, split)
+    source = builder.as_data_source(split=split)
+    count = len(source)
     size = None if data.image_size is None else tuple(int(v) for v in data.image_size)
-    images = []
-    for example in progress(examples, len(examples), f"decoding {data.name} {split}", unit="image"):
-        image = np.asarray(example[image_key], np.uint8)
-        if image.ndim == 2:
-            image = image[..., None]
-        if size is not None and image.shape[:2] != size:  # variable-sized sets must be resized to stack
-            image = resize(image[None], size)[0]
-        if images and image.shape != images[0].shape:
-            raise ConfigError(f"data.name={data.name!r} has images of different sizes ({images[0].shape} and "
-                              f"{image.shape}); set data.image_size=(height, width) to resize them")
-        images.append(image)
-    labels = np.fromiter((example[label_key] for example in examples), np.int32, len(examples))
-    _say(f"Decoded {data.name} {split}: {len(images)} images in {time.time() - start:.1f}s")
-    return Split(np.stack(images), labels)
+    images, labels = None, np.zeros(count, np.int32)
+    bar = Progress(count, f"decoding {data.name} {split}", unit="image")
+    for begin in range(0, count, DECODE_PIECE):
+        examples = _read_range(source, begin, min(count, begin + DECODE_PIECE))
+        piece = np.stack([_image(e[image_key], size, data) for e in examples]) if examples else None
+        if images is None:
+            shape = (count, *(piece.shape[1:] if piece is not None else (1, 1, 1)))
+            images = np.zeros(shape, np.uint8) if tmp is None else stream.ArrayWriter(
+                os.path.join(tmp, "images.npy"), shape, np.uint8)
+        if piece is not None and piece.shape[1:] != images.shape[1:]:
+            raise ConfigError(f"data.name={data.name!r} has images of different sizes ({images.shape[1:]} and "
+                              f"{piece.shape[1:]}); set data.image_size=(height, width) to resize them")
+        if isinstance(images, np.ndarray):
+            images[begin:begin + len(examples)] = piece
+        else:
+            images.write(begin, piece)
+        labels[begin:begin + len(examples)] = [e[label_key] for e in examples]
+        bar.update(len(examples))
+    bar.close()
+    if not isinstance(images, np.ndarray):
+        images.close()
+        images = stream.DiskArray(images.path)
+    _say(f"Decoded {data.name} {split}: {count} images in {time.time() - start:.1f}s")
+    return cache_lib.Entry({"images": images, "labels": labels}, {"class_names": class_names})
+
+
+DECODE_PIECE = 4096  # examples read and decoded at a time
+
+
+def _read_range(source, begin: int, end: int) -> list[dict]:
+    try:
+        return source.__getitems__(range(begin, end))  # one bulk read: ~2x faster than indexing
+    except TypeError:  # tfds.testing.mock_data's sources only index
+        return [source[i] for i in range(begin, end)]
+
+
+def _image(value, size: tuple[int, int] | None, data: ml_collections.ConfigDict) -> np.ndarray:
+    image = np.asarray(value, np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    if size is not None and image.shape[:2] != size:  # variable-sized sets must be resized to stack
+        image = resize(image[None], size)[0]
+    return image
 
 
 def _say(message: str) -> None:
