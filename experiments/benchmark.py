@@ -278,7 +278,9 @@ def time_to_accuracy(args) -> None:
     ours = rows["configs/mnist.py"]["reached_at"]
     for name, r in rows.items():
         if name != "configs/mnist.py" and ours and r["reached_at"]:
-            print(f"time to 99.0%: configs/mnist.py {r['reached_at'] / ours:.2f}x sooner than {name}")
+            ratio = r["reached_at"] / ours
+            print(f"time to 99.0%: configs/mnist.py " + (f"{ratio:.2f}x sooner than {name}" if ratio >= 1
+                                                          else f"{1 / ratio:.2f}x later than {name}"))
 
 
 def export_mnist(data_args: list[str], root: str) -> int:
