@@ -367,7 +367,9 @@ def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_i
 
     paths = []
     step = int(jax.device_get(run.state.step))
-    with SummaryWriter(logdir=workdir) as writer:
+    # A file of its own: tensorboardX names files by the second and host, so pictures drawn within a second of
+    # training's start (a fast run, compiled steps from the cache) would otherwise overwrite the training's curves.
+    with SummaryWriter(logdir=workdir, filename_suffix=".pictures") as writer:
         for name, make in progress(figures.items(), len(figures), "drawing pictures", unit="picture"):
             fig = make()
             buffer = io.BytesIO()

@@ -65,6 +65,24 @@ def test_tensorboard_shows_the_pictures(trained):
         assert image.encoded_image_string.startswith(b"\x89PNG") and image.width >= 500
 
 
+def test_pictures_never_overwrite_the_training_curves(tmp_path, monkeypatch):
+    """tensorboardX names event files by the second and host: pictures drawn within the second training's writer
+    opened (a fast run, its steps compiled from the cache) once replaced the file holding the curves. Here every
+    file is opened in the same second."""
+    import types
+
+    import cnn
+    from tensorboardX import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9, sleep=lambda s: None))
+    config = cnn.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
+    config.train.num_epochs = 1
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    cnn.plots.write_plots(str(tmp_path), run, run.dataset)
+    tags = {value.tag for event in _events(str(tmp_path)) for value in event.summary.value}
+    assert {"train/epoch_loss", "test/accuracy", "plots/filters"} <= tags
+
+
 def _texts(fig: Figure) -> list:
     """Every text drawn: titles, axis and tick labels (of ticks in view), legends, annotations."""
     texts = list(fig.texts) + [sub._suptitle for sub in fig.subfigs if sub._suptitle]
