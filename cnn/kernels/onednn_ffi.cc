@@ -128,6 +128,15 @@ struct ConvShape {
   bool valid() const { return type != memory::data_type::undef && pb >= 0 && pr >= 0; }
 };
 
+// Runs a primitive without a kernel layout of its own (matmul, pooling), holding its lock.
+void run_locked(Entry& e, std::unordered_map<int, memory>& args) {
+  std::lock_guard<std::mutex> guard(e.lock);
+  add_scratch(args, e.scratch);
+  dnnl::stream& stream = cpu_stream();
+  e.prim.execute(stream, args);
+  stream.wait();
+}
+
 dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s) {
   memory::desc bias({s.oc}, memory::data_type::f32, tag::a);
   return dnnl::convolution_forward::primitive_desc(
@@ -290,11 +299,7 @@ ffi::Error MatmulImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::F32>*
                                        {DNNL_ARG_WEIGHTS, memory(b_md, cpu_engine(), b.untyped_data())},
                                        {DNNL_ARG_DST, memory(c_md, cpu_engine(), c->untyped_data())}};
   if (bias) args[DNNL_ARG_BIAS] = memory(bias_md, cpu_engine(), bias->typed_data());
-  std::lock_guard<std::mutex> guard(e.lock);
-  add_scratch(args, e.scratch);
-  dnnl::stream& stream = cpu_stream();
-  e.prim.execute(stream, args);
-  stream.wait();
+  run_locked(e, args);
   return ffi::Error::Success();
 }
 
@@ -344,11 +349,7 @@ ffi::Error PoolImpl(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer> out, int64_t 
     args = {{DNNL_ARG_SRC, memory(x_md, cpu_engine(), in.untyped_data())},
             {DNNL_ARG_DST, memory(y_md, cpu_engine(), out->untyped_data())}};
   }
-  std::lock_guard<std::mutex> guard(e.lock);
-  add_scratch(args, e.scratch);
-  dnnl::stream& stream = cpu_stream();
-  e.prim.execute(stream, args);
-  stream.wait();
+  run_locked(e, args);
   return ffi::Error::Success();
 }
 
