@@ -98,7 +98,8 @@ def assert_same_run(workdir, reference):
         json.loads((reference / "results.json").read_text())["test_accuracy"]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# Two draws of the kill point (each a full run and a resume): test_killed_mid_save covers a kill inside a save.
+@pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, reference, seed):
     kill_after = random.Random(seed).choice([7, 50, 89, 120, 180, 230])
     proc = start(tmp_path)
