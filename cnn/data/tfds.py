@@ -202,8 +202,6 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
         tfds.disable_progress_bar()  # its bars are one line per update in a log file
     if data.manual_dir:
         _check_manual_files(builder, data)
-    else:
-        _check_reachable(builder, data)
     _import_tensorflow()
     start = time.time()
     # TFDS unpacks archives into a folder shared by all datasets and reuses
@@ -227,24 +225,6 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     finally:
         downloader.MAX_RETRIES = retries
     _say(f"Prepared {data.name} in {time.time() - start:.1f}s")
-
-
-def _check_reachable(builder, data: ml_collections.ConfigDict, seconds: float = 5.0) -> None:
-    """Fails in seconds when the dataset's download host cannot be reached: where a network drops connections
-    silently (no route, no DNS answer), TFDS's own download would hang for minutes before failing."""
-    import socket
-    import urllib.parse
-
-    hosts = {urllib.parse.urlparse(url).hostname for url in (builder.url_infos or {})} - {None}
-    for host in sorted(hosts):
-        try:
-            socket.create_connection((host, 443), timeout=seconds).close()
-        except OSError as e:
-            raise ConfigError(
-                f"data.name={data.name!r} is not prepared in {data_dir(data)} and it could not be downloaded "
-                f"({host} is not reachable: {e}). Offline, pass --config.data.manual_dir=FOLDER, a folder holding "
-                "the dataset's original archive files (for MNIST: ../shared/datasets/mnist), or point "
-                "--config.data.data_dir (or $TFDS_DATA_DIR) at a folder where it is already prepared.") from None
 
 
 def _check_manual_files(builder, data: ml_collections.ConfigDict) -> None:
