@@ -61,7 +61,7 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
 def test_missing_dataset_offline_says_how_to_fix_it(tmp_path):
     """No prepared data, no manual_dir, no network: the error names both ways out."""
     proc = run_cli("--config=configs/mnist.py", f"--workdir={tmp_path / 'w'}",
-                   f"--config.data.data_dir={tmp_path / 'empty'}", timeout=120)
+                   f"--config.data.data_dir={tmp_path / 'empty'}", timeout=180)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.name='mnist' is not prepared in" in proc.stderr
     assert "--config.data.manual_dir=FOLDER" in proc.stderr and "data_dir" in proc.stderr

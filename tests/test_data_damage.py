@@ -93,3 +93,30 @@ def test_files_cut_short_are_named(tmp_path):
     config.data.name, config.data.path = "series_file", str(tmp_path / "cut_TRAIN.ts")
     with pytest.raises(cnn.ConfigError, match=r"cut_TRAIN.ts' line 24: .*is the file cut short\?"):
         cnn.load_dataset(config.data)
+
+
+def test_a_download_from_a_server_that_never_answers_fails_within_its_timeout():
+    """A network that drops packets leaves TFDS's requests waiting forever; under cnn's guard the download
+    gives up after its timeout, so the run can end with the offline message. The server here accepts the
+    connection and then says nothing, as a dead proxy does."""
+    import socket
+    import time
+
+    pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.core.download import downloader
+
+    from cnn.data import tfds as tfds_lib
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/train-images-idx3-ubyte.gz"
+    start = time.time()
+    try:
+        with tfds_lib._downloads_fail_fast(timeout=(1.0, 1.0)), pytest.raises(Exception, match="timed out"):
+            with downloader._open_url(url):
+                pass
+    finally:
+        server.close()
+    assert time.time() - start < 10  # one retry of a 1 s read timeout, not the 10 retries with backoff
+    assert downloader.MAX_RETRIES == 10 and downloader._open_url.__name__ == "_open_url"  # restored

@@ -189,7 +189,6 @@ def _read_text(builder, text_key: str, label_key: str, data: ml_collections.Conf
 
 def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     import tensorflow_datasets as tfds
-    from tensorflow_datasets.core.download import downloader
 
     if builder.is_prepared():
         return
@@ -206,11 +205,9 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     start = time.time()
     # TFDS unpacks archives into a folder shared by all datasets and reuses
     # files by name, so MNIST and Fashion-MNIST (same file names) would mix:
-    # give each preparation its own. And TFDS retries a failing download 10
-    # times with backoff (~200 s offline); fail in seconds instead.
-    retries, downloader.MAX_RETRIES = downloader.MAX_RETRIES, 1
+    # give each preparation its own.
     try:
-        with tempfile.TemporaryDirectory(prefix="cnn-extract-") as extract_dir:
+        with _downloads_fail_fast(), tempfile.TemporaryDirectory(prefix="cnn-extract-") as extract_dir:
             config = tfds.download.DownloadConfig(manual_dir=data.manual_dir, extract_dir=extract_dir)
             builder.download_and_prepare(download_config=config, file_format="array_record")
     except Exception as e:  # TFDS raises many types here; all mean "could not get the files"
@@ -222,9 +219,25 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
             "--config.data.manual_dir=FOLDER, a folder holding the dataset's original archive files "
             "(for MNIST: ../shared/datasets/mnist), or point --config.data.data_dir (or $TFDS_DATA_DIR) at a "
             "folder where it is already prepared.") from None
-    finally:
-        downloader.MAX_RETRIES = retries
     _say(f"Prepared {data.name} in {time.time() - start:.1f}s")
+
+
+DOWNLOAD_TIMEOUT_S = (10.0, 60.0)  # (connect, silence between reads): a dead network, not a slow one
+
+
+@contextlib.contextmanager
+def _downloads_fail_fast(timeout: tuple[float, float] = DOWNLOAD_TIMEOUT_S) -> Iterator[None]:
+    """TFDS retries a failing download 10 times with backoff (~200 s offline) and gives `requests` no
+    timeout, so a network that drops packets instead of refusing hangs forever: one retry and a timeout."""
+    from tensorflow_datasets.core.download import downloader
+
+    retries, open_url = downloader.MAX_RETRIES, downloader._open_url
+    downloader.MAX_RETRIES = 1
+    downloader._open_url = lambda url, **kwargs: open_url(url, **{"timeout": timeout, **kwargs})
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES, downloader._open_url = retries, open_url
 
 
 def _check_manual_files(builder, data: ml_collections.ConfigDict) -> None:
