@@ -142,7 +142,10 @@ def test_streamed_run_killed_then_resumed_is_bitwise_identical(tmp_path, digits_
 
 
 def test_two_processes_streamed_match_one(tmp_path, digits_folder):
-    finish(tmp_path / "one", digits_folder, TINY, "--config.train.num_epochs=2", "--config.train.num_devices=1")
+    """Two processes of one device each train as one process on two devices: the same mesh, so the same
+    partitioned program. (Against one device the float rounding differs, and on some CPUs two epochs amplify
+    it past any tight tolerance.)"""
+    finish(tmp_path / "one", digits_folder, TINY, "--config.train.num_epochs=2", "--config.train.num_devices=2")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
