@@ -1,5 +1,7 @@
 """Layers, the Sequential model and the summary, on real arrays."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,3 +248,39 @@ def test_residual_blocks_and_a_whole_model_equal_plain_flax():
     specs = ["Conv2D(8, 3, padding='same')", "ResidualBlock(8)", "ResidualBlock(16, strides=2)",
              "AveragePooling2D(2)", "Flatten()", "Dense(10)"]
     _assert_same(*_fast_and_plain(specs, (2, 16, 16, 1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("specs, shape, dtype", [
+    (["Conv2D(8, 3, padding='same', use_bias=False)", "BatchNormalization(momentum=0.9)", "Activation('relu')"],
+     (4, 9, 9, 1), jnp.float32),
+    (["Conv1D(6, 3)", "BatchNormalization(epsilon=1e-5)", "Flatten()", "Dense(3)"], (3, 20, 2), jnp.float32),
+    (["Conv2D(8, 3, padding='same', use_bias=False)", "BatchNormalization()", "Activation('relu')"],
+     (4, 9, 9, 2), jnp.bfloat16),
+    (["ResidualBlock(8, strides=2, shortcut='conv')", "Flatten()", "Dense(3)"], (2, 8, 8, 4), jnp.float32),
+])
+def test_batch_norm_fast_path_equals_flax_in_training(specs, shape, dtype):
+    """On a CPU, training-mode batch norm sums through matrix products: the output, the gradients of the
+    parameters and the input, and the updated running statistics must equal nn.BatchNorm's in float32. In bf16
+    (float32 statistics, as mixed precision keeps them) both paths must be within bf16's error of float32 Flax."""
+    fast, plain, x = _fast_and_plain(specs, shape)
+    x = x * 3 + 1  # a mean far from zero, where E[x^2] - E[x]^2 loses the most
+    variables = fast.init(jax.random.key(1), x)
+
+    def loss(f, dtype, params, x):
+        v = {**variables, "params": jax.tree.map(lambda p: p.astype(dtype), params)}
+        y, updates = f(v, x.astype(dtype), train=True, mutable=["batch_stats"])
+        return (jnp.sin(y.astype(jnp.float32)) ** 2).sum(), (y.astype(jnp.float32), updates["batch_stats"])
+
+    run = lambda f, dtype: jax.jit(jax.value_and_grad(functools.partial(loss, f, dtype), argnums=(0, 1),
+                                                      has_aux=True))(variables["params"], x)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(functools.partial(loss, fast, dtype))(variables["params"], x))
+    (_, (y, stats)), grads = run(fast, dtype)
+    (_, (y_ref, stats_ref)), grads_ref = run(plain, jnp.float32)
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), stats, variables["batch_stats"]))
+    if dtype == jnp.float32:
+        close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    else:  # bf16 keeps 8 bits: within 3% of each array's largest value, as XLA's own bf16 path is
+        close = lambda a, b: np.testing.assert_allclose(a, b, atol=0.03 * float(np.abs(b).max()))
+        (_, (y_bf16, _)), grads_bf16 = run(plain, dtype)
+        jax.tree.map(close, (y_bf16, grads_bf16), (y_ref, grads_ref))
+    jax.tree.map(close, (y, stats, grads), (y_ref, stats_ref, grads_ref))

@@ -3,8 +3,8 @@
 Model definitions stay plain Flax (cnn/models). `apply_fn(model, kernels,
 platform)` returns the function training and prediction call instead of
 `model.apply`: it runs the model under a Flax method interceptor that sends
-each `nn.Conv`, `nn.Dense` and pooling call to a fast path where one applies
-on this platform, wherever the layer sits (inside a ResidualBlock too), and
+each `nn.Conv`, `nn.Dense`, pooling and training-mode `nn.BatchNorm` call to
+a fast path where one applies on this platform, wherever the layer sits (inside a ResidualBlock too), and
 to Flax otherwise. Parameters are created exactly as Flax creates them, so
 checkpoints and results do not depend on the choice, up to float rounding.
 
@@ -42,6 +42,7 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "patches_conv": (nn.Conv, cpu.patches_conv_applies, cpu.patches_conv),
     "dense_transposed": (nn.Dense, cpu.dense_applies, cpu.dense),
     "tiled_pool": (Pool, cpu.tiled_pool_applies, cpu.tiled_pool),
+    "batch_norm_sums": (nn.BatchNorm, cpu.batch_norm_applies, cpu.batch_norm),
     "onednn_conv": (nn.Conv, onednn.conv_applies, onednn.conv),
     "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
     "onednn_conv_bf16": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
@@ -51,12 +52,12 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (README, Performance); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
-AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool")}
+AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool", "batch_norm_sums")}
 AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers only, as
 # XLA:CPU's bf16 products are the slow ones (README, Performance). 'onednn' takes ONEDNN for every dtype.
 AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16")
-ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool")
+ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool", "batch_norm_sums")
 
 
 @functools.cache
@@ -105,11 +106,11 @@ class _Interceptor:
     paths: tuple[str, ...]
 
     def __call__(self, next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and args and not kwargs:
+        if context.method_name == "__call__" and len(args) == 1:  # keywords: batch norm's use_running_average
             for name in self.paths:
                 kind, applies, compute = PATHS[name]
-                if type(context.module) is kind and applies(context.module, args[0]):
-                    return compute(context.module, args[0])
+                if type(context.module) is kind and applies(context.module, args[0], **kwargs):
+                    return compute(context.module, args[0], **kwargs)
         return next_fun(*args, **kwargs)
 
 
