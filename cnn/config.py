@@ -23,7 +23,7 @@ __all__ = ["ConfigError", "base_config", "call_file", "check_fields", "load_conf
 OPTIMIZERS = ("sgd", "adam", "adamw")
 OWN_DATA = ("image_folder", "text_folder", "series_file", "npz")  # sources that read data.path
 SCHEDULES = ("constant", "warmup_cosine")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 PAD_MODES = ("constant", "reflect")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
 KERNELS = ("auto", "xla", "onednn")
@@ -150,7 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 0 splits it into one host device per two cores (see sharding.py).
     c.train.num_devices = 0
     # 'bfloat16' computes the forward and backward pass in bf16 while the
-    # parameters and optimizer state stay float32 (mixed precision).
+    # parameters and optimizer state stay float32 (mixed precision). 'auto':
+    # bfloat16 where it pays (a CPU with bf16 instructions and oneDNN's
+    # extension, cnn/kernels), float32 elsewhere; the start-up line says which.
     c.train.compute_dtype = "float32"
     # Gradient accumulation: each step's batch in parts of this many examples,
     # one compiled call each, then one update (the batch size: off). 0 lets

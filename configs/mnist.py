@@ -8,7 +8,9 @@ start. The schedule restarts once (warm restarts): a one-epoch warmup and
 cosine cycle that anneals early, so the first evaluation is already past
 99%, then a five-epoch cycle for the final accuracy. Average pooling,
 because XLA:CPU runs max pooling's backward pass about 3x slower; a
-one-pixel random shift as augmentation. The Flax example's own recipe is
+one-pixel random shift as augmentation. Computes in bfloat16 where the CPU
+has bf16 instructions (train.compute_dtype='auto'): there its epochs are
+about a third shorter and the final accuracy the same within 0.1 point. The Flax example's own recipe is
 `configs/flax_cnn.py` (or `model.preset='flax_cnn'`).
 """
 
@@ -34,4 +36,5 @@ def get_config():
     config.optimizer.warmup_epochs = 0.2
     config.optimizer.restart_epochs = (1,)
     config.train.num_epochs = 6
+    config.train.compute_dtype = "auto"  # bf16 on a CPU with bf16 instructions (oneDNN), else float32
     return config

@@ -107,6 +107,23 @@ def test_digits_train_through_onednn(config_path, tmp_path, capsys, dtype):
     assert ("parts of 64" in line) == (dtype == "float32") and "batch norm" not in line
 
 
+def test_auto_compute_dtype_is_bfloat16_only_where_onednn_takes_bf16(config_path, tmp_path, capsys):
+    """train.compute_dtype='auto' resolves once, by the kernels rule; the run computes in it and records it."""
+    bf16_pays = onednn.available() and kernels.cpu_has_bf16()
+    assert kernels.compute_dtype("auto", "auto", "cpu") == ("bfloat16" if bf16_pays else "float32")
+    assert kernels.compute_dtype("auto", "xla", "cpu") == "float32"
+    assert kernels.compute_dtype("auto", "auto", "gpu") == "float32"
+    assert kernels.compute_dtype("float32", "auto", "cpu") == "float32"
+    config = cnn.load_config(config_path("digits"))
+    config.train.compute_dtype, config.train.num_epochs = "auto", 1
+    run = cnn.train_and_evaluate(config, str(tmp_path))
+    expected = "bfloat16" if bf16_pays else "float32"
+    assert run.recipe.compute_dtype == expected and config.train.compute_dtype == "auto"  # the caller's is kept
+    assert cnn.load_run(str(tmp_path)).recipe.compute_dtype == expected  # config.json holds the resolved dtype
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("digits:"))
+    assert ("bfloat16 compute through oneDNN" in line) == bf16_pays
+
+
 def test_micro_batches_follow_the_kernels():
     """The one rule (sharding.micro_batch_size): whole batches where oneDNN's bf16 kernels run, else parts of 64."""
     mesh = sharding.make_mesh(1)

@@ -95,6 +95,15 @@ def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = Non
                for name in paths)
 
 
+def compute_dtype(requested: str, kernels: str, platform: str | None = None) -> str:
+    """`train.compute_dtype` made concrete: 'auto' is bfloat16 where bf16 pays, on a CPU whose bf16 layers go to
+    oneDNN (XLA:CPU's own bf16 products are slower than float32, README, Performance), and float32 elsewhere
+    (GPUs untested here)."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if onednn_in_force(kernels, "bfloat16", platform) else "float32"
+
+
 def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
     """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
     were 20-37% slower per image here), not with XLA's or oneDNN's float32 ones (README, Performance)."""

@@ -94,6 +94,10 @@ def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Da
     steps_per_epoch = len(dataset.train) // t.batch_size
     tx = make_optimizer(config.optimizer, steps_per_epoch, t.num_epochs)
     platform = mesh.devices.flat[0].platform
+    if t.compute_dtype == "auto":  # config.json and the recipe record the dtype this run computes in
+        config = config.copy_and_resolve_references()
+        t = config.train
+        t.compute_dtype = kernels.compute_dtype(t.compute_dtype, t.kernels, platform)
     state = create_state(model, tx, dataset.input_shape, config.seed, t.kernels, platform)
     checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, owner=True)
     restored = checkpoints.restore(state)
