@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py throughput        # cnn's train step vs PyTorch's fast paths, same model and batch
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax recipe and PyTorch, process start
+    python experiments/benchmark.py targets           # both of the above in one run, each ratio against its target
     python experiments/benchmark.py own_data          # MNIST as 70,000 PNGs in class folders vs the TFDS path
     python experiments/benchmark.py logging           # the training loop with step records vs without
 
@@ -19,7 +20,11 @@ metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
 final accuracy, start-up time, data-loading share and peak memory. The peers
 are the Flax example's recipe (configs/flax_cnn.py: constant SGD 0.1,
 momentum 0.9, 10 epochs) and, given `--manual_dir`, configs/mnist.py's own
-recipe in PyTorch (experiments/torch_mnist.py).
+recipe in PyTorch (experiments/torch_mnist.py). MNIST is prepared and
+cached before the timed runs, so none of them pays the one-time
+preparation; `--rounds` runs each recipe that many times, in alternating
+order, and reports the median. `targets` runs both in one go and prints
+each ratio against the performance targets (README, Performance).
 `own_data` exports MNIST as 70,000 PNGs into train/ and test/ class folders,
 times their first decode (listing, decoding over every core, writing the
 cache) in a fresh process, then, alternating with the cached TFDS set, the
@@ -175,7 +180,7 @@ def throughput_worker(args) -> None:
     print(json.dumps({"device": device, "blocks": rates}))
 
 
-def throughput(args) -> None:
+def throughput(args) -> float | None:
     """Each variant in a fresh process, one after another, `--rounds` times; the median block of each."""
     rates: dict[str, list[float]] = {name: [] for name in args.variants}
     devices = {}
@@ -201,6 +206,8 @@ def throughput(args) -> None:
     if ours and peers:
         best, peer = max(ours, key=ours.get), max(peers, key=peers.get)
         print(f"  ratio cnn's best / PyTorch's best: {ours[best] / peers[peer]:.2f}x ({best} against {peer})")
+        return ours[best] / peers[peer]
+    return None
 
 
 def cpu_model() -> str:
@@ -261,7 +268,7 @@ def run_torch_mnist(manual_dir: str, variant: str) -> dict:
             "peak_mb": peak_mb}
 
 
-def time_to_accuracy(args) -> None:
+def time_to_accuracy(args) -> tuple[float | None, float]:
     data = [f"--config.data.data_dir={args.data_dir}"] if args.data_dir else []
     data += [f"--config.data.manual_dir={args.manual_dir}"] if args.manual_dir else []
     recipes = {"configs/mnist.py": "configs/mnist.py"}
@@ -292,11 +299,24 @@ def time_to_accuracy(args) -> None:
         print(f"{name:>22}: {reached}; final {r['final']:.2%} after {r['epochs']} epochs ({r['wall']:.0f}s){extra}; "
               f"peak memory {r['peak_mb']:,.0f} MB")
     ours = rows["configs/mnist.py"]["reached_at"]
+    ratios = {}
     for name, r in rows.items():
         if name != "configs/mnist.py" and ours and r["reached_at"]:
-            ratio = r["reached_at"] / ours
+            ratios[name] = ratio = r["reached_at"] / ours
             print(f"time to 99.0%: configs/mnist.py " + (f"{ratio:.2f}x sooner than {name}" if ratio >= 1
                                                           else f"{1 / ratio:.2f}x later than {name}"))
+    return ratios.get("Flax example recipe"), rows["configs/mnist.py"]["final"]
+
+
+def targets(args) -> None:
+    """Issue 17's two ratios from one run: `throughput`, then `time_to_accuracy`, then each against its target."""
+    speed = throughput(args)
+    sooner, final = time_to_accuracy(args)
+    met = lambda ok: "met" if ok else "NOT met"
+    print(f"targets on {cpu_model()}, {time.strftime('%Y-%m-%d')}:")
+    print(f"  throughput, cnn's best / PyTorch's best: {speed or 0:.2f}x (target >= 1.25x: {met(speed and speed >= 1.25)})")
+    print(f"  time to 99.0%, Flax example recipe / configs/mnist.py: {sooner or 0:.2f}x (target >= 5x: "
+          f"{met(sooner and sooner >= 5)}); configs/mnist.py final {final:.2%} (target >= 99.4%: {met(final >= 0.994)})")
 
 
 def export_mnist(data_args: list[str], root: str) -> int:
@@ -390,7 +410,8 @@ def step_logging(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker")):
+    both = sub.add_parser("targets", help="throughput and time_to_accuracy in one run, each ratio against its target")
+    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), both):
         t.add_argument("--batch_size", type=int, default=128)
         t.add_argument("--num_devices", type=int, default=0,
                        help="cnn's train.num_devices: 0 as training does (one host device per two cores on a CPU)")
@@ -399,18 +420,22 @@ def main() -> None:
                        "call per step")
         t.add_argument("--steps", type=int, default=40, help="steps per timed block")
         t.add_argument("--blocks", type=int, default=7, help="timed blocks per process")
-    t.add_argument("--variant", choices=list(VARIANTS), required=True)
-    sub.choices["throughput"].add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                                           metavar="NAME", help=f"which runs, of: {', '.join(VARIANTS)}")
+    sub.choices["throughput_worker"].add_argument("--variant", choices=list(VARIANTS), required=True)
+    both.add_argument("--rounds", type=int, default=1, help="processes per throughput variant, and runs per recipe")
     sub.choices["throughput"].add_argument("--rounds", type=int, default=1, help="processes per variant")
     a = sub.add_parser("time_to_accuracy")
-    a.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
-    a.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
     a.add_argument("--rounds", type=int, default=1, help="runs of each recipe, in alternating order; the median")
-    a.add_argument("--skip_peer", action="store_true", help="skip the Flax example recipe (about 4 minutes on 2 cores)")
-    a.add_argument("--torch_variant", default="bf16", choices=["fp32", "bf16", "compile", "compile_bf16", "none"],
-                   help="the PyTorch peer (experiments/torch_mnist.py; needs --manual_dir): bf16 autocast, eager, "
-                   "was its fastest to 99%% here; 'none' skips it")
+    for t in (sub.choices["throughput"], both):
+        t.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                       help=f"which runs, of: {', '.join(VARIANTS)}")
+    for t in (a, both):
+        t.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
+        t.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
+        t.add_argument("--skip_peer", action="store_true",
+                       help="skip the Flax example recipe (about 4 minutes on 2 cores)")
+        t.add_argument("--torch_variant", default="bf16", choices=["fp32", "bf16", "compile", "compile_bf16", "none"],
+                       help="the PyTorch peer (experiments/torch_mnist.py; needs --manual_dir): bf16 autocast, "
+                       "eager, was its fastest to 99%% here; 'none' skips it")
     o = sub.add_parser("own_data")
     o.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
     o.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
@@ -429,8 +454,8 @@ def main() -> None:
     from cnn.config import ConfigError
 
     try:
-        {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy, "own_data": own_data,
-         "logging": step_logging}[args.benchmark](args)
+        {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy,
+         "targets": targets, "own_data": own_data, "logging": step_logging}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 
