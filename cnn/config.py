@@ -146,6 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
     # train/accuracy, learning_rate): the mean training loss and accuracy of
     # every this many steps, and the learning rate (0: epoch ends only).
     c.train.log_every_steps = 50
+    # `python -m cnn.main` draws WORKDIR/plots/*.png and their TensorBoard
+    # copies after training (about 5 s of matplotlib on 2 cores); False
+    # skips them, e.g. for sweep trials. `python -m cnn.visualize` draws
+    # them later from the workdir either way.
+    c.train.pictures = True
     # Devices to split each batch over; 0 means every local device. On a CPU
     # 0 splits it into one host device per two cores (see sharding.py).
     c.train.num_devices = 0
@@ -276,6 +281,7 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     micro = t.micro_batch_size
     require(is_int(micro) and micro >= 0 and (micro == 0 or t.batch_size % micro == 0), "train.micro_batch_size",
             micro, "0 (automatic) or a divisor of train.batch_size")
+    require(isinstance(t.get("pictures", True), bool), "train.pictures", t.get("pictures"), "True or False")
     require(t.get("kernels", "auto") in KERNELS, "train.kernels", t.get("kernels"), f"one of {', '.join(KERNELS)}")
 
 

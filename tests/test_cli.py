@@ -17,8 +17,9 @@ def run_cli(*args, cwd=REPO, timeout=300):
 
 def test_digits_with_overrides(tmp_path):
     proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", "--config.train.num_epochs=2",
-                   "--config.optimizer.learning_rate=0.002")
+                   "--config.optimizer.learning_rate=0.002", "--config.train.pictures=False")
     assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "plots").exists() and "pictures:" not in proc.stdout  # train.pictures=False
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["epochs"] == 2 and results["test_accuracy"] > 0.8
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 0.002

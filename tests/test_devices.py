@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO
 
-ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=2"]
+ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=2", "--config.train.pictures=False"]
 
 
 def run(workdir, *extra, wait=True, expect=0):

@@ -21,6 +21,7 @@ from conftest import REPO
 ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=3", "--config.train.batch_size=16",
         "--config.data.image_size=(16, 16)", "--config.train.checkpoint_every_steps=7",
         "--config.train.keep_checkpoints=2", "--config.train.log_every_steps=5",  # windows that cross checkpoints
+        "--config.train.pictures=False",  # not what these tests are about, and ~5 s of matplotlib a run
         "--config.model.layers=('Conv2D(16, 3, activation=\"relu\")', "
         "'MaxPooling2D(2)', 'Dropout(0.2)', 'Flatten()', 'Dense(64, activation=\"relu\")', 'Dense(10)')"]
 TIMING = {"epoch_seconds", "images_per_second", "input_seconds", "elapsed_seconds", "time"}

@@ -39,7 +39,7 @@ def digits_folder(tmp_path_factory):
 
 def args(folder, *extra):
     return ["--config=configs/digits.py", "--config.data.name=image_folder", f"--config.data.path={folder}",
-            "--config.train.batch_size=16", *extra]
+            "--config.train.batch_size=16", "--config.train.pictures=False", *extra]
 
 
 def start(workdir, folder, *extra, env=None):

@@ -26,7 +26,7 @@ from cnn.workdir import LOCK
 from cnn.config import ConfigError
 from conftest import REPO
 
-MLP = "'model.layers': ('Flatten()', 'Dense(10)')"  # a trial of this costs its start-up, not its training
+MLP = "'model.layers': ('Flatten()', 'Dense(10)'), 'train.pictures': False"  # a trial of this costs its start-up, not its training
 
 
 def write_sweep(tmp_path, body, name="s"):

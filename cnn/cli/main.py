@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
         runtime.set_cpu_devices(config.train.num_devices)
         runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         run = train_and_evaluate(config, FLAGS.workdir, on_epoch_end=_sweep_reporter())
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and config.train.get("pictures", True):
             from cnn import plots  # matplotlib adds about a second: not before the first step
 
             plots.write_plots(FLAGS.workdir, run, run.dataset, warn_only=True)
