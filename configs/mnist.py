@@ -10,8 +10,9 @@ cosine cycle that anneals early, so the first evaluation is already past
 because XLA:CPU runs max pooling's backward pass about 3x slower; a
 one-pixel random shift as augmentation. Computes in bfloat16 where the CPU
 has bf16 instructions (train.compute_dtype='auto'): there its epochs are
-about a third shorter and the final accuracy the same within 0.1 point. The Flax example's own recipe is
-`configs/flax_cnn.py` (or `model.preset='flax_cnn'`).
+about a third shorter and the final accuracy the same within 0.1 point.
+The Flax example's own recipe is `configs/flax_cnn.py` (or
+`model.preset='flax_cnn'`).
 """
 
 from cnn.config import base_config

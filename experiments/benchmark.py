@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -275,15 +276,14 @@ def time_to_accuracy(args) -> tuple[float | None, float]:
     if not args.skip_peer:
         recipes["Flax example recipe"] = "configs/flax_cnn.py"
     prepared = load_seconds(data)  # TFDS's one-time preparation and cnn's cache: neither recipe's run pays them
-    runs = {name: [] for name in recipes}
-    if args.manual_dir and args.torch_variant != "none":
-        runs[f"PyTorch ({args.torch_variant})"] = []
+    runners = {name: functools.partial(run_main, config, overrides=data) for name, config in recipes.items()}
+    if args.manual_dir and args.torch_variant != "none":  # its script writes no workdir
+        runners[f"PyTorch ({args.torch_variant})"] = lambda _: run_torch_mnist(args.manual_dir, args.torch_variant)
+    runs = {name: [] for name in runners}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):  # alternating order, so no recipe always runs first
-            for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
-                runs[name].append(run_torch_mnist(args.manual_dir, args.torch_variant) if name not in recipes else
-                                  run_main(recipes[name], os.path.join(tmp, f"{round_}-{len(runs[name])}-{name[:4]}"),
-                                           data))
+            for i, name in enumerate(list(runners) if round_ % 2 == 0 else list(runners)[::-1]):
+                runs[name].append(runners[name](os.path.join(tmp, f"{round_}-{i}")))
     # Each recipe's run with the median time to 99.0% (never reaching it counts as slowest).
     rows = {name: sorted(rs, key=lambda r: r["reached_at"] or float("inf"))[(len(rs) - 1) // 2]
             for name, rs in runs.items()}
