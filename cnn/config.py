@@ -18,7 +18,8 @@ from ml_collections import config_dict
 
 from cnn.errors import ConfigError, int_at_least, is_int, require
 
-__all__ = ["ConfigError", "base_config", "call_file", "check_fields", "load_config", "unknown_field", "validate"]
+__all__ = ["ConfigError", "RERUN_MAY_CHANGE", "base_config", "call_file", "changed_fields", "check_fields", "load_config",
+           "unknown_field", "validate"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 OWN_DATA = ("image_folder", "text_folder", "series_file", "npz")  # sources that read data.path
@@ -27,6 +28,16 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 PAD_MODES = ("constant", "reflect")
 LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
 KERNELS = ("auto", "xla", "onednn")
+# The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
+# how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
+# data and its augmentation, the optimizer, seed, batch and micro-batch size, dtype, kernels, devices, loss,
+# num_epochs through the schedule), so a change there would make config.json misstate how the checkpoints were
+# made: such a rerun is refused (`changed_fields`).
+RERUN_MAY_CHANGE = (
+    "train.pictures", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.eval_batch_size", "data.data_dir", "data.manual_dir", "data.cache_dir", "data.cache",
+    "data.max_memory_gb", "data.strict",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -244,6 +255,28 @@ def check_fields(config: ml_collections.ConfigDict, keys: Iterable[str], where: 
         problem = unknown_field(config, key)
         if problem:
             raise ConfigError(f"{where}{key}: {problem}")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'train.batch_size': 128, ...} from a nested dict, as JSON has it (tuples are lists)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_fields(saved: dict, config: ml_collections.ConfigDict) -> list[tuple[str, object, object]]:
+    """(field, saved value, new value) for each field outside RERUN_MAY_CHANGE on which `config` differs from
+    `saved`, a workdir's config.json. A field config.json lacks (it predates the field) counts as its default."""
+    import json
+
+    new = _flat(json.loads(config.to_json_best_effort()))
+    old = {**_flat(json.loads(base_config().to_json_best_effort())), **_flat(saved)}
+    return [(key, old.get(key), value) for key, value in new.items()
+            if key not in RERUN_MAY_CHANGE and old.get(key) != value]
 
 
 def _number(value, field: str, low: float, high: float, expected: str, high_open: bool = True) -> None:

@@ -29,7 +29,14 @@ class WriteFailed(ConfigError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved and the same command resumes."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint was saved and the same command resumes.
+
+    `exit_status` is the shell's convention for that signal: 143 (SIGTERM), 130 (Ctrl-C).
+    """
+
+    def __init__(self, message: str, exit_status: int = 143):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 class Pruned(Exception):

@@ -115,15 +115,33 @@ def process_start_time() -> float:
         return _IMPORTED
 
 
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
+
+
 @contextlib.contextmanager
-def sigterm_flag() -> Iterator[types.SimpleNamespace]:
-    """Turns SIGTERM (how clusters pre-empt jobs) into a flag the loop checks after each step."""
-    flag = types.SimpleNamespace(raised=False)
+def stop_requests() -> Iterator[types.SimpleNamespace]:
+    """Turns SIGTERM (how clusters pre-empt jobs) and SIGINT (Ctrl-C) into a flag the loop checks after each step.
+
+    `flag.signal` is the first such signal (None until one arrives). The loop
+    then saves a checkpoint at that step and stops; a second Ctrl-C while it
+    saves changes nothing, so the save completes and the newest checkpoint is
+    whole.
+    """
+    flag = types.SimpleNamespace(signal=None)
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(flag, "raised", True))
+
+    def handle(signum, _frame):
+        if flag.signal is None:
+            flag.signal = signum
+            os.write(2, f"\n{STOP_SIGNALS[signum]}: stopping after this step, with a checkpoint\n".encode())
+        elif signum == signal.SIGINT:
+            os.write(2, b"\nstill saving the checkpoint; it ends by itself in a moment\n")
+
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

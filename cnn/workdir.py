@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -141,17 +142,35 @@ class Lock:
 
 
 def try_lock(workdir: str) -> Lock | None:
-    """Takes WORKDIR/.lock (creating the folder) and records this process in it; None while another holds it."""
+    """Takes WORKDIR/.lock (creating the folder) and records this process in it; None while another holds it.
+
+    The holder removes the file when it lets go (`hold`), so a lock taken on
+    a file that is no longer WORKDIR/.lock is let go and taken again on the
+    new one: two runs never hold different files of one workdir.
+    """
     os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
+    path = os.path.join(workdir, LOCK)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it after we opened it
     left = _read_record(fd)
     _record(fd)
     return Lock(fd, left)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        mine, theirs = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def holder(workdir: str) -> dict | None:
@@ -192,8 +211,7 @@ def _inherited(workdir: str) -> int | None:
     if not value.isdigit():
         return None
     try:
-        mine, theirs = os.fstat(int(value)), os.stat(os.path.join(workdir, LOCK))
-        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+        if not _same_file(int(value), os.path.join(workdir, LOCK)):
             return None
         fcntl.flock(int(value), fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by our open file already: succeeds
     except OSError:
@@ -210,7 +228,7 @@ def hold(workdir: str) -> Iterator[None]:
     whose holder was killed is free (the kernel dropped it) and is taken
     over, with a note. A sweep's trial process uses the lock its worker took.
     """
-    fd = _inherited(workdir)
+    fd = inherited = _inherited(workdir)
     if fd is None:
         lock = try_lock(workdir)
         if lock is None:
@@ -224,5 +242,29 @@ def hold(workdir: str) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # a clean end leaves no record: a record found later means a killed run
+            if inherited is None:  # a clean end leaves no file; one found later with a record: a killed run
+                os.remove(os.path.join(workdir, LOCK))
+            else:  # the sweep worker that took it removes it
+                os.ftruncate(fd, 0)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def removed_if_refused(workdir: str) -> Iterator[None]:
+    """For a run's set-up: if the block fails and `workdir` did not exist before it, the folder goes again, so
+    a refused start leaves nothing behind. (Never around training: a run's files are kept however it ends.)"""
+    created = not os.path.exists(workdir)
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether WORKDIR/checkpoints holds a saved step (a folder named by its step number)."""
+    try:
+        return any(name.isdigit() for name in os.listdir(os.path.join(workdir, CHECKPOINTS)))
+    except OSError:
+        return False

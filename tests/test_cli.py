@@ -1,6 +1,7 @@
 """`python -m cnn.main` as a user runs it: overrides, outputs, and one clear line for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -42,12 +43,27 @@ def test_digits_with_overrides(tmp_path):
      "the training loss became nan at step"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
-    proc = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", *overrides)
+    """...and a start refused before training leaves no folder behind (a diverged run keeps what it wrote)."""
+    workdir = tmp_path / "run"
+    proc = run_cli("--config=configs/digits.py", f"--workdir={workdir}", *overrides)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert not (tmp_path / "results.json").exists()
+    assert not (workdir / "results.json").exists()
+    assert workdir.exists() == ("loss became nan" in message), os.listdir(tmp_path)
+    assert not (workdir / ".lock").exists()
+
+
+def test_refused_start_in_a_notebook_leaves_no_folder(tmp_path):
+    """Your own data with no data.path: refused before the workdir is made, by train_and_evaluate too."""
+    config = load_config(str(REPO / "configs" / "digits.py"))
+    config.data.name = "image_folder"
+    with pytest.raises(ConfigError, match="set data.path"):
+        import cnn
+
+        cnn.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_workdir_is_reported_before_training(tmp_path):

@@ -12,9 +12,13 @@ import pytest
 import cnn
 from cnn import kernels, sharding
 from cnn.kernels import onednn
+from conftest import REPO
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
                                   reason=f"oneDNN extension unavailable: {onednn.why_unavailable()}")
+# bf16 through oneDNN is tested wherever oneDNN has bf16 kernels for this CPU (it has none on an AVX2-only one).
+needs_onednn_bf16 = pytest.mark.skipif(not onednn.has_bf16(), reason="oneDNN has no bf16 kernels on this CPU ("
+                                       + ("extension unavailable" if not onednn.available() else "no AVX-512") + ")")
 
 CASES = [
     ("Conv2D(32, 3, padding='same')", (3, 28, 28, 1)),
@@ -65,7 +69,7 @@ def _relative_errors(a, b):
     return jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.abs(u - v).max() / (jnp.abs(v).max() + 1e-6)), a, b))
 
 
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("spec, shape", CASES)
 def test_bfloat16_within_bfloat16_rounding(spec, shape):
     """bf16 through oneDNN is as close to the float32 result as XLA's own bf16 path is, to bf16's precision."""
@@ -87,12 +91,12 @@ def test_auto_takes_onednn_for_bfloat16_only_on_a_cpu_with_bf16():
     program = lambda dtype: str(jax.make_jaxpr(apply)(jax.tree.map(lambda a: a.astype(dtype), variables),
                                                        x.astype(dtype)))
     assert "cnn_onednn" not in program(jnp.float32)  # float32 stays on XLA's paths under 'auto'
-    assert ("cnn_onednn_conv_forward" in program(jnp.bfloat16)) == kernels.cpu_has_bf16()
+    assert ("cnn_onednn_conv_forward" in program(jnp.bfloat16)) == onednn.has_bf16()
     assert "cnn_onednn_matmul" in str(jax.make_jaxpr(kernels.apply_fn(model, "onednn", "cpu"))(variables, x))
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bf16)])
 def test_digits_train_through_onednn(config_path, tmp_path, capsys, dtype):
     """A real run on the digits with every conv and dense layer in oneDNN reaches XLA's accuracy band; its start-up
     line says so, and bf16 steps take the whole batch in one call (float32 ones stay in parts of 64)."""
@@ -109,7 +113,7 @@ def test_digits_train_through_onednn(config_path, tmp_path, capsys, dtype):
 
 def test_auto_compute_dtype_is_bfloat16_only_where_onednn_takes_bf16(config_path, tmp_path, capsys):
     """train.compute_dtype='auto' resolves once, by the kernels rule; the run computes in it and records it."""
-    bf16_pays = onednn.available() and kernels.cpu_has_bf16()
+    bf16_pays = onednn.has_bf16()
     assert kernels.compute_dtype("auto", "auto", "cpu") == ("bfloat16" if bf16_pays else "float32")
     assert kernels.compute_dtype("auto", "xla", "cpu") == "float32"
     assert kernels.compute_dtype("auto", "auto", "gpu") == "float32"
@@ -128,7 +132,7 @@ def test_micro_batches_follow_the_kernels():
     """The one rule (sharding.micro_batch_size): whole batches where oneDNN's bf16 kernels run, else parts of 64."""
     mesh = sharding.make_mesh(1)
     whole = kernels.whole_batch("auto", "bfloat16", "cpu")
-    assert whole == (onednn.available() and kernels.cpu_has_bf16())
+    assert whole == onednn.has_bf16()
     assert sharding.micro_batch_size(128, mesh, whole) == (128 if whole else 64)
     assert not kernels.whole_batch("auto", "float32", "cpu") and not kernels.whole_batch("xla", "bfloat16", "cpu")
     assert sharding.micro_batch_size(128, mesh) == 64
@@ -142,3 +146,38 @@ def test_without_the_extension_auto_falls_back_and_onednn_is_a_config_error():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CNN_ONEDNN": "0"}, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "train.kernels='onednn': CNN_ONEDNN=0 in the environment; use 'auto' or 'xla'"
+
+
+@needs_onednn
+def test_bf16_support_is_asked_of_onednn_and_follows_the_instruction_sets():
+    """oneDNN's own answer agrees with the CPU's flags: bf16 instructions mean bf16 kernels; AVX2 alone means none."""
+    flags = onednn.cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"} and "ONEDNN_MAX_CPU_ISA" not in os.environ:
+        assert onednn.has_bf16()
+    if "avx512f" not in flags:
+        assert not onednn.has_bf16()
+    code = "from cnn.kernels import onednn; print(onednn.has_bf16())"
+    capped = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                            check=True, capture_output=True, text=True).stdout
+    assert capped.strip() == "False"  # oneDNN limited to AVX2, as on an AVX2-only CPU
+
+
+@needs_onednn
+def test_onednn_bf16_without_bf16_kernels_is_one_line_and_auto_computes_in_float32(tmp_path):
+    """On a CPU where oneDNN has no bf16 kernels (an AVX2-only one; ONEDNN_MAX_CPU_ISA=AVX2 makes any CPU look
+    so to oneDNN), forcing bf16 through oneDNN is refused in one line, and 'auto' trains in float32 on XLA."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    base = [sys.executable, "-m", "cnn.main", "--config=configs/digits.py", "--config.train.pictures=False"]
+    proc = subprocess.run([*base, f"--workdir={tmp_path / 'forced'}", "--config.train.kernels=onednn",
+                           "--config.train.compute_dtype=bfloat16"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert "train.kernels='onednn' with train.compute_dtype='bfloat16'" in line and "compute_dtype='float32'" in line
+    assert not (tmp_path / "forced").exists()
+    proc = subprocess.run([*base, f"--workdir={tmp_path / 'auto'}", "--config.train.compute_dtype=auto",
+                           "--config.train.num_epochs=1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("digits:"))
+    assert "bfloat16" not in line and "oneDNN" not in line

@@ -141,6 +141,49 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_saves_and_the_same_command_resumes_bitwise(tmp_path, reference, presses):
+    """Ctrl-C is a clean stop, as SIGTERM is; a second Ctrl-C while it saves still leaves a whole checkpoint."""
+    proc = start(tmp_path)
+    wait_for_checkpoint(tmp_path, 30, proc)
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "Ctrl-C: saved a checkpoint at step" in err and "run the same command to resume" in err
+    finish(tmp_path)
+    assert_same_run(tmp_path, reference)
+
+
+def files_of(folder):
+    """Every file under `folder` with its bytes."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def test_rerun_with_a_changed_config_is_refused_and_touches_nothing(tmp_path, reference):
+    """A workdir's config.json is the config of its checkpoints: a field that changes the computation is refused,
+    naming both values, and every file stays byte-identical; a field that does not is taken and recorded."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    assert not (workdir / ".lock").exists()  # a clean end leaves no lock file
+    before = files_of(workdir)
+    proc = start(workdir, "--config.optimizer.learning_rate=0.01", "--config.train.batch_size=32")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    (line,) = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert "optimizer.learning_rate=0.01 (config.json: 0.003)" in line and \
+        "train.batch_size=32 (config.json: 16)" in line and "new --workdir" in line, line
+    assert files_of(workdir) == before
+    out, _ = finish(workdir, "--config.train.log_every_steps=0", "--config.train.eval_batch_size=100")
+    assert "resuming from the checkpoint at step 267" in out
+    saved = json.loads((workdir / "config.json").read_text())["train"]
+    assert (saved["log_every_steps"], saved["eval_batch_size"]) == (0, 100)
+
+
 def test_finished_run_rerun_changes_nothing(tmp_path, reference):
     finish(tmp_path)
     before = metrics(tmp_path)
@@ -157,11 +200,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
             path = os.path.join(root, name)
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
-    out, err = finish(tmp_path, "--config.train.num_epochs=2")
+    os.remove(tmp_path / "results.json")
+    out, err = finish(tmp_path, "--config.train.num_epochs=1")
     assert f"checkpoint at step {latest} is damaged" in err
-    assert "resuming from the checkpoint at step" in out
+    assert "resuming from the checkpoint at step" in out and "\nepoch   1/1" in out  # the epoch's end again
     assert len(os.listdir(tmp_path / "damaged_checkpoints")) == 1  # set aside, not deleted
-    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2 * 89
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 89
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -172,8 +216,12 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     err = proc.stderr
     assert proc.returncode == 2 and "Traceback" not in err
-    assert "was made by a different model" in err
-    assert "conv2d/kernel: checkpoint (3, 3, 1, 16), config (3, 3, 1, 8)" in err
+    assert "holds checkpoints of another config: model.layers=" in err
+    os.remove(tmp_path / "config.json")  # without it, the checkpoint's own shapes still refuse the model
+    proc = subprocess.run(proc.args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "was made by a different model" in proc.stderr
+    assert "conv2d/kernel: checkpoint (3, 3, 1, 16), config (3, 3, 1, 8)" in proc.stderr
     proc = start(tmp_path, "--config.optimizer.name=sgd")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "was made with a different optimizer" in err
@@ -182,6 +230,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, reference):
     finish(tmp_path, "--config.train.num_epochs=1")
+    os.remove(tmp_path / "config.json")  # as in a workdir from before config.json: the rerun is not compared
     proc = start(tmp_path, "--config.optimizer.learning_rate=1e30")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in err

@@ -3,8 +3,8 @@
 Only parses flags; the work is `cnn.train.train_and_evaluate`. Any config
 field can be overridden, e.g. `--config.train.num_epochs=3`. Exit status: 0
 done, 2 a mistake the message names, 3 pruned by a sweep (`python -m
-cnn.sweep`; the checkpoint is kept), 130 interrupted, 143 stopped by SIGTERM
-with a checkpoint saved (the same command resumes).
+cnn.sweep`; the checkpoint is kept), 143 stopped by SIGTERM and 130 by Ctrl-C,
+with a checkpoint saved when training had started (the same command resumes).
 """
 
 from __future__ import annotations
@@ -69,11 +69,11 @@ def main(argv: list[str]) -> None:
     except Pruned as e:  # a sweep's pruner stopped this trial at an epoch end
         print(str(e), file=sys.stderr)
         sys.exit(3)
-    except Preempted as e:
+    except Preempted as e:  # SIGTERM or Ctrl-C during training: a checkpoint was saved
         print(str(e), file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM: stopped, not finished
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        sys.exit(e.exit_status)  # 128 + the signal: stopped, not finished
+    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
 
 

@@ -12,9 +12,10 @@ checkpoints and results do not depend on the choice, up to float rounding.
 (every convolution, dense layer and tiling average pool oneDNN can take, in
 float32 and bf16; an error when cnn/kernels/onednn.py's extension is not
 built) or 'xla' (none). On a CPU, 'auto' sends bf16 convolutions, dense
-layers and tiling average pools to oneDNN when its extension loaded and the
-processor has bf16 instructions (AVX512-BF16 or AMX), and keeps float32
-layers on the XLA paths in cpu.py. This module is the
+layers and tiling average pools to oneDNN when its extension loaded and
+oneDNN has bf16 kernels for the processor (it does with AVX512-BF16 or AMX,
+and not on an AVX2-only one: `onednn.has_bf16` asks oneDNN), and keeps
+float32 layers on the XLA paths in cpu.py. This module is the
 only one that looks at the backend and the processor to decide how a layer
 computes.
 """
@@ -30,11 +31,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn.errors import ConfigError
+from cnn.config import KERNELS
+from cnn.errors import ConfigError, require
 from cnn.kernels import cpu, onednn
 from cnn.models.layers import Pool
 
-CHOICES = ("auto", "xla", "onednn")
 _BF16 = (jnp.dtype(jnp.bfloat16),)
 
 # Fast path name -> (the Flax module type it replaces, applies(module, x), compute(module, x)).
@@ -60,32 +61,29 @@ AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16")
 ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool", "batch_norm_sums")
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this processor has bf16 arithmetic (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo's flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ...]:
     """The fast paths `kernels` stands for on `platform` ('cpu', 'gpu', 'tpu'; None: JAX's default backend)."""
+    require(kernels in KERNELS, "train.kernels", kernels, f"one of {', '.join(KERNELS)}")
     if kernels == "xla":
         return ()
-    if kernels not in CHOICES:
-        raise ValueError(f"train.kernels={kernels!r} is not one of {', '.join(CHOICES)}")
     platform = platform or jax.default_backend()
     if kernels == "onednn":
         if platform != "cpu" or not onednn.available():
             reason = onednn.why_unavailable() or f"this run's devices are {platform}, not cpu"
             raise ConfigError(f"train.kernels='onednn': {reason}; use 'auto' or 'xla'")
         return ONEDNN
-    if platform == "cpu" and onednn.available() and cpu_has_bf16():
+    if platform == "cpu" and onednn.has_bf16():
         return AUTO_ONEDNN + AUTO["cpu"]
     return AUTO.get(platform, AUTO_ELSEWHERE)
+
+
+def check(kernels: str, compute_dtype: str, platform: str | None = None) -> None:
+    """Refuses what this machine cannot compute: bf16 layers forced through oneDNN on a CPU where oneDNN has no
+    bf16 kernels (an AVX2-only one), before a step would fail deep inside XLA."""
+    if resolve(kernels, platform) == ONEDNN and compute_dtype == "bfloat16" and not onednn.has_bf16():
+        raise ConfigError(f"train.kernels='onednn' with train.compute_dtype='bfloat16' needs bf16 instructions, but "
+                          f"this CPU cannot: {onednn.missing_bf16()}; use compute_dtype='float32' (with 'onednn' or "
+                          "'auto'), or kernels='xla', whose bf16 is emulated and slow")
 
 
 def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:

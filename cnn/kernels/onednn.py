@@ -77,6 +77,36 @@ def available() -> bool:
     return not _load()
 
 
+@functools.cache
+def has_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels of its own on this CPU for every layer it takes, asked of oneDNN itself
+    (it creates the primitives; cnn_onednn_bf16_supported in onednn_ffi.cc). An AVX2-only CPU has none."""
+    if not available():
+        return False
+    probe = getattr(ctypes.CDLL(_extension_path()), "cnn_onednn_bf16_supported", None)
+    if probe is None:  # an extension built before the probe: rebuild with pip install -e .
+        return False
+    return bool(probe())
+
+
+def cpu_flags() -> set[str]:
+    """The processor's instruction-set flags, from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def missing_bf16() -> str:
+    """Which instruction sets this CPU lacks for oneDNN's bf16 kernels, in words, for an error message."""
+    flags = cpu_flags()
+    if not flags & {"avx512f", "avx512_core"}:
+        return "it has no AVX-512 (AVX2 only), and no AVX512-BF16 or AMX-BF16"
+    return "oneDNN found no bf16 kernels for it (no AVX512-BF16 or AMX-BF16 in its flags)" if not flags & {
+        "avx512_bf16", "amx_bf16"} else "oneDNN found no bf16 kernels for it"
+
+
 def why_unavailable() -> str:
     return _load()
 

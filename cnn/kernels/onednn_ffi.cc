@@ -355,6 +355,40 @@ ffi::Error PoolImpl(ffi::AnyBuffer in, ffi::Result<ffi::AnyBuffer> out, int64_t 
 
 }  // namespace
 
+// 1 when oneDNN can create, with an implementation of its own that is not the slow reference one, each bf16
+// primitive cnn's layers use (convolution forward and both backward passes, matmul, average pooling); else 0. An
+// AVX2-only CPU has no bf16 convolution at all: asking oneDNN is surer than reading instruction-set flags, and it
+// also honours ONEDNN_MAX_CPU_ISA.
+extern "C" int cnn_onednn_bf16_supported() {
+  try {
+    const auto bf16 = memory::data_type::bf16, f32 = memory::data_type::f32;
+    const memory::dims strides{1, 1}, pads{1, 1};
+    memory::desc src({2, 8, 8, 8}, bf16, tag::nhwc), dst({2, 8, 8, 8}, bf16, tag::nhwc);
+    memory::desc bias({8}, f32, tag::a);
+    dnnl::convolution_forward::primitive_desc fwd(
+        cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src,
+        memory::desc({8, 8, 3, 3}, bf16, tag::any), bias, dst, strides, pads, pads);
+    dnnl::convolution_backward_data::primitive_desc data(
+        cpu_engine(), dnnl::algorithm::convolution_direct, src, memory::desc({8, 8, 3, 3}, bf16, tag::any), dst,
+        strides, pads, pads, fwd);
+    dnnl::convolution_backward_weights::primitive_desc weights(
+        cpu_engine(), dnnl::algorithm::convolution_direct, src, memory::desc({8, 8, 3, 3}, f32, tag::any), bias,
+        dst, strides, pads, pads, fwd);
+    dnnl::matmul::primitive_desc matmul(cpu_engine(), memory::desc({4, 8}, bf16, tag::ab),
+                                        memory::desc({8, 8}, bf16, tag::ab), memory::desc({4, 8}, bf16, tag::ab));
+    dnnl::pooling_forward::primitive_desc pool(
+        cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_avg_exclude_padding, src,
+        memory::desc({2, 8, 4, 4}, bf16, tag::nhwc), {2, 2}, {2, 2}, {0, 0}, {0, 0}, {0, 0});
+    for (const std::string impl : {fwd.impl_info_str(), data.impl_info_str(), weights.impl_info_str(),
+                                   matmul.impl_info_str(), pool.impl_info_str()}) {
+      if (impl.rfind("ref", 0) == 0) return 0;
+    }
+    return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
+
 #define CONV_ATTRS Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,

@@ -60,26 +60,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     run = prepare(config, workdir, dataset)
     with run.lock:  # the workdir's lock, released however the run ends
         announce(run)
-        with MetricWriter(workdir, run.step, enabled=run.lead) as writer, runtime.sigterm_flag() as sigterm:
+        with MetricWriter(workdir, run.step, enabled=run.lead) as writer, runtime.stop_requests() as stop:
             steps = StepLog(writer, config.train.log_every_steps, run.steps_per_epoch, run.learning_rate, run.start,
                             run.step)
             for epoch in range(run.step // run.steps_per_epoch + 1, config.train.num_epochs + 1):
-                record, recent = train_and_test(run, epoch, sigterm, steps)
+                record, recent = train_and_test(run, epoch, stop, steps)
                 writer.write(record)
                 run.sums = sharding.put_replicated(ZEROS, run.mesh)
                 save(run, recent, epoch)  # after the record: a resume never redoes a logged epoch
                 report(run, record)
                 if on_epoch_end is not None:
                     on_epoch_end(record)
+                if stop.signal is not None and epoch < config.train.num_epochs:  # it came during the evaluation
+                    raise stopped(run, stop, run.step)
             history, step_records = writer.history, writer.steps
         run.checkpoints.close()
         return finish(run, history, step_records)
 
 
-def train_and_test(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[dict, list[jax.Array]]:
+def train_and_test(run: Training, epoch: int, stop, steps: StepLog) -> tuple[dict, list[jax.Array]]:
     """One epoch's training and test: its record for metrics.jsonl, and the losses since the last checkpoint."""
     epoch_start, first = time.time(), run.step - (epoch - 1) * run.steps_per_epoch
-    recent, input_seconds = train_epoch(run, epoch, sigterm, steps)
+    recent, input_seconds = train_epoch(run, epoch, stop, steps)
     epoch_sums = sharding.to_host(run.sums)
     if not np.isfinite(epoch_sums["loss"]):
         check_finite(run, recent, epoch)  # raises Diverged naming the step
@@ -97,13 +99,13 @@ def train_and_test(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[
     return record, recent
 
 
-def train_epoch(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[list[jax.Array], float]:
+def train_epoch(run: Training, epoch: int, stop, steps: StepLog) -> tuple[list[jax.Array], float]:
     """Runs the rest of `epoch`'s steps; returns the losses since the last checkpoint and the input time.
 
     Batches are staged on the devices a chunk at a time, so each step only
     dispatches; the running sums are fetched only where a step record is due.
     A checkpoint is saved every `train.checkpoint_every_steps`, and at once
-    when SIGTERM arrives, which then ends the run (Preempted).
+    when SIGTERM or Ctrl-C arrives, which then ends the run (Preempted).
     """
     t = run.config.train
     first = run.step - (epoch - 1) * run.steps_per_epoch  # batches of this epoch done before a resume
@@ -127,18 +129,23 @@ def train_epoch(run: Training, epoch: int, sigterm, steps: StepLog) -> tuple[lis
         step = i + 1 + (epoch - 1) * run.steps_per_epoch
         if steps.due(step):  # before a checkpoint at this step: a resume from it relies on the record
             steps.write(step, epoch, sharding.to_host(run.sums))
-        if sigterm.raised or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
-                              and step % run.steps_per_epoch):
+        if stop.signal is not None or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
+                                       and step % run.steps_per_epoch):
             save(run, recent, epoch)
             recent = []
-            if sigterm.raised:
+            if stop.signal is not None:
                 chunks.close()  # stops a streamed split's read-ahead thread
-                run.checkpoints.close()
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {run.checkpoints.directory}; "
-                                "run the same command to resume")
+                raise stopped(run, stop, step)
     bar and bar.close()
     chunks.close()
     return recent, input_seconds
+
+
+def stopped(run: Training, stop, step: int) -> Preempted:
+    """The end of a run stopped by SIGTERM or Ctrl-C, once its checkpoint at `step` is saved."""
+    run.checkpoints.close()
+    return Preempted(f"{runtime.STOP_SIGNALS[stop.signal]}: saved a checkpoint at step {step} in "
+                     f"{run.checkpoints.directory}; run the same command to resume", 128 + stop.signal)
 
 
 def check_finite(run: Training, losses: list[jax.Array], epoch: int) -> None:

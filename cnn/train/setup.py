@@ -66,39 +66,67 @@ class Training:
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None) -> Training:
-    """Checks the config, takes the workdir's lock, loads the data, builds the model and the state (resumed if the
-    workdir has one). The lock stays held until `Training.lock` is closed (train_and_evaluate does)."""
+    """Checks the config, loads the data, builds the model and the state, and only then takes the workdir's lock
+    and resumes from its checkpoints (refusing a config other than theirs). The lock stays held until
+    `Training.lock` is closed (train_and_evaluate does); a refused start leaves no folder it created."""
     start = runtime.process_start_time()
     config_lib.validate(config)
     models.check_config(config.model)
     runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
     runtime.use_compilation_cache()
     lead = jax.process_index() == 0
-    with contextlib.ExitStack() as lock:  # released here if setting up fails
+    config, dataset, model, loss, mesh, eval_batch_size, state = _plan(config, dataset)
+    with workdir_lib.removed_if_refused(workdir) if lead else contextlib.nullcontext(), \
+            contextlib.ExitStack() as lock:  # the lock is released here if setting up fails
         if lead:  # the process that writes: one lock per run, however many processes
             workdir_lib.check_writable(workdir)
             lock.enter_context(workdir_lib.hold(workdir))
-        run = _build(config, workdir, dataset, lead, start)
+            check_same_config(workdir, config)
+        run = _build(config, workdir, dataset, model, loss, mesh, eval_batch_size, state, lead, start)
         run.lock = lock.pop_all()
     return run
 
 
-def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None, lead: bool,
-           start: float) -> Training:
+def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None) -> tuple:
+    """Everything that can be refused without touching the workdir: the data, the model against it, the mesh
+    against the batch sizes, and the fresh state. `config` comes back with compute_dtype='auto' resolved."""
     t = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
     model = models.build_model(config.model, dataset.num_classes)
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
     mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
-    steps_per_epoch = len(dataset.train) // t.batch_size
-    tx = make_optimizer(config.optimizer, steps_per_epoch, t.num_epochs)
     platform = mesh.devices.flat[0].platform
     if t.compute_dtype == "auto":  # config.json and the recipe record the dtype this run computes in
         config = config.copy_and_resolve_references()
-        t = config.train
-        t.compute_dtype = kernels.compute_dtype(t.compute_dtype, t.kernels, platform)
+        config.train.compute_dtype = kernels.compute_dtype(t.compute_dtype, t.kernels, platform)
+    kernels.check(t.kernels, config.train.compute_dtype, platform)
+    steps_per_epoch = len(dataset.train) // t.batch_size
+    tx = make_optimizer(config.optimizer, steps_per_epoch, t.num_epochs)
     state = create_state(model, tx, dataset.input_shape, config.seed, t.kernels, platform)
+    return config, dataset, model, loss, mesh, eval_batch_size, state
+
+
+def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to continue a workdir's checkpoints with a config that changes what they compute (config.RERUN_MAY_CHANGE
+    lists the fields that may change), naming each changed field with both values; nothing is written first."""
+    saved = workdir_lib.read_json(os.path.join(workdir, workdir_lib.CONFIG))
+    if not isinstance(saved, dict) or not workdir_lib.has_checkpoints(workdir):
+        return
+    changed = config_lib.changed_fields(saved, config)
+    if changed:
+        fields = "; ".join(f"{field}={new!r} (config.json: {old!r})" for field, old, new in changed)
+        raise ConfigError(f"workdir={workdir!r} holds checkpoints of another config: {fields}; rerun with the "
+                          "config in its config.json to resume, or pass a new --workdir")
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset, model: models.Sequential,
+           loss: str, mesh: jax.sharding.Mesh, eval_batch_size: int, state: TrainState, lead: bool, start: float
+           ) -> Training:
+    """The run: resumed from the workdir's newest intact checkpoint if it has one, with its compiled steps."""
+    t = config.train
+    platform = mesh.devices.flat[0].platform
+    steps_per_epoch = len(dataset.train) // t.batch_size
     checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, owner=True)
     restored = checkpoints.restore(state)
     state, sums = restored if restored else (state, ZEROS)
