@@ -217,16 +217,19 @@ def throughput(args) -> float | None:
 
 
 def cpu_info() -> dict[str, str]:
-    """The CPU's name, cores and the vector and matrix units it reports, which decide which paths are fast."""
+    """The CPU's name, the cores this process may use, and the vector and matrix units its flags report, which
+    decide which paths are fast."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:
-        return {"name": "CPU unknown", "cores": str(os.cpu_count()), "units": "unknown"}
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+        info = ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "CPU unknown")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"name": name, "cores": str(os.cpu_count()), "units": " ".join(units) or "no AVX2"}
+    return {"name": name, "cores": str(cores), "units": " ".join(units) or "no AVX2"}
 
 
 def cpu_model() -> str:
@@ -297,9 +300,9 @@ def write_record(output: str, argv: list[str], folder: str | None = None, now: t
     os.makedirs(folder, exist_ok=True)
     if not os.path.exists(path):
         with open(path, "w") as f:
-            f.write(f"# {date}: {cpu['name']}\n\nWritten by the benchmarks in `experiments/` as they ran; each section is "
-                    f"one run, as measured then.\n\n| machine | |\n|---|---|\n| CPU | {cpu['name']} |\n"
-                    f"| cores | {cpu['cores']} |\n| units | {cpu['units']} |\n| accelerator | {_accelerator()} |\n")
+            f.write(f"# {date}: {cpu['name']}\n\nWritten by the benchmarks in `experiments/` as they ran; each "
+                    f"section is one run, as measured then.\n\n| machine | |\n|---|---|\n| CPU | {cpu['name']} |\n"
+                    f"| cores | {cpu['cores']} |\n| flags | {cpu['units']} |\n| accelerator | {_accelerator()} |\n")
     with open(path, "a") as f:
         f.write(f"\n## {time.strftime('%H:%M', now)}: `{_public_command(argv)}`\n\n{_versions()}\n\n"
                 f"```text\n{_public(output).strip()}\n```\n")

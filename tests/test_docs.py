@@ -49,7 +49,8 @@ def test_no_path_outside_the_repository(path):
 
 
 def test_machine_path_pattern_catches_what_it_should():
-    assert all(MACHINE_PATH.search(s) for s in ("../shared/x", "see /work/main", "--data_dir=/tmp/tfds", "/root/.cache"))
+    machine = ("../shared/x", "see /work/main", "--data_dir=/tmp/tfds", "/root/.cache", "shared/datasets/mnist")
+    assert all(MACHINE_PATH.search(s) for s in machine)
     assert not any(MACHINE_PATH.search(s) for s in ("docs/data.md", "~/.cache/cnn", "$SCRATCH/x", "$TMPDIR/y"))
 
 
