@@ -36,8 +36,8 @@ def set_cpu_devices(num_devices: int) -> None:
 
     XLA runs much of a CNN's backward pass on one thread, so a step uses the
     cores through data parallelism over host devices, each with the threads
-    of two cores for the rest (the split measured fastest; README,
-    Performance). XLA's CPU collectives run on its intra-op thread pool:
+    of two cores for the rest (the split measured fastest;
+    docs/devices.md). XLA's CPU collectives run on its intra-op thread pool:
     with as many devices as threads, a device blocked at an all-reduce can
     starve another of the thread it needs, so PJRT_NPROC is raised to at
     least two threads per device, never lowered (a smaller value inherited

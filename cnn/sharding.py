@@ -53,7 +53,7 @@ def micro_batch_size(batch_size: int, mesh: Mesh, whole: bool = False) -> int:
     """The default `train.micro_batch_size`: on CPUs, parts of at most 64 examples per device; else the batch.
 
     Past about 64 images per call XLA:CPU's step gets slower per image
-    (README, Performance); GPUs and TPUs want the whole batch in one call, and
+    (docs/devices.md); GPUs and TPUs want the whole batch in one call, and
     so do oneDNN's bf16 kernels on a CPU (`whole`: cnn.kernels.whole_batch). A
     batch that does not split evenly stays whole.
     """

@@ -2,7 +2,7 @@
 
 The paper reaches 0.95% test error (99.05% accuracy) without distortions.
 Here: Adam 2e-3, batch 128, a short warmup and cosine decay over 6 epochs,
-one-pixel random shifts; 99.06% on an H100 (README, Preset results).
+one-pixel random shifts; 99.06% on an H100 (docs/presets.md).
 """
 
 from cnn.config import base_config

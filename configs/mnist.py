@@ -1,6 +1,6 @@
 """MNIST, tuned for time to accuracy on a CPU: passes 99.0% test accuracy at
 the end of epoch 1 (about 11 s from process start on 2 cores) and ends at
-about 99.45% after 6 epochs (README, Performance).
+about 99.45% after 6 epochs (docs/performance.md).
 
 A small batch-norm CNN (conv 16, conv 32, dense 128) so that an epoch takes
 about 8 s on 2 cores; batch norm lets Adam take large steps (1e-2) from the

@@ -24,7 +24,7 @@ recipe in PyTorch (experiments/torch_mnist.py). MNIST is prepared and
 cached before the timed runs, so none of them pays the one-time
 preparation; `--rounds` runs each recipe that many times, in alternating
 order, and reports the median. `targets` runs both in one go and prints
-each ratio against the performance targets (README, Performance).
+each ratio against the performance targets (docs/performance.md).
 `own_data` exports MNIST as 70,000 PNGs into train/ and test/ class folders,
 times their first decode (listing, decoding over every core, writing the
 cache) in a fresh process, then, alternating with the cached TFDS set, the
@@ -38,6 +38,10 @@ alternating train.log_every_steps=0 (records at epoch ends only) with the
 values given, and compares the second epoch's training speed (the loop,
 not the compiled step alone, since the loop fetches the sums). All need MNIST
 prepared (`--data_dir`, or `--manual_dir` pointing at the original archives).
+
+Every benchmark but the worker also appends what it printed, with the CPU,
+its units and the package versions, to docs/benchmarks/<date>-<cpu>.md, a
+page of the docs site per machine and day (`--no_record` skips it).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import functools
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -211,17 +216,114 @@ def throughput(args) -> float | None:
     return None
 
 
-def cpu_model() -> str:
-    """The CPU's name and the reduced-precision units it reports, which decide which paths are fast."""
+def cpu_info() -> dict[str, str]:
+    """The CPU's name, the cores this process may use, and the vector and matrix units its flags report, which
+    decide which paths are fast."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:
-        return "CPU unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+        info = ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "CPU unknown")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    units = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX-512'}"
+    units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {"name": name, "cores": str(cores), "units": " ".join(units) or "no AVX2"}
+
+
+def cpu_model() -> str:
+    """One line for the benchmarks' headings: the CPU, its cores and units."""
+    cpu = cpu_info()
+    return f"{cpu['name']}, {cpu['cores']} cores, {cpu['units']}"
+
+
+RECORD_DIR = os.path.join(REPO, "docs", "benchmarks")
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the console and keeps a copy, so a benchmark's printed figures can be recorded as they print."""
+
+    def __init__(self, console):
+        self.console, self.copy = console, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+
+def _public(text: str) -> str:
+    """`text` without this machine's paths: the checkout, the temporary folder and the home folder."""
+    for path, name in ((REPO, "."), (tempfile.gettempdir(), "$TMPDIR"), (os.path.expanduser("~"), "~")):
+        text = text.replace(path, name)
+    return text
+
+
+def _public_command(argv: list[str]) -> str:
+    """The command as run, each path given to a flag written DIR (paths differ per machine, figures do not)."""
+    words = [re.sub(r"^(--[\w-]+=).*/.*$", r"\1DIR", a) if a.startswith("--") else ("DIR" if "/" in a and i else a)
+             for i, a in enumerate(argv)]
+    return "python experiments/" + " ".join([os.path.basename(argv[0]), *words[1:]])
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    found = [f"Python {sys.version.split()[0]}"]
+    for package in VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{package} {metadata.version(package)}")
+    return ", ".join(found)
+
+
+def _accelerator() -> str:
+    """The GPU's name as nvidia-smi reports it, or 'none' (the benchmarks' peers then run on the CPU)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return ", ".join(line.strip() for line in out.splitlines() if line.strip()) or "none"
+
+
+def write_record(output: str, argv: list[str], folder: str | None = None, now: time.struct_time | None = None) -> str:
+    """Appends one run's printed figures to FOLDER/<date>-<cpu>.md, a page per machine and day of the docs site
+    (docs/performance.md links them), and relists the pages in FOLDER/index.md; returns the page's path."""
+    folder, now = folder or RECORD_DIR, now or time.localtime()
+    cpu, date = cpu_info(), time.strftime("%Y-%m-%d", now)
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(\w+\)|cpu|processor|@.*", "", cpu["name"].lower())).strip("-")
+    path = os.path.join(folder, f"{date}-{slug or 'cpu'}.md")
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(f"# {date}: {cpu['name']}\n\nWritten by the benchmarks in `experiments/` as they ran; each "
+                    f"section is one run, as measured then.\n\n| machine | |\n|---|---|\n| CPU | {cpu['name']} |\n"
+                    f"| cores | {cpu['cores']} |\n| flags | {cpu['units']} |\n| accelerator | {_accelerator()} |\n")
+    with open(path, "a") as f:
+        f.write(f"\n## {time.strftime('%H:%M', now)}: `{_public_command(argv)}`\n\n{_versions()}\n\n"
+                f"```text\n{_public(output).strip()}\n```\n")
+    pages = sorted((p for p in os.listdir(folder) if p.endswith(".md") and p != "index.md"), reverse=True)
+    with open(os.path.join(folder, "index.md"), "w") as f:
+        f.write("# Benchmark records\n\nOne page per machine and day, newest first, each written by "
+                "`experiments/benchmark.py` (or `experiments/streaming.py`) as it ran.\n\n"
+                + "".join(f"- [{p[:-3]}]({p})\n" for p in pages))
+    return path
+
+
+@contextlib.contextmanager
+def recording(enabled: bool = True):
+    """Prints as usual and, when the benchmark finishes, records what it printed (`--no_record` skips it)."""
+    if not enabled:
+        yield
+        return
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield
+    print(f"recorded in {os.path.relpath(write_record(tee.copy.getvalue(), sys.argv), REPO)}", file=sys.stderr)
 
 
 def run_child(command: list[str]) -> tuple[str, float, float]:
@@ -447,6 +549,11 @@ def main() -> None:
     g.add_argument("--test_split", default="test[:10%]", help="evaluated after each epoch, outside the timing")
     g.add_argument("--log_every_steps", type=int, nargs="+", default=[50, 1], help="compared with 0")
     g.add_argument("--rounds", type=int, default=8)
+    for name, t in sub.choices.items():
+        if name != "throughput_worker":  # a worker's output is one JSON line for its parent
+            t.add_argument("--no_record", action="store_true",
+                           help="print only; by default what is printed is also appended to "
+                           "docs/benchmarks/<date>-<cpu>.md when the benchmark finishes")
     args = parser.parse_args()
     if args.benchmark.startswith("throughput") and (args.micro_batch_size < 0 or (
             args.micro_batch_size and args.batch_size % args.micro_batch_size)):
@@ -454,8 +561,9 @@ def main() -> None:
     from cnn.config import ConfigError
 
     try:
-        {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy,
-         "targets": targets, "own_data": own_data, "logging": step_logging}[args.benchmark](args)
+        with recording(not getattr(args, "no_record", True)):
+            {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy,
+             "targets": targets, "own_data": own_data, "logging": step_logging}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 

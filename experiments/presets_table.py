@@ -7,7 +7,7 @@ Each preset runs its own config file (its optimizer and schedule), switched
 to `--dataset` (class count, splits and normalisation of that set; vgg gets
 32x32 inputs, which its five pooling stages need). `--epochs` shortens a run
 for a quick look; without it the config's own epoch count is used, which is
-what the README's full table reports. Rows print as each run ends, so a long
+what the table in docs/presets.md reports. Rows print as each run ends, so a long
 sweep can be read while it goes.
 """
 

@@ -18,7 +18,9 @@ ratios against the targets: stream RSS (the largest) <= 1.15x small, stream
 images/s >= 0.85x memory (medians). `--read-speed` also times random
 row reads of the decoded cache three ways: pread gathers (cnn's DiskArray),
 np.memmap fancy indexing, and array_record (`ArrayRecordDataSource`, the
-format Grain reads), each over the same rows.
+format Grain reads), each over the same rows. What it prints is also
+recorded in docs/benchmarks/, as experiments/benchmark.py records its runs
+(`--no_record` skips it).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import time
 from multiprocessing import Pool
 
 import numpy as np
+
+import benchmark  # experiments/benchmark.py, beside this file: its `recording` writes docs/benchmarks/
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ("Conv2D(16, 3, strides=2, activation='relu')", "MaxPooling2D(2)", "Flatten()", "Dense(10)")
@@ -166,7 +170,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="streamed and in-memory runs of the large set, "
                         "alternating")
     parser.add_argument("--read-speed", action="store_true")
+    parser.add_argument("--no_record", action="store_true", help="print only; by default what is printed is also "
+                        "appended to docs/benchmarks/<date>-<cpu>.md, as experiments/benchmark.py does")
     args = parser.parse_args()
+    with benchmark.recording(not args.no_record):
+        measure(args)
+
+
+def measure(args) -> None:
+    """Writes the folders, builds their caches, trains from them and prints each run and the ratios."""
     root = args.root or tempfile.mkdtemp(prefix="cnn-streaming-")
     big, small = os.path.join(root, f"images{args.images}"), os.path.join(root, f"images{args.small}")
     seconds = write_folder(big, args.images)

@@ -51,12 +51,12 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "onednn_avg_pool": (Pool, onednn.avg_pool_applies, onednn.avg_pool),
     "onednn_avg_pool_bf16": (Pool, functools.partial(onednn.avg_pool_applies, dtypes=_BF16), onednn.avg_pool),
 }
-# What 'auto' takes on each platform: the CPU paths measured faster there (README, Performance); tiled pools
+# What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
 AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool", "batch_norm_sums")}
 AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers only, as
-# XLA:CPU's bf16 products are the slow ones (README, Performance). 'onednn' takes ONEDNN for every dtype.
+# XLA:CPU's bf16 products are the slow ones (docs/kernels.md). 'onednn' takes ONEDNN for every dtype.
 AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16")
 ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool", "batch_norm_sums")
 
@@ -95,7 +95,7 @@ def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = Non
 
 def compute_dtype(requested: str, kernels: str, platform: str | None = None) -> str:
     """`train.compute_dtype` made concrete: 'auto' is bfloat16 where bf16 pays, on a CPU whose bf16 layers go to
-    oneDNN (XLA:CPU's own bf16 products are slower than float32, README, Performance), and float32 elsewhere
+    oneDNN (XLA:CPU's own bf16 products are slower than float32, docs/kernels.md), and float32 elsewhere
     (GPUs untested here)."""
     if requested != "auto":
         return requested
@@ -104,7 +104,7 @@ def compute_dtype(requested: str, kernels: str, platform: str | None = None) -> 
 
 def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
     """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
-    were 20-37% slower per image here), not with XLA's or oneDNN's float32 ones (README, Performance)."""
+    were 20-37% slower per image here), not with XLA's or oneDNN's float32 ones (docs/devices.md)."""
     return compute_dtype == "bfloat16" and onednn_in_force(kernels, compute_dtype, platform)
 
 

@@ -3,7 +3,8 @@
 Each function takes the bound Flax module and its input, creates the
 module's parameters exactly as Flax does (names, shapes, initialisers,
 dtypes) and computes the same output another way. cnn/kernels chooses when
-they apply; the figures behind them are in the README's performance section.
+they apply; docs/kernels.md describes each path and docs/performance.md
+links the figures behind them.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def _load() -> str:
         return "CNN_ONEDNN=0 in the environment"
     path = _extension_path()
     if path is None:
-        return "the extension cnn/kernels/_onednn_ffi was not built (see README, Performance)"
+        return "the extension cnn/kernels/_onednn_ffi was not built (see docs/kernels.md)"
     try:
         _preload_onednn()
         lib = ctypes.CDLL(path)

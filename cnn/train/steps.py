@@ -4,7 +4,7 @@ Every step is a pure function of arrays (the state, running sums, a batch
 or a chunk of batches staged on the devices) plus a `Recipe`, which is
 static: part of the compiled program. Fusing several steps into one call
 with `lax.scan` is avoided: XLA:CPU runs convolutions inside loops far
-slower (README, Performance).
+slower (docs/devices.md).
 """
 
 from __future__ import annotations
