@@ -220,6 +220,26 @@ def _inherited(workdir: str) -> int | None:
     return int(value)
 
 
+def refuse_if_in_use(workdir: str) -> None:
+    """Refuses at once, before a run loads any data, a workdir whose lock another run holds; creates nothing.
+    (`hold` takes the lock later, after the set-up that can be refused without touching the workdir.)"""
+    try:
+        fd = os.open(os.path.join(workdir, LOCK), os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released at close: only a look
+    except BlockingIOError:
+        raise in_use(workdir) from None
+    finally:
+        os.close(fd)
+
+
+def in_use(workdir: str) -> ConfigError:
+    return ConfigError(f"workdir={workdir!r} is in use by another run: {describe_holder(holder(workdir))}; "
+                       "let it finish (or stop it), or pass another --workdir")
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
     """Holds the workdir's lock while the block runs: one run per workdir, on this machine or another.
@@ -232,8 +252,7 @@ def hold(workdir: str) -> Iterator[None]:
     if fd is None:
         lock = try_lock(workdir)
         if lock is None:
-            raise ConfigError(f"workdir={workdir!r} is in use by another run: {describe_holder(holder(workdir))}; "
-                              "let it finish (or stop it), or pass another --workdir")
+            raise in_use(workdir)
         fd = lock.fd
         if lock.left and lock.left.get("pid") != os.getpid():
             print(f"note: taking over {os.path.join(workdir, LOCK)} from {describe_holder(lock.left)}, which "

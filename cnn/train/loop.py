@@ -160,7 +160,7 @@ def check_finite(run: Training, losses: list[jax.Array], epoch: int) -> None:
             "no checkpoint had been saved yet"
         raise Diverged(f"the training loss became {values[bad[0]]} at step {run.step - len(values) + bad[0] + 1} "
                        f"(epoch {epoch}); stopped without saving: {kept}; lower optimizer.learning_rate (now "
-                       f"{run.config.optimizer.learning_rate})")
+                       f"{run.config.optimizer.learning_rate}) and train in a new --workdir")
 
 
 def save(run: Training, recent_losses: list[jax.Array], epoch: int) -> None:

@@ -75,6 +75,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
     runtime.use_compilation_cache()
     lead = jax.process_index() == 0
+    if lead:
+        workdir_lib.refuse_if_in_use(workdir)  # before minutes of data loading
     config, dataset, model, loss, mesh, eval_batch_size, state = _plan(config, dataset)
     with workdir_lib.removed_if_refused(workdir) if lead else contextlib.nullcontext(), \
             contextlib.ExitStack() as lock:  # the lock is released here if setting up fails
