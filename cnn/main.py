@@ -1,6 +1,8 @@
-"""`python -m cnn.main`: the training command line (cnn/cli/main.py)."""
+"""`python -m cnn.main`: `cnn train` (cnn/cli/main.py)."""
+
+import sys
 
 from cnn.cli.main import run
 
 if __name__ == "__main__":
-    run()
+    run(["python -m cnn.main", *sys.argv[1:]])

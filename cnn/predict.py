@@ -1,6 +1,8 @@
-"""`python -m cnn.predict`: the prediction command line (cnn/cli/predict.py)."""
+"""`python -m cnn.predict`: `cnn predict` (cnn/cli/predict.py)."""
+
+import sys
 
 from cnn.cli.predict import run
 
 if __name__ == "__main__":
-    run()
+    run(["python -m cnn.predict", *sys.argv[1:]])

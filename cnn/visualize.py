@@ -1,6 +1,8 @@
-"""`python -m cnn.visualize`: the picture command line (cnn/cli/visualize.py)."""
+"""`python -m cnn.visualize`: `cnn visualize` (cnn/cli/visualize.py)."""
+
+import sys
 
 from cnn.cli.visualize import run
 
 if __name__ == "__main__":
-    run()
+    run(["python -m cnn.visualize", *sys.argv[1:]])

@@ -1,10 +1,10 @@
-"""`python -m cnn.main --config=configs/mnist.py --workdir=DIR`: train, evaluate, then draw the pictures.
+"""`cnn train --config=configs/mnist.py --workdir=DIR`: train, evaluate, then draw the pictures.
 
-Only parses flags; the work is `cnn.train.train_and_evaluate`. Any config
-field can be overridden, e.g. `--config.train.num_epochs=3`. Exit status: 0
-done, 2 a mistake the message names, 3 pruned by a sweep (`python -m
-cnn.sweep`; the checkpoint is kept), 143 stopped by SIGTERM and 130 by Ctrl-C,
-with a checkpoint saved when training had started (the same command resumes).
+Any config field can be overridden, e.g. `--config.train.num_epochs=3`. The
+work is `cnn.train_and_evaluate`, which a notebook can call too. Exit status:
+0 done, 2 a mistake the message names, 3 pruned by a sweep (`cnn sweep`; the
+checkpoint is kept), 143 stopped by SIGTERM and 130 by Ctrl-C, with a
+checkpoint saved once training started (the same command resumes).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from ml_collections import config_flags
 
 from cnn import config as config_lib
 from cnn import runtime
-from cnn.cli import FLAGS, fail, flags_parser, quiet_logging
+from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
 from cnn.errors import ConfigError, Preempted, Pruned
 from cnn.train import train_and_evaluate
 
-USAGE = ("usage: python -m cnn.main --config=configs/mnist.py --workdir=DIR "
-         "[--config.section.field=value ...]")
+USAGE = Usage(__name__, "--config=configs/mnist.py --workdir=DIR [--config.section.field=value ...]",
+              overrides="Sets one field of the config, e.g. --config.train.num_epochs=3")
 
 
 class _ConfigFileParser(flags.ArgumentParser):
@@ -51,7 +51,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}\n{USAGE.line(argv[0])}")
     quiet_logging()
     config = FLAGS.config
     try:
@@ -101,9 +101,6 @@ def _explain_override(argv: list[str], error: Exception) -> str:
     return f"a --config override could not be applied ({error})"
 
 
-def run() -> None:
-    app.run(main, flags_parser=flags_parser(USAGE, _explain_override))
-
-
-if __name__ == "__main__":
-    run()
+def run(argv: list[str]) -> None:
+    """`argv[0]` names the command as the user typed it, for the usage line."""
+    app.run(main, argv=argv, flags_parser=flags_parser(USAGE, _explain_override))

@@ -1,6 +1,6 @@
-"""`python -m cnn.predict --workdir=DIR IMAGE [IMAGE ...]` prints each image's top classes.
+"""`cnn predict --workdir=DIR IMAGE [IMAGE ...]` prints each image's top classes.
 
-    $ python -m cnn.predict --workdir=runs/mnist seven.png
+    $ cnn predict --workdir=runs/mnist seven.png
     note: seven.png: 400x400 RGB: converted to grayscale, inverted (...), resized to 28x28
     seven.png: 7 (98.1%), 2 (1.2%), 1 (0.3%)
 
@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from cnn.cli import FLAGS, fail, flags_parser, quiet_logging
+from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
 from cnn.errors import ConfigError
 from cnn.inference import INVERT, convert, input_shape, open_image, probabilities, top_classes
 from cnn.run import load_run
@@ -29,14 +29,14 @@ flags.DEFINE_enum("invert", "auto", list(INVERT),
 flags.DEFINE_bool("frame", True, "When the training images are objects on a plain background (MNIST), crop the "
                   "image to its object and centre it with the same margin; --noframe only resizes.")
 flags.mark_flag_as_required("workdir")
-USAGE = "usage: python -m cnn.predict --workdir=DIR [--top_k=3] [--invert=auto|yes|no] [--noframe] IMAGE [IMAGE ...]"
+USAGE = Usage(__name__, "--workdir=DIR [--top_k=3] [--invert=auto|yes|no] [--noframe] IMAGE [IMAGE ...]")
 
 
 def main(argv: list[str]) -> None:
     quiet_logging()
     paths = argv[1:]
     if not paths:
-        fail(f"no images given; {USAGE[len('usage: '):]}")
+        fail(f"no images given; {argv[0]} {USAGE.args}")
     if FLAGS.top_k < 1:
         fail(f"--top_k={FLAGS.top_k} must be at least 1")
     try:
@@ -63,9 +63,6 @@ def main(argv: list[str]) -> None:
         fail(f"{failed} of {len(paths)} files could not be predicted (see above)")
 
 
-def run() -> None:
-    app.run(main, flags_parser=flags_parser(USAGE))
-
-
-if __name__ == "__main__":
-    run()
+def run(argv: list[str]) -> None:
+    """`argv[0]` names the command as the user typed it, for the usage line."""
+    app.run(main, argv=argv, flags_parser=flags_parser(USAGE))

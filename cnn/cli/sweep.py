@@ -1,4 +1,4 @@
-"""`python -m cnn.sweep FILE --workdir=W`: run (or join) the study a sweep file declares; see cnn/sweep/.
+"""`cnn sweep FILE --workdir=DIR`: run (or join) the study a sweep file declares; see cnn/sweep/.
 
 Extra --config.FIELD=VALUE flags go to every trial this worker runs, for
 settings of this machine such as data.manual_dir. Exit status: 0, 1 when a
@@ -14,6 +14,7 @@ import sys
 from absl import flags
 
 from cnn import workdir as workdir_lib
+from cnn.cli import Usage, wants_help
 from cnn.config import check_fields
 from cnn.errors import ConfigError
 
@@ -31,8 +32,10 @@ flags.DEFINE_enum("pruner", "none", ["none", "median", "hyperband"], "Stops hope
 flags.DEFINE_bool("dry_run", False, "Print the commands (one cnn.main per grid trial, or the worker command for "
                   "a search) and run nothing.", flag_values=FLAGS)
 
-USAGE = ("usage: python -m cnn.sweep FILE --workdir=DIR [--storage=URL_OR_FILE] [--n_trials=N] [--workers=K] "
-         "[--sampler=grid|random|tpe] [--pruner=none|median|hyperband] [--dry_run] [--config.FIELD=VALUE ...]")
+USAGE = Usage(__name__, "FILE --workdir=DIR [--storage=URL_OR_FILE] [--n_trials=N] [--workers=K] "
+              "[--sampler=grid|random|tpe] [--pruner=none|median|hyperband] [--dry_run] [--config.FIELD=VALUE ...]",
+              overrides="Sets one field in every trial this worker runs, e.g. --config.data.manual_dir=DIR",
+              flag_values=FLAGS)
 
 
 def _parse(argv: list[str]) -> tuple[str, list[str]]:
@@ -67,13 +70,13 @@ def dry_run(sweep, sampler: str, n_trials: int, spec: str, extra: list[str]) -> 
 
 def main(argv: list[str]) -> int:
     """Runs one worker of the sweep (or prints its commands); returns the exit status."""
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"{__doc__}\n{USAGE}\n\n{FLAGS.get_help(include_special_flags=False)}")
+    if wants_help(argv) or "--helpfull" in argv[1:]:
+        print(USAGE.help(argv[0]))
         return 0
     try:
         path, extra = _parse(argv)
     except flags.Error as e:
-        print(f"error: {e}\n{USAGE}", file=sys.stderr)
+        print(f"error: {e}\n{USAGE.line(argv[0])}", file=sys.stderr)
         return 2
     try:
         return _sweep(path, extra)
@@ -127,5 +130,6 @@ def _sweep(path: str, extra: list[str]) -> int:
     return 1 if worker.failures else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+def run(argv: list[str]) -> None:
+    """`argv[0]` names the command as the user typed it, for the usage line."""
+    sys.exit(main(argv))

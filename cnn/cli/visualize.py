@@ -1,4 +1,4 @@
-"""`python -m cnn.visualize --workdir=DIR` redraws WORKDIR/plots/ from the newest checkpoint.
+"""`cnn visualize --workdir=DIR` redraws WORKDIR/plots/ from the newest checkpoint.
 
 Training draws the same pictures when it ends; this is for a run stopped
 early, a checkpoint from before the pictures existed, or after changing
@@ -13,14 +13,14 @@ from absl import app, flags
 
 from cnn import data as data_lib
 from cnn import plots
-from cnn.cli import FLAGS, fail, flags_parser, quiet_logging
+from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
 from cnn.errors import ConfigError
 from cnn.run import load_run, read_config
 
 flags.DEFINE_string("workdir", None, "The workdir of a training run (it holds config.json and checkpoints/).")
 flags.DEFINE_integer("num_images", 3, "How many test images to show the feature maps of.")
 flags.mark_flag_as_required("workdir")
-USAGE = "usage: python -m cnn.visualize --workdir=DIR [--num_images=3]"
+USAGE = Usage(__name__, "--workdir=DIR [--num_images=3]")
 
 
 def visualize(workdir: str, num_images: int = 3) -> list[str]:
@@ -37,7 +37,7 @@ def visualize(workdir: str, num_images: int = 3) -> list[str]:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}; {USAGE[len('usage: '):]}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}; {argv[0]} {USAGE.args}")
     quiet_logging()
     if FLAGS.num_images < 1:
         fail(f"--num_images={FLAGS.num_images} must be at least 1")
@@ -50,9 +50,6 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
 
 
-def run() -> None:
-    app.run(main, flags_parser=flags_parser(USAGE))
-
-
-if __name__ == "__main__":
-    run()
+def run(argv: list[str]) -> None:
+    """`argv[0]` names the command as the user typed it, for the usage line."""
+    app.run(main, argv=argv, flags_parser=flags_parser(USAGE))

@@ -1,8 +1,8 @@
-"""`python -m cnn.sweep`: the sweep command line (cnn/cli/sweep.py)."""
+"""`python -m cnn.sweep`: `cnn sweep` (cnn/cli/sweep.py)."""
 
 import sys
 
-from cnn.cli.sweep import main
+from cnn.cli.sweep import run
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    run(["python -m cnn.sweep", *sys.argv[1:]])
