@@ -37,12 +37,13 @@ def test_the_fault_hook_really_fires_inside_an_orbax_save(tmp_path, monkeypatch)
     monkeypatch.setenv("CNN_FAULT", "enospc:checkpoints:2")
     model = cnn.build_model(["Flatten()", "Dense(3)"])
     state = train.create_state(model, train.make_optimizer(cnn.base_config().optimizer, 1, 1), (4, 4, 1), 0)
+    state = jax.device_put(state.replace(step=np.int32(0)))  # on the devices, as a run saves it
     sums = {"loss": np.zeros((), np.float32), "accuracy": np.zeros((), np.float32)}
     checkpoints = cnn.checkpoint.Checkpoints(str(tmp_path), owner=True)
     checkpoints.save(state, sums)
     with pytest.raises(WriteFailed, match="No space left on device"):
-        checkpoints.save(state.replace(step=state.step + 1), sums)
+        checkpoints.save(state.replace(step=jax.device_put(np.int32(1))), sums)
     assert checkpoints.latest_step() == 0
     checkpoints.close()
-    jax.tree_util.tree_map(np.testing.assert_array_equal, cnn.checkpoint.Checkpoints(str(tmp_path)).restore(state)[0].params,
-                           state.params)
+    restored, _ = cnn.checkpoint.Checkpoints(str(tmp_path)).restore(state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, state.params)
