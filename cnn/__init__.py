@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 # Each public name and the module that defines it, imported on first use: `import cnn`, and the `cnn` command
 # before it picks a subcommand, then start without JAX and Flax (about 1.5 s) or matplotlib (about 1 s).
 _HOMES = {
-    "ConfigError": "cnn.config", "base_config": "cnn.config", "load_config": "cnn.config",
+    "ConfigError": "cnn.config", "UserError": "cnn.errors", "base_config": "cnn.config", "load_config": "cnn.config",
     "from_arrays": "cnn.data", "load_dataset": "cnn.data",
     "predict": "cnn.inference",
     "Sequential": "cnn.models", "build_model": "cnn.models", "presets": "cnn.models",
@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # type checkers and editors do not run __getattr__
     from cnn import plots
     from cnn.config import ConfigError, base_config, load_config
     from cnn.data import from_arrays, load_dataset
+    from cnn.errors import UserError
     from cnn.inference import predict
     from cnn.models import Sequential, build_model, presets
     from cnn.run import load_run

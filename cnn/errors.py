@@ -1,8 +1,9 @@
 """The exceptions a run can end with, and the checks that raise them for bad values.
 
 Every module reports a user's mistake as a `ConfigError` whose message names
-the field, the bad value and what would work; the command lines print it as
-one line and exit with status 2. This module imports nothing of cnn, so any
+the field, the bad value and what would work; a diverged run and a failed
+write are `UserError`s too, not config mistakes. The command lines print any
+`UserError` as one line and exit with status 2. This module imports nothing of cnn, so any
 module may use it.
 """
 
@@ -12,7 +13,12 @@ import numbers
 from typing import Any
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A run ended for a reason its user can act on, said in one line: the command lines print it as
+    `error: ...` and exit with status 2, with no traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A problem the user can fix by changing the config, the command line or the files they point at."""
 
 
@@ -20,11 +26,11 @@ class ShapeError(ConfigError):
     """A layer does not fit the shape of its input."""
 
 
-class Diverged(ConfigError):
+class Diverged(UserError):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
-class WriteFailed(ConfigError):
+class WriteFailed(UserError):
     """A file of the run could not be written (a full disk, a lost mount); what was written before it is intact."""
 
 

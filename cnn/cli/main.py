@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from cnn import config as config_lib
 from cnn import runtime
 from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
-from cnn.errors import ConfigError, Preempted, Pruned
+from cnn.errors import ConfigError, Preempted, Pruned, UserError
 from cnn.train import train_and_evaluate
 
 USAGE = Usage(__name__, "--config=configs/mnist.py --workdir=DIR [--config.section.field=value ...]",
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
             from cnn import plots  # matplotlib adds about a second: not before the first step
 
             plots.write_plots(FLAGS.workdir, run, run.dataset, warn_only=True)
-    except ConfigError as e:
+    except UserError as e:
         fail(str(e))
     except Pruned as e:  # a sweep's pruner stopped this trial at an epoch end
         print(str(e), file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 
 from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
-from cnn.errors import ConfigError
+from cnn.errors import ConfigError, UserError
 from cnn.inference import INVERT, convert, input_shape, open_image, probabilities, top_classes
 from cnn.run import load_run
 
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     try:
         run = load_run(FLAGS.workdir)
         shape = input_shape(run)
-    except ConfigError as e:
+    except UserError as e:
         fail(str(e))
     failed, ready = 0, []
     for path in paths:  # a bad file is reported and the rest still predicted

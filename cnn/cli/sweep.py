@@ -16,7 +16,7 @@ from absl import flags
 from cnn import workdir as workdir_lib
 from cnn.cli import Usage, wants_help
 from cnn.config import check_fields
-from cnn.errors import ConfigError
+from cnn.errors import ConfigError, UserError
 
 FLAGS = flags.FlagValues()  # its own: tests call main() in a process that may hold cnn.main's flags
 flags.DEFINE_string("workdir", None, "Folder for the trial folders, results.csv and the plots.", flag_values=FLAGS)
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return _sweep(path, extra)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ from absl import app, flags
 from cnn import data as data_lib
 from cnn import plots
 from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
-from cnn.errors import ConfigError
+from cnn.errors import ConfigError, UserError
 from cnn.run import load_run, read_config
 
 flags.DEFINE_string("workdir", None, "The workdir of a training run (it holds config.json and checkpoints/).")
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         fail(f"--num_images={FLAGS.num_images} must be at least 1")
     try:
         visualize(FLAGS.workdir, FLAGS.num_images)
-    except ConfigError as e:
+    except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
