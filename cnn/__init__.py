@@ -31,7 +31,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 # Each public name and the module that defines it, imported on first use: `import cnn`, and the `cnn` command
-# before it picks a subcommand, then start without JAX and Flax (about 1.5 s) or matplotlib (about 1 s).
+# before it picks a subcommand, then start without JAX and Flax or matplotlib (each a second or more).
 _HOMES = {
     "ConfigError": "cnn.config", "UserError": "cnn.errors", "base_config": "cnn.config", "load_config": "cnn.config",
     "from_arrays": "cnn.data", "load_dataset": "cnn.data",

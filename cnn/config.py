@@ -158,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     # every this many steps, and the learning rate (0: epoch ends only).
     c.train.log_every_steps = 50
     # `python -m cnn.main` draws WORKDIR/plots/*.png and their TensorBoard
-    # copies after training (about 5 s of matplotlib on 2 cores); False
+    # copies after training (seconds of matplotlib); False
     # skips them, e.g. for sweep trials. `python -m cnn.visualize` draws
     # them later from the workdir either way.
     c.train.pictures = True

@@ -2,7 +2,7 @@
 
 Per-channel normalisation with the training set's mean and std, and the
 standard augmentation (pad 4 and crop back to 32x32, random horizontal flip;
-cnn.data.augment does it, and applies once train.py's step calls it).
+cnn.data.augment does it, inside the compiled training step).
 resnet20.py and vgg.py start from here and change the model and recipe.
 """
 

@@ -15,7 +15,7 @@ def get_config():
     config.data.train_split = "train[:80%]"
     config.data.test_split = "train[80%:]"
     config.model.layers = ()
-    config.model.preset = "keras_seed"  # these five layers, as cnn/presets.py writes them
+    config.model.preset = "keras_seed"  # these five layers, as cnn/models/presets.py writes them
     config.model.num_classes = 10
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-3

@@ -1,8 +1,8 @@
-"""LeNet-5 (LeCun et al. 1998) on MNIST: 61,706 parameters (see cnn/presets.py for the variant).
+"""LeNet-5 (LeCun et al. 1998) on MNIST: 61,706 parameters (see cnn/models/presets.py for the variant).
 
 The paper reaches 0.95% test error (99.05% accuracy) without distortions.
 Here: Adam 2e-3, batch 128, a short warmup and cosine decay over 6 epochs,
-one-pixel random shifts; 99.06% on an H100 (docs/presets.md).
+one-pixel random shifts (its accuracy: docs/presets.md).
 """
 
 from cnn.config import base_config

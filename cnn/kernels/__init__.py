@@ -104,7 +104,7 @@ def compute_dtype(requested: str, kernels: str, platform: str | None = None) -> 
 
 def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
     """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
-    were 20-37% slower per image here), not with XLA's or oneDNN's float32 ones (docs/devices.md)."""
+    were slower per image), not with XLA's or oneDNN's float32 ones (docs/devices.md)."""
     return compute_dtype == "bfloat16" and onednn_in_force(kernels, compute_dtype, platform)
 
 
