@@ -225,7 +225,8 @@ def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | N
         said = f"predicted {run.class_names[predicted]} ({probs[index, predicted]:.0%})"
         if labels is not None:
             said = f"true {run.class_names[int(labels[index])]}, {said}"
-        block.suptitle(f"Image {index + 1}: {said}", fontsize=10, fontweight="bold")
+        block.suptitle(f"{'Image' if data_lib.holds_images(images) else 'Example'} {index + 1}: {said}",
+                       fontsize=10, fontweight="bold")
         _feature_block(block.subplots(rows, cols, squeeze=False), image, {n: m[index] for n, m in maps.items()},
                        picks)
     fig.suptitle(f"Feature maps of every convolution layer ({cols - 1} most active channels each; "
@@ -259,6 +260,11 @@ def _feature_block(axes: np.ndarray, image: np.ndarray, maps: dict[str, np.ndarr
 
 
 # --- Confusion matrix and mistakes --------------------------------------------
+
+
+def _noun(split: data_lib.Split) -> str:
+    """What the split's inputs are called in titles: 'images', or 'examples' for series and token ids."""
+    return "images" if data_lib.holds_images(split.images) else "examples"
 
 
 def _probs(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None) -> np.ndarray:
@@ -298,13 +304,13 @@ def confusion_matrix(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
     ax.set_xlabel(f"predicted class{index}")
     ax.set_ylabel(f"true class{index}")
     accuracy = float(np.trace(counts)) / max(counts.sum(), 1)
-    ax.set_title(f"Confusion matrix, {title}: {accuracy:.2%} of {counts.sum():,} images right")
+    ax.set_title(f"Confusion matrix, {title}: {accuracy:.2%} of {counts.sum():,} {_noun(split)} right")
     return fig
 
 
 def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None, max_images: int = 24
                   ) -> Figure:
-    """The most confidently wrong images of `split`, with true and predicted class and the model's confidence."""
+    """The most confidently wrong examples of `split`, with true and predicted class and the model's confidence."""
     probs = _probs(run, split, probs)
     predicted = probs.argmax(-1)
     wrong = np.flatnonzero(predicted != split.labels)
@@ -312,7 +318,7 @@ def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | N
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_images]
     if not len(wrong):
         fig = _figure(6, 2)
-        fig.suptitle(f"No misclassified images: all {len(split):,} are right")
+        fig.suptitle(f"No misclassified {_noun(split)}: all {len(split):,} are right")
         return fig
     cols = min(len(wrong), 6)
     rows = math.ceil(len(wrong) / cols)
@@ -325,7 +331,8 @@ def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | N
     for ax in axes[len(wrong):]:
         ax.set_axis_off()
     total = int((predicted != split.labels).sum())
-    fig.suptitle(f"Misclassified: the {len(wrong)} most confident of {total:,} mistakes in {len(split):,} images")
+    fig.suptitle(f"Misclassified: the {len(wrong)} most confident of {total:,} mistakes in {len(split):,} "
+                 f"{_noun(split)}")
     return fig
 
 

@@ -25,6 +25,7 @@ def test_digits_with_overrides(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 0.002
     assert "Total params: 76,522" in proc.stdout
     assert proc.stdout.count("\nepoch ") == 2 and "test accuracy" in proc.stdout
+    assert proc.stdout.count(" img/s) at ") == 2
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -127,7 +127,7 @@ def test_figures_are_titled_labelled_and_do_not_overlap(trained):
     ax = matrix.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
     assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
-    assert f"{run.results['test_accuracy']:.2%}" in ax.get_title()
+    assert f"{run.results['test_accuracy']:.2%}" in ax.get_title() and ax.get_title().endswith(" images right")
 
     mistakes = plots.misclassified(named, test)
     titles = [a.get_title() for a in mistakes.axes if a.get_title()]
@@ -135,6 +135,7 @@ def test_figures_are_titled_labelled_and_do_not_overlap(trained):
     assert len(titles) == min(wrong, 24) > 0
     assert all(t.startswith("true: ") and "\npred: " in t and t.endswith("%)") for t in titles)
     assert all(t.split("\n")[0][len("true: "):] in names for t in titles)
+    assert mistakes._suptitle.get_text().endswith(f"mistakes in {len(test):,} images")
 
     maps = plots.feature_maps(run, test.images[:2], test.labels[:2], max_channels=5)
     # Two images x two conv layers x (input + 5 channels).
