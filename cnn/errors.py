@@ -23,7 +23,7 @@ class ConfigError(UserError, ValueError):
 
 
 class ShapeError(ConfigError):
-    """A layer does not fit the shape of its input."""
+    """A layer does not fit the shape of its input; the message reads 'what does not fit; what to do'."""
 
 
 class Diverged(UserError):

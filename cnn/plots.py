@@ -18,6 +18,7 @@ import io
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 import jax
@@ -129,11 +130,12 @@ def learning_curves(history: Sequence[dict], title: str = "", steps: Sequence[di
 
 
 def filters(run: TrainResult, max_filters: int = 64) -> Figure:
-    """The first convolution layer's filters as a grid of small images.
+    """The first convolution layer's filters.
 
-    Grayscale inputs: one diverging colour scale shared by all filters (red
-    excites, blue inhibits). RGB inputs: each filter as a colour image,
-    scaled to its own range.
+    Conv2D: a grid of small images (the first `max_filters`). Grayscale
+    inputs: one diverging colour scale shared by all filters (red excites,
+    blue inhibits). RGB inputs: each filter as a colour image, scaled to its
+    own range. Conv1D: every filter as a row of one image (see `_filter_rows`).
     """
     convs = _conv_layers(run)
     fig = _figure(8, 2)
@@ -142,15 +144,15 @@ def filters(run: TrainResult, max_filters: int = 64) -> Figure:
         return fig
     name, kind = convs[0]
     kernel = np.asarray(jax.device_get(run.state.params[name]["kernel"]), np.float32)
-    if kind == "Conv1D":  # (width, in, out) -> an image of (in, width) per filter
-        kernel = kernel.transpose(1, 0, 2)[..., None, :].transpose(0, 1, 3, 2)  # (in, width, 1, out)
+    if kind == "Conv1D":
+        return _filter_rows(name, kernel)
     count = kernel.shape[-1]
     shown = min(count, max_filters)
     cols = min(shown, 8)
     rows = math.ceil(shown / cols)
     in_channels = kernel.shape[2]
     rgb = in_channels == 3
-    fig = _figure(1.15 * cols + (1.0 if not rgb else 0.2), 1.25 * rows + 0.9)
+    fig = _figure(max(1.15 * cols + (1.0 if not rgb else 0.2), 6.0), 1.25 * rows + 0.9)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     limit = float(np.abs(kernel).max()) or 1.0
     image = None
@@ -169,11 +171,39 @@ def filters(run: TrainResult, max_filters: int = 64) -> Figure:
         ax.set_title(f"{i}", fontsize=8, pad=2)
     if image is not None:
         fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight")
-    size = "x".join(map(str, kernel.shape[:2] if kind == "Conv2D" else kernel.shape[1:2]))
     inputs = {1: "a grayscale input", 3: "RGB input"}.get(in_channels, f"the mean of {in_channels} input channels")
     more = f", first {shown} of {count} shown" if shown < count else ""
-    fig.suptitle(f"First convolution layer ({name}): {count} filters of {size} on {inputs}{more}")
+    _suptitle(fig, f"First convolution layer ({name}): {count} filters of {kernel.shape[0]}x{kernel.shape[1]} on "
+                   f"{inputs}{more}")
     return fig
+
+
+def _filter_rows(name: str, kernel: np.ndarray) -> Figure:
+    """A Conv1D kernel (taps, input channels, filters) as a (filters x taps) image: one row per filter, on one
+    diverging colour scale. Up to four input channels get a panel each; more are shown as their mean."""
+    taps, in_channels, count = kernel.shape
+    panels = [kernel[:, c].T for c in range(in_channels)] if in_channels <= 4 else [kernel.mean(axis=1).T]
+    fig = _figure(max(2.2 + 2.4 * len(panels), 7.0), min(max(3.0, 1.6 + 0.035 * count), 9.0))
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    limit = max(float(np.abs(p).max()) for p in panels) or 1.0
+    for c, (ax, rows) in enumerate(zip(axes, panels)):
+        image = ax.imshow(rows, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("tap")
+        if len(panels) > 1:
+            ax.set_title(f"input channel {c}", fontsize=9)
+    axes[0].set_ylabel("filter")
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight")
+    inputs = ("1 input channel" if in_channels == 1 else f"{in_channels} input channels" if len(panels) > 1
+              else f"the mean of {in_channels} input channels")
+    _suptitle(fig, f"First convolution layer ({name}): {count} filters of {taps} taps on {inputs}")
+    return fig
+
+
+def _suptitle(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to the figure's width so a narrow figure never cuts it off."""
+    fig.suptitle(textwrap.fill(text, max(int(fig.get_figwidth() * 11), 30)))  # ~11 characters an inch
 
 
 # --- Feature maps -------------------------------------------------------------
@@ -225,7 +255,8 @@ def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | N
         said = f"predicted {run.class_names[predicted]} ({probs[index, predicted]:.0%})"
         if labels is not None:
             said = f"true {run.class_names[int(labels[index])]}, {said}"
-        block.suptitle(f"Image {index + 1}: {said}", fontsize=10, fontweight="bold")
+        block.suptitle(f"{'Image' if data_lib.holds_images(images) else 'Example'} {index + 1}: {said}",
+                       fontsize=10, fontweight="bold")
         _feature_block(block.subplots(rows, cols, squeeze=False), image, {n: m[index] for n, m in maps.items()},
                        picks)
     fig.suptitle(f"Feature maps of every convolution layer ({cols - 1} most active channels each; "
@@ -259,6 +290,11 @@ def _feature_block(axes: np.ndarray, image: np.ndarray, maps: dict[str, np.ndarr
 
 
 # --- Confusion matrix and mistakes --------------------------------------------
+
+
+def _noun(split: data_lib.Split) -> str:
+    """What the split's inputs are called in titles: 'images', or 'examples' for series and token ids."""
+    return "images" if data_lib.holds_images(split.images) else "examples"
 
 
 def _probs(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None) -> np.ndarray:
@@ -298,13 +334,13 @@ def confusion_matrix(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
     ax.set_xlabel(f"predicted class{index}")
     ax.set_ylabel(f"true class{index}")
     accuracy = float(np.trace(counts)) / max(counts.sum(), 1)
-    ax.set_title(f"Confusion matrix, {title}: {accuracy:.2%} of {counts.sum():,} images right")
+    ax.set_title(f"Confusion matrix, {title}: {accuracy:.2%} of {counts.sum():,} {_noun(split)} right")
     return fig
 
 
 def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None, max_images: int = 24
                   ) -> Figure:
-    """The most confidently wrong images of `split`, with true and predicted class and the model's confidence."""
+    """The most confidently wrong examples of `split`, with true and predicted class and the model's confidence."""
     probs = _probs(run, split, probs)
     predicted = probs.argmax(-1)
     wrong = np.flatnonzero(predicted != split.labels)
@@ -312,7 +348,7 @@ def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | N
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_images]
     if not len(wrong):
         fig = _figure(6, 2)
-        fig.suptitle(f"No misclassified images: all {len(split):,} are right")
+        fig.suptitle(f"No misclassified {_noun(split)}: all {len(split):,} are right")
         return fig
     cols = min(len(wrong), 6)
     rows = math.ceil(len(wrong) / cols)
@@ -325,7 +361,8 @@ def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | N
     for ax in axes[len(wrong):]:
         ax.set_axis_off()
     total = int((predicted != split.labels).sum())
-    fig.suptitle(f"Misclassified: the {len(wrong)} most confident of {total:,} mistakes in {len(split):,} images")
+    fig.suptitle(f"Misclassified: the {len(wrong)} most confident of {total:,} mistakes in {len(split):,} "
+                 f"{_noun(split)}")
     return fig
 
 

@@ -116,7 +116,9 @@ def test_bad_data_fields_name_the_field(field, value, message):
 
 
 @pytest.mark.slow
-def test_series_config_really_learns_the_wave_shapes(tmp_path):
+def test_series_config_really_learns_the_wave_shapes(tmp_path, capsys):
     """1D convolutions end to end on real (synthetic) series: chance is 25%; 10 epochs reach ~90% (~15 s)."""
     run = cnn.train_and_evaluate(cnn.load_config("configs/series.py"), str(tmp_path))
     assert run.results["test_accuracy"] > 0.8
+    out = capsys.readouterr().out
+    assert out.count(" examples/s) at ") == 10 and "img/s" not in out  # series are not images

@@ -26,6 +26,7 @@ def test_digits_with_overrides(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["learning_rate"] == 0.002
     assert "Total params: 76,522" in proc.stdout
     assert proc.stdout.count("\nepoch ") == 2 and "test accuracy" in proc.stdout
+    assert proc.stdout.count(" img/s) at ") == 2
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -34,6 +35,9 @@ def test_digits_with_overrides(tmp_path):
     (["--config.train.batch_size=5000"], "train.batch_size=5000 is larger than the digits training split (1437"),
     (["--config.model.layers=('Conv2D(8, 3)', 'MaxPooling2D(30)', 'Flatten()', 'Dense(10)')"],
      "model.layers[1]='MaxPooling2D(30)': MaxPooling2D has a window of (30, 30)"),
+    (["--config.model.layers=()", "--config.model.preset=flax_cnn", "--config.data.image_size=(2, 2)"],
+     "model.layers[3]='AveragePooling2D(2)': AveragePooling2D has a window of (2, 2) but its input is only (None, 1, "
+     "1, 64); the 2x2 images are too small for this model: set data.image_size=(4, 4) or larger"),
     (["--config.model.layers=('Flatten()', 'Dense(10, activation=\"softmaxx\")')"],
      "activation='softmaxx' is unknown"),
     (["--config.model.layers=('Flatten()', 'Dense(3)')"], "gives 3 outputs but the dataset has 10 classes"),

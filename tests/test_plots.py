@@ -127,7 +127,7 @@ def test_figures_are_titled_labelled_and_do_not_overlap(trained):
     ax = matrix.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
     assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
-    assert f"{run.results['test_accuracy']:.2%}" in ax.get_title()
+    assert f"{run.results['test_accuracy']:.2%}" in ax.get_title() and ax.get_title().endswith(" images right")
 
     mistakes = plots.misclassified(named, test)
     titles = [a.get_title() for a in mistakes.axes if a.get_title()]
@@ -135,6 +135,7 @@ def test_figures_are_titled_labelled_and_do_not_overlap(trained):
     assert len(titles) == min(wrong, 24) > 0
     assert all(t.startswith("true: ") and "\npred: " in t and t.endswith("%)") for t in titles)
     assert all(t.split("\n")[0][len("true: "):] in names for t in titles)
+    assert mistakes._suptitle.get_text().endswith(f"mistakes in {len(test):,} images")
 
     maps = plots.feature_maps(run, test.images[:2], test.labels[:2], max_channels=5)
     # Two images x two conv layers x (input + 5 channels).
@@ -147,6 +148,53 @@ def test_figures_are_titled_labelled_and_do_not_overlap(trained):
     assert sum(1 for a in kernels.axes if a.get_title().isdigit()) == 32  # + the colour bar
 
     for fig in (curves, matrix, mistakes, maps, kernels):
+        assert not _overlaps(fig), _overlaps(fig)[:3]
+
+
+@pytest.fixture(scope="module")
+def series_run():
+    """An untrained FCN (model.preset='fcn', as configs/ucr.py trains) on synthetic series, and its test split: what
+    the pictures make of a 1-D model, without training one."""
+    import optax
+
+    import cnn
+    from cnn.train import TrainResult, create_state
+
+    config = cnn.base_config()
+    config.data.name, config.data.max_length = "synthetic_series", 64
+    dataset = cnn.load_dataset(config.data)
+    model = cnn.build_model(cnn.models.presets.expand("fcn", dataset.num_classes))
+    state = create_state(model, optax.sgd(0.1), dataset.input_shape, 0)
+    run = TrainResult(state=state, model=model, history=[], results={}, class_names=dataset.class_names)
+    test = dataset.test
+    return run, type(test)(test.images[:200], test.labels[:200])
+
+
+def test_a_1d_model_draws_one_row_per_filter_and_calls_its_inputs_examples(series_run):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    run, test = series_run
+    kernels = plots.filters(run)
+    title = kernels._suptitle.get_text()
+    assert title.replace("\n", " ") == "First convolution layer (conv1d): 128 filters of 8 taps on 1 input channel"
+    [drawn] = [image for ax in kernels.axes for image in ax.images]
+    kernel = np.asarray(run.state.params["conv1d"]["kernel"])  # (taps, input channels, filters) = (8, 1, 128)
+    np.testing.assert_array_equal(drawn.get_array(), kernel[:, 0, :].T)  # a row per filter, a column per tap
+    width, height = kernels.get_size_inches() * 110  # as write_plots saves it
+    assert width >= 600 and height >= 300, (width, height)
+    canvas = FigureCanvasAgg(kernels)
+    canvas.draw()
+    box = kernels._suptitle.get_window_extent(canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= kernels.bbox.width and box.y1 <= kernels.bbox.height  # not cut off
+
+    probs = plots.probabilities(run, test.images)
+    matrix = plots.confusion_matrix(run, test, probs)
+    assert matrix.axes[0].get_title().endswith(" of 200 examples right")
+    mistakes = plots.misclassified(run, test, probs)
+    assert mistakes._suptitle.get_text().endswith("mistakes in 200 examples")
+    maps = plots.feature_maps(run, test.images[:2], test.labels[:2], probs=probs[:2])
+    assert [sub._suptitle.get_text().split(":")[0] for sub in maps.subfigs] == ["Example 1", "Example 2"]
+    for fig in (kernels, matrix, mistakes):
         assert not _overlaps(fig), _overlaps(fig)[:3]
 
 

@@ -1,5 +1,7 @@
 """Presets: names, overrides, errors, and the parameter counts their papers or reference code report."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -51,6 +53,25 @@ def test_config_preset_takes_the_class_count():
     config.model.num_classes = 10
     with pytest.raises(cnn.ConfigError, match=r"set model.num_classes=100"):
         models.check_head(models.build_model(config.model), (32, 32, 3), 100, "auto")
+
+
+def test_images_too_small_for_the_image_folder_preset_name_the_smallest_image_size():
+    """data.image_size=(2, 2) under configs/image_folder.py: the error names the layer the preset made, the field
+    to change, and a size that builds (and is the smallest that does)."""
+    config = cnn.load_config("configs/image_folder.py")
+    model = models.build_model(config.model, num_classes=5)
+    with pytest.raises(cnn.ConfigError) as e:
+        models.check_head(model, (2, 2, 3), 5, config.loss)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("model.layers[3]='AveragePooling2D(2)': ")
+    side = int(re.search(r"set data\.image_size=\((\d+), \1\) or larger", message).group(1))
+    assert side == 4
+    assert models.check_head(model, (side, side, 3), 5, config.loss) == "softmax_cross_entropy"
+    with pytest.raises(cnn.ConfigError):
+        models.output_shape(model, (side - 1, side - 1, 3))
+    with pytest.raises(cnn.ConfigError) as e:  # not the input's size: no size is offered
+        models.check_head(models.build_model(["Conv1D(8, 3)", "Flatten()", "Dense(5)"]), (2, 2, 3), 5, "auto")
+    assert "data.image_size" not in str(e.value)
 
 
 @pytest.mark.parametrize("preset, message", [

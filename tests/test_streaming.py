@@ -76,7 +76,7 @@ def load(folder, budget=None):
 
 def test_budget_decides_memory_or_streamed(digits_folder, capfd):
     within = load(digits_folder, 1.0)
-    assert "in memory" in capfd.readouterr().err and within.input_path == "memory"
+    assert "data: " not in capfd.readouterr().err and within.input_path == "memory"  # within budget: no line
     assert isinstance(within.train.images, np.ndarray)
     over = load(digits_folder, 0.0001)
     line = [l for l in capfd.readouterr().err.splitlines() if l.startswith("data: ")][0]
@@ -122,7 +122,8 @@ def test_streamed_run_killed_then_resumed_is_bitwise_identical(tmp_path, digits_
     """Killed once its third checkpoint (step 21, mid-epoch) is written but not yet in place; the rerun resumes at
     step 14 and ends as an uninterrupted streamed run, which itself equals the in-memory run."""
     extra = ("--config.train.num_epochs=2", "--config.train.checkpoint_every_steps=7")
-    finish(tmp_path / "memory", digits_folder, *extra)
+    output = finish(tmp_path / "memory", digits_folder, *extra)
+    assert "GB decoded" not in output  # the memory budget is news only when the data streams
     output = finish(tmp_path / "reference", digits_folder, *extra, TINY)
     assert "streaming from" in output
     killed = start(tmp_path / "killed", digits_folder, *extra, TINY, env={"CNN_FAULT": "kill:checkpoints:3"})

@@ -18,7 +18,7 @@ from cnn.errors import ConfigError, UserError
 from cnn.run import load_run, read_config
 
 flags.DEFINE_string("workdir", None, "The workdir of a training run (it holds config.json and checkpoints/).")
-flags.DEFINE_integer("num_images", 3, "How many test images to show the feature maps of.")
+flags.DEFINE_integer("num_images", 3, "How many test examples (images, series or texts) to show the feature maps of.")
 flags.mark_flag_as_required("workdir")
 USAGE = Usage(__name__, "--workdir=DIR [--num_images=3]")
 

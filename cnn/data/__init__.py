@@ -18,7 +18,7 @@ from cnn.data.arrays import NAME as ARRAYS
 from cnn.data.arrays import from_arrays, load_npz
 from cnn.data.batches import chunk_steps, epoch_index, eval_index, host_batch, stage_chunk, staged_chunks
 from cnn.data import stream
-from cnn.data.dataset import Dataset, Split, describe
+from cnn.data.dataset import Dataset, Split, describe, holds_images
 from cnn.data.stream import DiskArray
 from cnn.data.embedded import EMBEDDED, load_digits, load_synthetic_series
 from cnn.data.folders import load_folders
@@ -31,7 +31,7 @@ from cnn.errors import ConfigError
 
 __all__ = ["ARRAYS", "Augmentation", "Dataset", "DiskArray", "EMBEDDED", "OOV", "OWN_DATA", "PAD", "Split", "augment",
            "build_vocabulary", "chunk_steps", "describe", "encode", "epoch_index", "eval_index", "from_arrays",
-           "host_batch", "input_shape", "load_dataset", "preprocess", "resize", "stage_chunk", "staged_chunks", "to_channels", "words"]
+           "holds_images", "host_batch", "input_shape", "load_dataset", "preprocess", "resize", "stage_chunk", "staged_chunks", "to_channels", "words"]
 
 # data.name of each source that reads your own files at data.path, and its loader (data, seed) -> Dataset.
 OWN_DATA = {"image_folder": load_folders, "text_folder": load_folders, "series_file": load_series_file,

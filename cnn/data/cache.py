@@ -229,8 +229,7 @@ def cached_within(folder: str | None, key: Any, build: Callable[[str | None], En
                   ) -> tuple[Entry, bool]:
     """As `cached`, for sources that can decode into files: `build(tmp)` writes its inputs into `tmp` in pieces
     (`build(None)`: in memory, for data.cache=False). An entry larger than `budget` bytes is then read from
-    disk by rows (DiskArrays) instead of loaded; one line says which path was taken and why (`why` names
-    the budget)."""
+    disk by rows (DiskArrays) instead of loaded; one line then says so and why (`why` names the budget)."""
     hit = True
     if folder is None:
         entry, hit = build(None), False
@@ -248,12 +247,13 @@ def cached_within(folder: str | None, key: Any, build: Callable[[str | None], En
 
 
 def report_path(entry: Entry, folder: str | None, why: str, budget: int | None = None) -> None:
-    """One line on stderr: whether the entry's data is in memory or streamed from `folder`, and why."""
+    """One line on stderr when the entry's data is over the memory budget: streamed from `folder`, or held in
+    memory all the same (data.cache=False), and why. Data within the budget, the usual case, says nothing."""
     gb = entry.size / 1e9
     if entry.streamed:
         line = f"data: {gb:.2f} GB decoded > {why}: streaming from {folder}"
     elif folder is None and budget is not None and entry.size > budget:
         line = f"data: {gb:.2f} GB decoded > {why}, but data.cache=False: in memory (streaming reads the cache)"
     else:
-        line = f"data: {gb:.2f} GB decoded <= {why}: in memory"
+        return
     print(line, file=sys.stderr, flush=True)

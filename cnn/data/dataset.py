@@ -48,7 +48,13 @@ class Dataset:
 
     @property
     def is_image(self) -> bool:
-        return self.train.images.dtype == np.uint8 and self.train.images.ndim == 4
+        return holds_images(self.train.images)
+
+
+def holds_images(inputs: np.ndarray | DiskArray) -> bool:
+    """Whether `inputs` are images (uint8, N x height x width x channels) rather than series or token ids: what
+    decides the wording ('images', 'examples') and what is drawn."""
+    return inputs.dtype == np.uint8 and inputs.ndim == 4
 
 
 def describe(dataset: Dataset) -> dict[str, Any]:

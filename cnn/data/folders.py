@@ -6,10 +6,10 @@ training files are held out, stratified by class. Examples are ordered by
 their path below the class folder, then by class, so files numbered as
 another dataset's index keep its order. Files of another kind (README.txt,
 .DS_Store) are ignored; files that fail to decode are skipped and returned
-on `Dataset.skipped` (data.strict=True refuses them instead). Decoding runs
-once, over every core, and is cached under a key of every file's path, size
-and modification time: a later run starts in seconds and notices an added
-or changed file.
+on `Dataset.skipped`, which training writes to WORKDIR/skipped_files.txt
+(data.strict=True refuses them instead). Decoding runs once, over every
+core, and is cached under a key of every file's path, size and modification
+time: a later run starts in seconds and notices an added or changed file.
 """
 
 from __future__ import annotations
@@ -418,18 +418,18 @@ def load_folders(data: ml_collections.ConfigDict, seed: int) -> Dataset:
     else:
         rows = hold_out(a["train_labels"], float(data.test_fraction), seed)
         splits = tuple(Split(stream.select(a["train_images"], i), a["train_labels"][i]) for i in rows)
-    _report(train, test, splits, skipped, hit, folder, time.time() - start)
+    _report(train, test, splits, hit, folder, time.time() - start)
     return Dataset(data.name, *splits, list(train.folders), skipped=skipped)
 
 
-def _report(train: Listing, test: Listing | None, splits: tuple[Split, Split], skipped: list, hit: bool,
-            folder: str | None, seconds: float) -> None:
+def _report(train: Listing, test: Listing | None, splits: tuple[Split, Split], hit: bool, folder: str | None,
+            seconds: float) -> None:
+    """One line on what was read. Unreadable files are not counted here: training announces them once, with the
+    file that lists them (WORKDIR/skipped_files.txt)."""
     how = f"from the cache in {folder}" if hit else "decoded"
     roots = train.root + (f" and {test.root}" if test else "")
     line = (f"{roots}: {len(splits[0]):,} train / {len(splits[1]):,} test {train.kind}s of {len(train.folders)} "
             f"classes, {how} in {seconds:.1f}s")
-    if skipped:
-        line += f"; {_count(len(skipped), 'unreadable file')} skipped (Dataset.skipped lists them)"
     ignored = train.ignored + (test.ignored if test else [])
     if ignored:
         line += f"; {_count(len(ignored), 'file')} that {'is' if len(ignored) == 1 else 'are'} not {train.kind}s " \

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cnn.errors import ConfigError
+from cnn.errors import ConfigError, ShapeError
 import cnn.models.layers as layers_lib
 import cnn.models.presets as presets
 
@@ -125,12 +125,46 @@ def output_shape(model: Sequential, input_shape: Sequence[int]) -> tuple[int, ..
     return jax.eval_shape(model.apply, variables, x).shape
 
 
+def smallest_image_size(model: Sequential, input_shape: Sequence[int], limit: int = 4096) -> int | None:
+    """The smallest side of a square image (with `input_shape`'s channels) that the model takes, if the given
+    shape fails for its size alone: None when no square up to `limit` fits (the cause is then another).
+
+    Larger inputs never fit worse, so a doubling search then a bisection finds it in a few shape checks.
+    """
+    def fits(side: int) -> bool:
+        try:
+            output_shape(model, (side, side, input_shape[-1]))
+            return True
+        except ShapeError:
+            return False
+
+    low, high = 0, max(int(input_shape[0]), int(input_shape[1]), 1)  # `low` never fits; `high` is tried
+    while not fits(high):
+        if high >= limit:
+            return None
+        low, high = high, min(2 * high, limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
 def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, loss: str) -> str:
     """Checks the model's output against the dataset and picks the loss.
 
-    Returns the loss name to train with.
+    Returns the loss name to train with. Images too small for the model
+    (a layer's window outgrows what the layers before it leave) are named
+    with the smallest square `data.image_size` that fits.
     """
-    shape = output_shape(model, input_shape)
+    try:
+        shape = output_shape(model, input_shape)
+    except ShapeError as e:
+        size = smallest_image_size(model, input_shape) if len(input_shape) == 3 else None
+        if size is None:
+            raise
+        what, _, advice = str(e).partition("; ")
+        raise ShapeError(f"{what}; the {input_shape[0]}x{input_shape[1]} images are too small for this model: set "
+                         f"data.image_size=({size}, {size}) or larger" + (f", or {advice}" if advice else "")) from None
     last = len(model.layers) - 1
     if len(shape) != 2:
         raise ConfigError(f"model.layers: the model's output is {layers_lib.format_shape(shape)}, not (None, units); "

@@ -185,7 +185,8 @@ def report(run: Training, record: dict) -> None:
     run.say(f"epoch {record['epoch']:>3}/{run.config.train.num_epochs}  train loss {record['train_loss']:.4f} "
             f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
             f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
-            f"({record['images_per_second']:,.0f} img/s) at {record['elapsed_seconds']:.1f}s")
+            f"({record['images_per_second']:,.0f} {'img' if run.dataset.is_image else 'examples'}/s) "
+            f"at {record['elapsed_seconds']:.1f}s")
 
 
 def finish(run: Training, history: list[dict], step_records: list[dict]) -> TrainResult:
