@@ -72,8 +72,9 @@ def main(argv: list[str]) -> None:
     except Preempted as e:  # SIGTERM or Ctrl-C during training: a checkpoint was saved
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_status)  # 128 + the signal: stopped, not finished
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one while a stop ends
+        stop = e.__context__ if isinstance(e.__context__, Preempted) else None
+        print(str(stop) if stop else "interrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
 
 
