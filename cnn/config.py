@@ -16,13 +16,13 @@ from collections.abc import Iterable
 import ml_collections
 from ml_collections import config_dict
 
+from cnn.data_sources import OWN_DATA
 from cnn.errors import ConfigError, int_at_least, is_int, require
 
 __all__ = ["ConfigError", "RERUN_MAY_CHANGE", "base_config", "call_file", "changed_fields", "check_fields", "load_config",
            "unknown_field", "validate"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-OWN_DATA = ("image_folder", "text_folder", "series_file", "npz")  # sources that read data.path
 SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 PAD_MODES = ("constant", "reflect")
@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     # 'digits' (embedded in scikit-learn, offline), 'synthetic_series', any
     # TFDS image or text classification dataset ('mnist', 'fashion_mnist',
     # 'eurosat/rgb', 'imdb_reviews', ...), or your own data at data.path:
-    # 'image_folder', 'text_folder', 'series_file' or 'npz'.
+    # 'image_folder', 'text_folder', 'series_file' or 'npz'. The registry of
+    # sources is cnn/data_sources.py.
     c.data.name = "mnist"
     c.data.train_split = "train"
     c.data.test_split = "test"
@@ -57,7 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ~/tensorflow_datasets.
     c.data.data_dir = config_dict.placeholder(str)
     # A folder holding the dataset's original archive files, used to prepare
-    # it without a network.
+    # it without a network. For 'mnist', 'fashion_mnist' and 'kmnist', the
+    # four IDX archives (train-images-idx3-ubyte.gz, ...) there are read
+    # directly, with no TFDS preparation and no TensorFlow.
     c.data.manual_dir = config_dict.placeholder(str)
     # Your own data: a folder of class folders (ROOT/<class>/<files>) for
     # 'image_folder' and 'text_folder', a .ts/.tsv/.csv file for

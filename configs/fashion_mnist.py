@@ -5,6 +5,10 @@ and anneals early to reach 99% on MNIST fast; Fashion-MNIST is harder and
 gains from the wider net and the gentler learning rate, and its sweep
 (experiments/fashion_architectures.py) swaps in presets without batch norm,
 for which Adam 1e-2 is too large.
+
+Offline and without TensorFlow: --config.data.manual_dir=FOLDER, a folder
+holding Fashion-MNIST's four original archives (train-images-idx3-ubyte.gz,
+...).
 """
 
 from cnn.config import base_config

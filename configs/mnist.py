@@ -1,18 +1,20 @@
 """MNIST, tuned for time to accuracy on a CPU: passes 99.0% test accuracy at
-the end of epoch 1 (about 11 s from process start on 2 cores) and ends at
-about 99.45% after 6 epochs (docs/performance.md).
+the end of epoch 1 and ends near 99.45% after 6 epochs (timings:
+docs/performance.md).
 
-A small batch-norm CNN (conv 16, conv 32, dense 128) so that an epoch takes
-about 8 s on 2 cores; batch norm lets Adam take large steps (1e-2) from the
-start. The schedule restarts once (warm restarts): a one-epoch warmup and
-cosine cycle that anneals early, so the first evaluation is already past
-99%, then a five-epoch cycle for the final accuracy. Average pooling,
-because XLA:CPU runs max pooling's backward pass about 3x slower; a
-one-pixel random shift as augmentation. Computes in bfloat16 where the CPU
-has bf16 instructions (train.compute_dtype='auto'): there its epochs are
-about a third shorter and the final accuracy the same within 0.1 point.
-The Flax example's own recipe is `configs/flax_cnn.py` (or
-`model.preset='flax_cnn'`).
+A small batch-norm CNN (conv 16, conv 32, dense 128), so that an epoch is
+short on a CPU; batch norm lets Adam take large steps (1e-2) from the start.
+The schedule restarts once (warm restarts): a one-epoch warmup and cosine
+cycle that anneals early, so the first evaluation is already past 99%, then
+a five-epoch cycle for the final accuracy. Average pooling, because XLA:CPU
+runs max pooling's backward pass several times slower; a one-pixel random
+shift as augmentation. Computes in bfloat16 where the CPU has bf16
+instructions (train.compute_dtype='auto'): there its epochs are shorter and
+the final accuracy the same within 0.1 point. The Flax example's own recipe
+is `configs/flax_cnn.py` (or `model.preset='flax_cnn'`).
+
+Offline and without TensorFlow: --config.data.manual_dir=FOLDER, a folder
+holding MNIST's four original archives (train-images-idx3-ubyte.gz, ...).
 """
 
 from cnn.config import base_config

@@ -1,6 +1,6 @@
 """Time series: 'synthetic_series' (noisy sine, square, sawtooth and triangle waves of 128 steps) with a 1D CNN.
 
-Generated from a fixed seed inside cnn/data.py, so it runs offline.
+Generated from a fixed seed (cnn/data/embedded.py), so it runs offline.
 """
 
 from cnn.config import base_config

@@ -1,4 +1,4 @@
-"""Augmentation, channel conversion, text tokenisation and sequence inputs in cnn/data.py."""
+"""The data-source registry, augmentation, channel conversion, text tokenisation and sequence inputs (cnn/data/)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,18 @@ import tensorflow_datasets as tfds
 
 import cnn
 from cnn import data as data_lib
+from cnn import data_sources
+
+
+def test_every_data_source_names_functions_that_exist():
+    """The registry names its loaders as text (so the config schema can read it without importing them): each
+    must resolve, and the names that read data.path are the ones the config checks data.path against."""
+    for source in [*data_sources.SOURCES.values(), data_sources.TFDS]:
+        assert callable(data_sources.resolve(source.loader)), source
+        assert source.input_shape is None or callable(data_sources.resolve(source.input_shape)), source
+    assert cnn.config.OWN_DATA == ("image_folder", "text_folder", "series_file", "npz")
+    assert data_sources.find("eurosat/rgb") is data_sources.TFDS
+    assert data_sources.find("kmnist").loader == "cnn.data.idx:load"
 
 
 def _batch(n=16, size=8, channels=3):

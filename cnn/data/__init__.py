@@ -1,10 +1,12 @@
 """Datasets as in-memory arrays, and the batches a training loop reads.
 
-Sources, chosen by `config.data.name`:
+Sources, chosen by `config.data.name` from the registry in cnn/data_sources.py:
 - 'digits' and 'synthetic_series' (data/embedded.py): no download, no preparation;
 - your own data at `data.path`: 'image_folder' and 'text_folder' (data/folders.py),
   'series_file' (data/series.py), 'npz' (data/arrays.py, which also holds
   `from_arrays` for arrays in a notebook);
+- 'mnist', 'fashion_mnist' and 'kmnist' from their original archives in
+  `data.manual_dir` (data/idx.py, numpy only), or else through TFDS;
 - any TFDS image- or text-classification dataset (data/tfds.py), prepared once.
 Sources that decode keep the arrays in one cache (data/cache.py). Then
 `load_dataset` resizes and converts channels where the config asks.
@@ -15,27 +17,19 @@ from __future__ import annotations
 import ml_collections
 
 from cnn.data.arrays import NAME as ARRAYS
-from cnn.data.arrays import from_arrays, load_npz
+from cnn.data.arrays import from_arrays
 from cnn.data.batches import chunk_steps, epoch_index, eval_index, host_batch, stage_chunk, staged_chunks
 from cnn.data import stream
 from cnn.data.dataset import Dataset, Split, describe, holds_images
 from cnn.data.stream import DiskArray
-from cnn.data.embedded import EMBEDDED, load_digits, load_synthetic_series
-from cnn.data.folders import load_folders
 from cnn.data.images import Augmentation, augment, preprocess, resize, to_channels
-from cnn.data.series import load_series_file
 from cnn.data.text import OOV, PAD, build_vocabulary, encode, words
-from cnn.data.tfds import load_tfds
-from cnn.data.tfds import input_shape as tfds_input_shape
+from cnn import data_sources
 from cnn.errors import ConfigError
 
-__all__ = ["ARRAYS", "Augmentation", "Dataset", "DiskArray", "EMBEDDED", "OOV", "OWN_DATA", "PAD", "Split", "augment",
+__all__ = ["ARRAYS", "Augmentation", "Dataset", "DiskArray", "OOV", "PAD", "Split", "augment",
            "build_vocabulary", "chunk_steps", "describe", "encode", "epoch_index", "eval_index", "from_arrays",
            "holds_images", "host_batch", "input_shape", "load_dataset", "preprocess", "resize", "stage_chunk", "staged_chunks", "to_channels", "words"]
-
-# data.name of each source that reads your own files at data.path, and its loader (data, seed) -> Dataset.
-OWN_DATA = {"image_folder": load_folders, "text_folder": load_folders, "series_file": load_series_file,
-            "npz": load_npz}
 
 
 def load_dataset(data: ml_collections.ConfigDict, seed: int = 0) -> Dataset:
@@ -45,19 +39,10 @@ def load_dataset(data: ml_collections.ConfigDict, seed: int = 0) -> Dataset:
     `seed` (the run's config.seed) draws the test split held out of your own
     data when it has none (data.test_path=None).
     """
-    if data.name == "digits":
-        dataset = load_digits()
-    elif data.name == "synthetic_series":
-        dataset = load_synthetic_series(data.get("max_length") or 128)
-    elif data.name in OWN_DATA:
-        if not data.get("path"):
-            raise ConfigError(f"data.name={data.name!r} reads your own data: set data.path to "
-                              + ("a folder of class folders (ROOT/<class>/<files>)" if data.name.endswith("_folder")
-                                 else "the .npz file" if data.name == "npz" else "a .ts, .tsv or .csv file"))
-        dataset = OWN_DATA[data.name](data, seed)
-    else:
-        dataset = load_tfds(data)
-    return conform(dataset, data)
+    source = data_sources.find(data.name)
+    if source.reads_path and not data.get("path"):
+        raise ConfigError(f"data.name={data.name!r} reads your own data: set data.path to {source.description}")
+    return conform(data_sources.resolve(source.loader)(data, seed), data)
 
 
 def conform(dataset: Dataset, data: ml_collections.ConfigDict) -> Dataset:
@@ -90,15 +75,11 @@ def _check_streamed(images: DiskArray, data: ml_collections.ConfigDict) -> None:
 
 
 def input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """The input shape `load_dataset(data)` would give, from the dataset's description where it can."""
-    if data.name in OWN_DATA:
-        return load_dataset(data).input_shape  # decoded once, then from the cache
-    if data.name == "digits":
-        shape = (8, 8, 1)
-    elif data.name == "synthetic_series":
-        shape = (data.get("max_length") or 128, 1)
-    else:
-        shape = tfds_input_shape(data)
+    """The input shape `load_dataset(data)` would give, from the dataset's description where it has one."""
+    source = data_sources.find(data.name)
+    if source.input_shape is None:
+        return load_dataset(data).input_shape  # quick to make, or decoded once and then read from the cache
+    shape = data_sources.resolve(source.input_shape)(data)
     if data.get("image_size") is not None and len(shape) == 3:
         shape = (*(int(v) for v in data.image_size), shape[-1])
     if data.get("channels") is not None and len(shape) == 3:

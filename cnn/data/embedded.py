@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 
 from cnn.data.dataset import Dataset, Split
 
-EMBEDDED = ("digits", "synthetic_series")
 
-
-def load_digits() -> Dataset:
-    """scikit-learn's 1,797 8x8 digits, split 80/20 by a fixed stratified shuffle."""
+def load_digits(data: ml_collections.ConfigDict | None = None, seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits, split 80/20 by a fixed stratified shuffle (not by `seed`: every run
+    compares on the same test split)."""
     from sklearn.datasets import load_digits as sklearn_digits  # scikit-learn only for this set
     from sklearn.model_selection import train_test_split
 
@@ -22,12 +22,14 @@ def load_digits() -> Dataset:
     return Dataset("digits", Split(x_train, y_train), Split(x_test, y_test), [str(i) for i in range(10)])
 
 
-def load_synthetic_series(length: int, train_size: int = 3000, test_size: int = 1000) -> Dataset:
-    """Noisy sine, square, sawtooth and triangle waves (N, length, 1), classified by shape.
+def load_synthetic_series(data: ml_collections.ConfigDict, seed: int = 0, train_size: int = 3000,
+                          test_size: int = 1000) -> Dataset:
+    """Noisy sine, square, sawtooth and triangle waves (N, data.max_length or 128, 1), classified by shape.
 
     Frequency (1 to 6 cycles), phase, amplitude, offset and noise are drawn per
-    example from a fixed seed, so the set is the same everywhere.
+    example from a fixed seed (not `seed`), so the set is the same everywhere.
     """
+    length = data.get("max_length") or 128
     rng = np.random.default_rng(1998)
     n = train_size + test_size
     labels = rng.integers(0, 4, n).astype(np.int32)

@@ -4,6 +4,8 @@ Any TFDS image- or text-classification dataset works by name ('mnist',
 'eurosat/rgb', 'imdb_reviews', ...). Preparing imports TensorFlow; reading
 prepared array_record files does not, and the decoded arrays are cached
 beside the prepared files (cnn/data/cache.py), so later runs start in seconds.
+MNIST, Fashion-MNIST and KMNIST need none of this when data.manual_dir holds
+their original archives: cnn/data/idx.py reads those with numpy.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import cnn.data.cache as cache_lib
 import cnn.data.stream as stream
 import cnn.data.text as text_lib
 from cnn.data.dataset import Dataset, Split
-from cnn.data.embedded import EMBEDDED
 from cnn.data.images import resize
+from cnn.data_sources import IDX_SETS, SOURCES
 from cnn.errors import ConfigError
 from cnn.progress import Progress
 
@@ -55,8 +57,9 @@ def _cache_entry(data: ml_collections.ConfigDict, split: str, text: bool) -> tup
     return os.path.join(data_dir(data), "cnn_cache", name, split.replace(os.sep, "__")), key
 
 
-def load_tfds(data: ml_collections.ConfigDict) -> Dataset:
-    """Both splits of a TFDS dataset as arrays, from the cache when it holds them.
+def load_tfds(data: ml_collections.ConfigDict, seed: int = 0) -> Dataset:
+    """Both splits of a TFDS dataset as arrays, from the cache when it holds them (`seed` is unused: TFDS sets
+    come with their test split).
 
     An image split larger than data.max_memory_gb stays in its cache entry
     and is read from disk by rows (cnn/data/stream.py), as an image folder is;
@@ -105,14 +108,16 @@ def _quiet_tensorflow() -> Iterator[None]:
         logging.set_verbosity(before)
 
 
-def _builder(data: ml_collections.ConfigDict):
+def tfds_builder(data: ml_collections.ConfigDict):
+    """TFDS's builder of data.name: its description (features, class names, archive checksums) needs no
+    TensorFlow and no preparation."""
     import tensorflow_datasets as tfds  # TFDS (and TensorFlow behind it) only for TFDS names
 
     try:
         return tfds.builder(data.name, data_dir=data_dir(data))
     except tfds.core.registered.DatasetNotFoundError:
         # Not community datasets: listing them imports TensorFlow and asks Google Cloud for credentials.
-        known = [*EMBEDDED, *tfds.list_builders(with_community_datasets=False)]
+        known = [*SOURCES, *tfds.list_builders(with_community_datasets=False)]
         close = difflib.get_close_matches(data.name, known, n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ConfigError(f"data.name={data.name!r} is not a known dataset; {hint}use 'digits' (offline, built in) "
@@ -134,7 +139,7 @@ def _read_tfds(data: ml_collections.ConfigDict, budget: int, why: str) -> tuple[
     """Both splits (decoded into the cache where data.cache) and the class names."""
     import tensorflow_datasets as tfds
 
-    builder = _builder(data)
+    builder = tfds_builder(data)
     info = builder.info
     keys = info.supervised_keys
     if not keys or len(keys) != 2 or not hasattr(info.features[keys[1]], "num_classes"):
@@ -193,14 +198,17 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
     if builder.is_prepared():
         return
     if importlib.util.find_spec("tensorflow") is None:  # TFDS prepares with it; reading the files needs none
+        archives = ("; or set data.manual_dir to a folder holding its four original IDX archives "
+                    "(train-images-idx3-ubyte.gz, ...), which cnn reads without TensorFlow"
+                    if data.name in IDX_SETS and not data.manual_dir else "")
         raise ConfigError(f"data.name={data.name!r} is not prepared in {data_dir(data)}, and preparing a TFDS "
                           "dataset needs TensorFlow: pip install -e '.[tfds]', or point data.data_dir (or "
-                          "$TFDS_DATA_DIR) at a folder where it is prepared")
+                          f"$TFDS_DATA_DIR) at a folder where it is prepared{archives}")
     _say(f"Preparing {data.name} in {builder.data_dir} (once; TFDS needs TensorFlow for this step)...")
     if not sys.stderr.isatty():
         tfds.disable_progress_bar()  # its bars are one line per update in a log file
     if data.manual_dir:
-        _check_manual_files(builder, data)
+        check_manual_files(builder, data)
     _import_tensorflow()
     start = time.time()
     # TFDS unpacks archives into a folder shared by all datasets and reuses
@@ -240,7 +248,7 @@ def _downloads_fail_fast(timeout: tuple[float, float] = DOWNLOAD_TIMEOUT_S) -> I
         downloader.MAX_RETRIES, downloader._open_url = retries, open_url
 
 
-def _check_manual_files(builder, data: ml_collections.ConfigDict) -> None:
+def check_manual_files(builder, data: ml_collections.ConfigDict) -> None:
     """Names a file in data.manual_dir that TFDS would reject by its checksum (a copy cut short, another
     dataset's file), before TensorFlow loads and its stack trace would."""
     for info in (builder.url_infos or {}).values():
@@ -352,7 +360,7 @@ def _import_tensorflow() -> None:
 @_quiet_tensorflow()
 def input_shape(data: ml_collections.ConfigDict) -> tuple[int, ...]:
     """A TFDS dataset's input shape from its description, without loading or preparing it."""
-    info = _builder(data).info
+    info = tfds_builder(data).info
     keys = info.supervised_keys
     if not keys or len(keys) != 2 or not hasattr(info.features[keys[0]], "shape"):
         raise ConfigError(f"data.name={data.name!r} is not an image-classification dataset "

@@ -205,7 +205,8 @@ def summary(model: models.Sequential | ml_collections.ConfigDict, input_shape: S
 
     For a config the model is built from `config.model` and, unless
     `input_shape` is given, the shape comes from the dataset's description
-    (its images are not loaded).
+    (a TFDS set's images are not loaded; the other sources are quick to load
+    or cached).
     """
     if isinstance(model, ml_collections.ConfigDict):
         config = model
