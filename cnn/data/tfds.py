@@ -225,7 +225,7 @@ def _prepare(builder, data: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.name={data.name!r} is not prepared in {data_dir(data)} and {where}. Offline, pass "
             "--config.data.manual_dir=FOLDER, a folder holding the dataset's original archive files "
-            "(for MNIST: ../shared/datasets/mnist), or point --config.data.data_dir (or $TFDS_DATA_DIR) at a "
+            "(for MNIST, its four .gz files), or point --config.data.data_dir (or $TFDS_DATA_DIR) at a "
             "folder where it is already prepared.") from None
     _say(f"Prepared {data.name} in {time.time() - start:.1f}s")
 
