@@ -65,6 +65,19 @@ def test_float32_equals_flax(spec, shape):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), ours, theirs)
 
 
+@needs_onednn
+@pytest.mark.parametrize("spec, shape", [("Conv2D(6, 3, groups=3)", (2, 9, 9, 3)), ("DepthwiseConv2D(3)", (2, 8, 8, 2)),
+                                         ("Conv1D(4, 3, dilation_rate=2)", (2, 12, 2)),
+                                         ("Conv3D(4, 3)", (2, 5, 5, 5, 2))])
+def test_convolutions_onednn_cannot_compute_stay_on_xla(spec, shape):
+    """Grouped, dilated and 3-D convolutions are not oneDNN's here: under 'onednn' they run as plain Flax."""
+    fast, plain, x = _programs(spec, shape)
+    variables = jax.jit(plain.init)(jax.random.key(1), x)
+    assert "cnn_onednn" not in jax.jit(fast).lower(variables, x).as_text()
+    ours, theirs = (_value_and_grads(f, variables, x, jnp.float32) for f in (fast, plain))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, theirs)
+
+
 def _relative_errors(a, b):
     return jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.abs(u - v).max() / (jnp.abs(v).max() + 1e-6)), a, b))
 

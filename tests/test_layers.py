@@ -62,11 +62,13 @@ def test_pooling_values():
     assert float(model.apply(v, x)[0, 0]) == 7.5
 
 
-@pytest.mark.parametrize("name", ["relu", "gelu", "tanh", "sigmoid", "softmax"])
+@pytest.mark.parametrize("name", ["relu", "gelu", "leaky_relu", "tanh", "sigmoid", "softmax"])
 def test_activations(name):
+    """With Keras' defaults: exact gelu (not the tanh approximation), leaky_relu's slope 0.2."""
     x = jnp.linspace(-3, 3, 12).reshape(2, 6)
     model, v = _init([f"Activation('{name}')"], (6,))
-    expected = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
+    expected = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+                "leaky_relu": lambda x: jnp.where(x > 0, x, 0.2 * x), "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
                 "softmax": jax.nn.softmax}[name](x)
     np.testing.assert_allclose(model.apply(v, x), expected, rtol=1e-6)
 
@@ -101,7 +103,7 @@ def test_dropout_only_in_training():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("Conv3D(8, 3)", "unknown layer 'Conv3D'; did you mean 'Conv2D'?"),
+    ("Conv4D(8, 3)", "unknown layer 'Conv4D'; did you mean"),
     ("Conv2D(8)", "missing a required argument: 'kernel_size'"),
     ("Dense(10, act='relu')", "unexpected keyword argument 'act'"),
     ("Dense(10, activation='relux')", "activation='relux' is unknown"),
@@ -111,6 +113,25 @@ def test_dropout_only_in_training():
     ("Conv2D(8, (3, 3, 3))", "kernel_size=(3, 3, 3) is not valid: expected a positive integer or a tuple of 2"),
     ("Dense(__import__('os'))", "is not a layer spec"),
     ("dense 10", "is not a layer spec"),
+    ("Conv2D(8, 3, bogus=1)", "unexpected keyword argument 'bogus'"),
+    ("Conv2D(8, 3, 1, 'same', 'relu')", "Conv2D takes Conv2D(filters, kernel_size, strides=1, padding='valid', *, "
+                                        "dilation_rate=1, groups=1, activation=None, use_bias=True)"),
+    ("Conv2D(6, 3, groups=4)", "groups=4 does not divide filters=6"),
+    ("Conv2D(8, 3, strides=2, dilation_rate=2)", "strides=(2, 2) and dilation_rate=(2, 2) cannot both be above 1"),
+    ("Conv2D(8, 3, padding='causal')", "padding='causal' is not valid: expected 'valid' or 'same'"),
+    ("Conv2DTranspose(4, 3, strides=2, output_padding=2)", "expected each entry below strides=(2, 2)"),
+    ("ZeroPadding2D(((1, 2, 3), 1))", "expected an integer >= 0, or a tuple of 2 entries"),
+    ("Cropping1D(-1)", "cropping=-1 is not valid"),
+    ("Reshape((-1, -1))", "one of which may be -1"),
+    ("ReLU(max_value=-1)", "max_value=-1 is not valid: expected a number >= 0"),
+    ("GroupNormalization(0)", "groups=0 is not valid: expected a positive integer, or -1"),
+    ("UpSampling2D(interpolation='cubic')", "interpolation='cubic' is not valid"),
+    ("Softmax(axis=0)", "axis=0 is not valid"),
+    ("PReLU(shared_axes=-1)", "expected axes from 1"),
+    ("Rescaling(1 / 0)", "is not a layer spec"),
+    ("Dense(2 ** 3)", "is not a layer spec"),  # + - * / only
+    ("Dense('a' * 3)", "is not a layer spec"),  # on numbers only
+    ("Rescaling(True + 1)", "is not a layer spec"),
 ])
 def test_bad_specs_name_the_field(spec, message):
     with pytest.raises(cnn.ConfigError) as e:
@@ -124,11 +145,56 @@ def test_bad_specs_name_the_field(spec, message):
     (["Conv2D(8, 9)", "Conv2D(8, 9)", "Flatten()", "Dense(10)"], (8, 8, 1), "model.layers[0]='Conv2D(8, 9)'"),
     (["Conv1D(8, 3)", "Flatten()", "Dense(10)"], (28, 28, 1), "use the 2D version"),
     (["Flatten()", "Conv2D(8, 3)", "Dense(10)"], (28, 28, 1), "move it before Flatten()"),
+    (["Conv2D(8, 3)"], (6, 6, 6, 1), "Conv2D needs inputs shaped (height, width, channels) but got "
+                                     "(None, 6, 6, 6, 1); use the 3D version, Conv3D, for this input"),
+    (["MaxPooling3D(2)"], (8, 8, 1), "MaxPooling3D needs inputs shaped (depth, height, width, channels) but got "
+                                     "(None, 8, 8, 1); use the 2D version, MaxPooling2D, for this input"),
+    (["DepthwiseConv2D(3)"], (6, 6, 6, 1), "DepthwiseConv2D has no 3D version"),
+    (["Conv2DTranspose(4, 2, strides=2, padding='same', output_padding=0)"], (1, 1, 3),
+     "Conv2DTranspose would turn (None, 1, 1, 3) into an empty output"),
+    (["Conv2D(4, 3, groups=2)"], (8, 8, 3), "Conv2D(groups=2) needs input channels divisible by 2 but got "
+                                            "(None, 8, 8, 3)"),
+    (["GroupNormalization(4)"], (8, 8, 6), "GroupNormalization(groups=4) needs input channels divisible by 4"),
+    (["Conv1D(4, 3, dilation_rate=4)"], (8, 1), "Conv1D has a window of (3,) (spanning (9,) with its dilation)"),
+    (["Cropping2D(3)"], (5, 5, 1), "Cropping2D would turn (None, 5, 5, 1) into an empty output; crop less"),
+    (["Reshape((5, -1))"], (4, 4, 1), "Reshape((5, -1)) cannot hold inputs shaped (None, 4, 4, 1): 16 values"),
+    (["LayerNormalization(axis=3)"], (6, 2), "LayerNormalization(axis=3) does not fit inputs shaped (None, 6, 2)"),
+    (["PReLU(shared_axes=(1, 2, 3))"], (4, 4), "PReLU(shared_axes=(1, 2, 3)) does not fit inputs shaped (None, 4, 4)"),
 ])
 def test_shapes_that_do_not_fit(specs, shape, message):
     with pytest.raises(cnn.ConfigError, match=None) as e:
         models.output_shape(cnn.build_model(specs), shape)
     assert message in str(e.value)
+
+
+def test_spec_arithmetic_on_numbers():
+    """Specs may compute numbers as Keras code does; the parser works them out from the syntax tree."""
+    assert cnn.spec.parse_call("f(-(2 - 3) * 4 / 8, (1 + 1,), [2 * 2], s='a')", "f", "call", "") == (
+        "f", [0.5, (2,), [4]], {"s": "a"})
+    model, v = _init(["Rescaling(1. / 255, offset=-0.5)", "Reshape((2 * 3, -1))"], (3, 4, 1))
+    x = jnp.arange(24.0).reshape(2, 3, 4, 1)
+    np.testing.assert_allclose(model.apply(v, x), (x / 255 - 0.5).reshape(2, 6, 2), rtol=1e-6)
+
+
+def test_layer_names_follow_keras():
+    names = models.parse_stack(("Conv2DTranspose(4, 3)", "PReLU()", "ReLU()", "ReLU()", "MaxPooling3D()"))[2]
+    assert names == ["conv2d_transpose", "p_re_lu", "re_lu", "re_lu_1", "max_pooling3d"]
+
+
+def test_spatial_dropout_drops_whole_channels_in_training_only():
+    model, v = _init(["SpatialDropout2D(0.5)"], (6, 6, 64))
+    x = jnp.ones((4, 6, 6, 64))
+    np.testing.assert_array_equal(model.apply(v, x), x)
+    y = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(0)})
+    kept = y[:, :1, :1, :]
+    assert bool(jnp.all(y == kept)) and 0.3 < float((kept == 0).mean()) < 0.7 and float(y.max()) == 2.0
+
+
+def test_a_final_softmax_layer_leaves_the_loss_its_logits():
+    model, v = _init(["Flatten()", "Dense(5)", "Softmax()"], (3, 3, 1))
+    x = jax.random.normal(jax.random.key(1), (4, 3, 3, 1))
+    assert model.output_activation == "softmax"
+    np.testing.assert_allclose(model.apply(v, x), jax.nn.softmax(model.apply(v, x, logits=True)), rtol=1e-6)
 
 
 def test_head_must_fit_the_dataset():
@@ -185,10 +251,10 @@ def _fast_and_plain(specs, shape, seed=0):
 def _assert_same(fast, plain, x, rtol, atol):
     """Same initial variables, outputs and gradients (parameters and input) with and without the fast paths."""
     close = lambda a, b: jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
-    variables = fast.init(jax.random.key(1), x)
-    close(variables, plain.init(jax.random.key(1), x))
-    close(fast(variables, x), plain(variables, x))
-    grad = lambda f: jax.grad(lambda v, x: (f(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+    variables = jax.jit(fast.init)(jax.random.key(1), x)
+    close(variables, jax.jit(plain.init)(jax.random.key(1), x))
+    close(jax.jit(fast)(variables, x), jax.jit(plain)(variables, x))
+    grad = lambda f: jax.jit(jax.grad(lambda v, x: (f(v, x) ** 2).sum(), argnums=(0, 1)))(variables, x)
     close(grad(fast), grad(plain))
 
 
@@ -241,6 +307,25 @@ def test_conv_fast_path_equals_flax_conv(spec, shape):
     """One-channel convolutions run as patches times kernel on a CPU: values, gradients, parameter names and
     initial values must equal nn.Conv's."""
     _assert_same(*_fast_and_plain([spec], shape), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, shape, patches", [
+    ("Conv2D(4, 3, dilation_rate=2)", (2, 12, 12, 1), False),
+    ("Conv1D(4, 5, dilation_rate=3, padding='causal')", (2, 30, 1), False),
+    ("Conv2D(6, 3, groups=3, padding='same')", (2, 9, 9, 3), False),
+    ("Conv3D(4, 3, padding='same')", (2, 6, 7, 5, 1), True),  # one channel: patches times kernel in 3-D too
+    ("Conv3D(4, 2, strides=2)", (2, 6, 6, 4, 2), False),
+    ("DepthwiseConv2D(3, depth_multiplier=2)", (2, 8, 8, 1), True),  # one channel: an ordinary convolution
+    ("Conv2DTranspose(4, 3, strides=2)", (2, 5, 5, 1), False),  # nn.ConvTranspose: no fast path intercepts it
+])
+def test_new_convolutions_under_auto_equal_xla(spec, shape, patches):
+    """Dilated, grouped, 3-D, depthwise and transposed convolutions under train.kernels='auto': the same values,
+    gradients and parameters as plain Flax, and the patches path only where it computes the layer (one input
+    channel, no groups or dilation)."""
+    fast, plain, x = _fast_and_plain([spec], shape)
+    _assert_same(fast, plain, x, rtol=1e-4, atol=1e-4)
+    variables = jax.eval_shape(fast.init, jax.random.key(1), x)
+    assert ("custom_vjp_call" in str(jax.make_jaxpr(fast)(variables, x))) == patches
 
 
 def test_residual_blocks_and_a_whole_model_equal_plain_flax():

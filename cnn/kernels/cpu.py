@@ -21,11 +21,24 @@ from jax import lax
 # --- One-channel convolutions as patches times kernel --------------------------
 
 
-def patches_conv_applies(module: nn.Conv, x: jax.Array) -> bool:
-    """A plain convolution (no groups, dilation or masks) of a one-channel input, such as a grey image's first layer."""
-    return (x.shape[-1] == 1 and module.feature_group_count == 1 and module.shared_weights and module.mask is None
+def _ones(value) -> bool:
+    """Whether a Flax dilation (None, an int or one per axis) leaves the convolution undilated."""
+    return value is None or all(v == 1 for v in ((value,) if isinstance(value, int) else value))
+
+
+def plain_conv(module: nn.Conv) -> bool:
+    """An nn.Conv without groups, dilation, masks or explicit pads ('SAME' or 'VALID'): what the fast paths compute.
+
+    cnn's layers pass dilations as tuples, (1, 1) where there is none.
+    """
+    return (module.feature_group_count == 1 and module.shared_weights and module.mask is None
             and module.padding in ("SAME", "VALID") and isinstance(module.kernel_size, (tuple, list))
-            and all(d in (None, 1) for d in (module.input_dilation, module.kernel_dilation)))
+            and _ones(module.input_dilation) and _ones(module.kernel_dilation))
+
+
+def patches_conv_applies(module: nn.Conv, x: jax.Array) -> bool:
+    """A plain convolution of a one-channel input, such as a grey image's or a series' first layer (any rank)."""
+    return x.shape[-1] == 1 and x.ndim == len(module.kernel_size) + 2 and plain_conv(module)
 
 
 def patches_conv(module: nn.Conv, x: jax.Array) -> jax.Array:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnn.kernels import cpu
+
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
@@ -126,12 +128,8 @@ def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None) -
 
 def conv_applies(module: nn.Conv, x: jax.Array, dtypes=DTYPES) -> bool:
     """A plain batched 1-D or 2-D convolution (no groups, dilation or masks; SAME or VALID) in a dtype of `dtypes`."""
-    kernel_size = module.kernel_size
-    return (available() and isinstance(kernel_size, (tuple, list)) and len(kernel_size) in (1, 2)
-            and x.ndim == len(kernel_size) + 2 and module.feature_group_count == 1 and module.shared_weights
-            and module.mask is None and module.padding in ("SAME", "VALID")
-            and all(d in (None, 1) for d in (module.input_dilation, module.kernel_dilation))
-            and _compute_dtype(module, x) in dtypes)
+    return (available() and cpu.plain_conv(module) and len(module.kernel_size) in (1, 2)
+            and x.ndim == len(module.kernel_size) + 2 and _compute_dtype(module, x) in dtypes)
 
 
 def conv(module: nn.Conv, x: jax.Array) -> jax.Array:

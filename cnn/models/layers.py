@@ -2,11 +2,13 @@
 
     "Conv2D(32, 3, activation='relu', padding='valid')"
 
-A spec is read by `cnn.spec.parse_call` (literals only, never run) and built
-by the registry below into a `Layer`: a plain Flax module (nn.Conv, nn.Dense,
-nn.BatchNorm, ...) or a stateless function, plus its activation and a check
-of the input shape it needs. Names, arguments and defaults follow Keras, so a
-Keras model translates line by line. How the modules are computed on a given
+A spec is read by `cnn.spec.parse_call` (literals and arithmetic on numbers,
+never run) and built by the registry below into a `Layer`: a plain Flax module
+(nn.Conv, nn.ConvTranspose, nn.Dense, nn.BatchNorm, ...) or a stateless
+function, plus its activation and a check of the input shape it needs. Names,
+arguments and defaults follow Keras (channels last, Keras' weight layouts), so
+a Keras model translates line by line; tests/test_keras_parity.py holds each
+layer to Keras' outputs with the same weights. How the modules are computed on a given
 machine is cnn/kernels' business, not this file's.
 """
 
@@ -24,15 +26,20 @@ import jax
 import jax.numpy as jnp
 
 from cnn import spec as spec_lib
-from cnn.errors import ConfigError, ShapeError, int_at_least, int_tuple
+from cnn.errors import ConfigError, ShapeError, int_at_least, int_tuple, is_int
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {  # Keras' activations with Keras' defaults
     "linear": lambda x: x,
     "relu": nn.relu,
-    "gelu": nn.gelu,
+    "relu6": nn.relu6,
+    "gelu": functools.partial(nn.gelu, approximate=False),
     "elu": nn.elu,
-    "leaky_relu": nn.leaky_relu,
+    "selu": nn.selu,
+    "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.2),
     "silu": nn.silu,
+    "swish": nn.silu,
+    "softplus": nn.softplus,
+    "softsign": nn.soft_sign,
     "tanh": jnp.tanh,
     "sigmoid": nn.sigmoid,
     "softmax": nn.softmax,
@@ -114,33 +121,124 @@ class ResidualBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
+class DepthwiseConv(nn.Module):
+    """Keras' DepthwiseConv (`filters` None) and SeparableConv: `depth_multiplier` filters per input channel,
+    each seeing only its channel, then for SeparableConv a 1x1 convolution mixing them into `filters`.
+
+    Both are nn.Conv (the depthwise one with a group per channel), made here
+    because the group count is the input's channel count. Keras' kernels map
+    onto Flax's by a reshape: depthwise (*k, channels, multiplier) is
+    (*k, 1, channels * multiplier), pointwise is the same array.
+    """
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str
+    dilation: tuple[int, ...]
+    depth_multiplier: int
+    use_bias: bool
+    filters: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels, separable = x.shape[-1], self.filters is not None
+        y = nn.Conv(channels * self.depth_multiplier, self.kernel_size, self.strides, self.padding,
+                    kernel_dilation=self.dilation, feature_group_count=channels,
+                    use_bias=self.use_bias and not separable, name="depthwise")(x)
+        if not separable:
+            return y
+        return nn.Conv(self.filters, (1,) * len(self.kernel_size), use_bias=self.use_bias, name="pointwise")(y)
+
+
+class PReLU(nn.Module):
+    """Keras' PReLU: x where x >= 0, else alpha * x, with a learned alpha per input element (zeros at first),
+    shared along the axes in `shared_axes` (1 is the first axis after the batch)."""
+
+    shared_axes: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = tuple(1 if axis in self.shared_axes else n for axis, n in enumerate(x.shape[1:], start=1))
+        alpha = self.param("alpha", nn.initializers.zeros, shape, jnp.float32)
+        return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+
+
 # --- What a layer needs of its input -------------------------------------------
 
+Check = Callable[[tuple[int, ...]], None]
+_SPATIAL = {1: "(length, channels)", 2: "(height, width, channels)", 3: "(depth, height, width, channels)"}
 
-def _needs_rank(rank: int, layer: str, hint: str | None = None) -> Callable[[tuple[int, ...]], None]:
+
+def _needs_rank(rank: int, layer: str, hint: str | None = None) -> Check:
     """A check that the input is (batch, *spatial[rank], channels)."""
     def check(shape: tuple[int, ...]) -> None:
         if len(shape) == rank + 2:
             return
-        want = {1: "(length, channels)", 2: "(height, width, channels)"}[rank]
-        advice = hint or (f"use the {len(shape) - 2}D version of the layer for this input" if len(shape) in (3, 4)
-                          else "move it before Flatten() and the Dense layers")
-        raise ShapeError(f"{layer} needs inputs shaped {want} but got {format_shape(shape)}; {advice}")
+        other = layer.replace(f"{rank}D", f"{len(shape) - 2}D")
+        if hint:
+            advice = hint
+        elif len(shape) - 2 in _SPATIAL and other in LAYERS:
+            advice = f"use the {len(shape) - 2}D version, {other}, for this input"
+        elif len(shape) - 2 in _SPATIAL:
+            advice = f"{layer} has no {len(shape) - 2}D version"
+        else:
+            advice = "move it before Flatten() and the Dense layers"
+        raise ShapeError(f"{layer} needs inputs shaped {_SPATIAL[rank]} but got {format_shape(shape)}; {advice}")
     return check
 
 
-def _needs_windows(window: tuple[int, ...], strides: tuple[int, ...], padding: str, layer: str
-                   ) -> Callable[[tuple[int, ...]], None]:
-    """A check of the rank, and that every window fits the input at least once."""
+def _needs_sizes(rank: int, layer: str, sizes: Callable[[tuple[int, ...]], list[int]], advice: str) -> Check:
+    """A check of the rank, and that `sizes(spatial input sizes)`, the output's, are all at least 1."""
+    needs_rank = _needs_rank(rank, layer)
+
+    def check(shape: tuple[int, ...]) -> None:
+        needs_rank(shape)
+        if min(sizes(shape[1:-1])) < 1:
+            raise ShapeError(f"{layer} would turn {format_shape(shape)} into an empty output; {advice}")
+    return check
+
+
+def _needs_windows(window: tuple[int, ...], strides: tuple[int, ...], padding: str, layer: str,
+                   dilation: tuple[int, ...] | None = None) -> Check:
+    """A check of the rank, and that every (dilated) window fits the input at least once."""
+    span = [(w - 1) * d + 1 for w, d in zip(window, dilation or (1,) * len(window))]
     rank = _needs_rank(len(window), layer)
 
     def check(shape: tuple[int, ...]) -> None:
         rank(shape)
-        for size, w, s in zip(shape[1:-1], window, strides):
-            out = math.ceil(size / s) if padding == "SAME" else (size - w) // s + 1
+        for size, w, s in zip(shape[1:-1], span, strides):
+            out = (size - w) // s + 1 if padding == "VALID" else math.ceil(size / s)
             if out < 1:
-                raise ShapeError(f"{layer} has a window of {window} but its input is only {format_shape(shape)}; "
-                                 "use a smaller kernel or pool size, padding='same', or fewer pooling layers before it")
+                spans = "" if span == list(window) else f" (spanning {tuple(span)} with its dilation)"
+                raise ShapeError(f"{layer} has a window of {window}{spans} but its input is only "
+                                 f"{format_shape(shape)}; use a smaller kernel or pool size, padding='same', or fewer "
+                                 "pooling layers before it")
+    return check
+
+
+def _needs_channels_divisible(groups: int, layer: str) -> Check:
+    """A check that the input's channels split into `groups` equal groups."""
+    def check(shape: tuple[int, ...]) -> None:
+        if shape[-1] % groups:
+            raise ShapeError(f"{layer}(groups={groups}) needs input channels divisible by {groups} but got "
+                             f"{format_shape(shape)}; change groups or the channels of the layer before it")
+    return check
+
+
+def _needs_axes(axes: tuple[int, ...], layer: str, field: str) -> Check:
+    """A check that every axis in `axes` (Keras numbering: 0 the batch, -1 the last) is one of the input's others."""
+    def check(shape: tuple[int, ...]) -> None:
+        if any(not -len(shape) < a < len(shape) or a == 0 for a in axes):
+            raise ShapeError(f"{layer}({field}={axes if len(axes) > 1 else axes[0]}) does not fit inputs shaped "
+                             f"{format_shape(shape)}: axes run from 1 to {len(shape) - 1} (or -1 down to "
+                             f"{1 - len(shape)}), and 0 is the batch")
+    return check
+
+
+def _all(*checks: Check) -> Check:
+    def check(shape: tuple[int, ...]) -> None:
+        for c in checks:
+            c(shape)
     return check
 
 
@@ -172,8 +270,8 @@ class Layer:
 
     @property
     def name(self) -> str:
-        """A Keras-like snake_case name, e.g. 'max_pooling2d'."""
-        return re.sub(r"(?<=[a-z0-9])(?=[A-Z][a-z])", "_", self.kind).lower()
+        """Keras' snake_case name for the layer, e.g. 'max_pooling2d', 'conv2d_transpose', 'p_re_lu'."""
+        return re.sub("([a-z])([A-Z])", r"\1_\2", re.sub("(.)([A-Z][a-z]+)", r"\1_\2", self.kind)).lower()
 
     def __call__(self, module: nn.Module | None, x: jax.Array, train: bool) -> jax.Array:
         """Applies the layer to `x`; `module` is `self.module` bound into the model (None for `fn` layers)."""
@@ -188,9 +286,11 @@ class Layer:
         return ACTIVATIONS[self.activation or "linear"](y)
 
 
-def _padding(value: str) -> str:
-    if not isinstance(value, str) or value.upper() not in ("SAME", "VALID"):
-        raise ConfigError(f"padding={value!r} is not valid: expected 'valid' or 'same'")
+def _padding(value: str, causal: bool = False) -> str:
+    allowed = ("VALID", "SAME", "CAUSAL") if causal else ("VALID", "SAME")
+    if not isinstance(value, str) or value.upper() not in allowed:
+        names = [repr(a.lower()) for a in allowed]
+        raise ConfigError(f"padding={value!r} is not valid: expected {', '.join(names[:-1])} or {names[-1]}")
     return value.upper()
 
 
@@ -200,19 +300,140 @@ def _activation_name(value: str | None) -> str | None:
     return value
 
 
+def _real(value, field: str, low: float | None = None, positive: bool = False) -> float:
+    """`value` as a float if it is a number (at least `low`, or above 0 with `positive`); else a ConfigError."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (low is None or value >= low) and (not positive or value > 0))
+    if not ok:
+        expected = "a positive number" if positive else "a number" if low is None else f"a number >= {low:g}"
+        raise ConfigError(f"{field}={value!r} is not valid: expected {expected}")
+    return float(value)
+
+
 def _fraction(value, field: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
         raise ConfigError(f"{field}={value!r} is not valid: expected a number in [0, 1)")
     return float(value)
 
 
+def _int_axes(value, field: str) -> tuple[int, ...]:
+    """An axis or a tuple of axes, as Keras counts them (0 is the batch; checked against the input later)."""
+    axes = (value,) if is_int(value) else value
+    if not isinstance(axes, (tuple, list)) or not axes or not all(is_int(a) and a != 0 for a in axes):
+        raise ConfigError(f"{field}={value!r} is not valid: expected a non-zero integer (an axis after the batch's, "
+                          "-1 for the last) or a tuple of them")
+    return tuple(int(a) for a in axes)
+
+
+def _counts(value, field: str, rank: int) -> tuple[int, ...]:
+    """An integer >= 0 repeated `rank` times, or a tuple of `rank` of them."""
+    values = (value,) * rank if is_int(value) else value
+    if not isinstance(values, (tuple, list)) or len(values) != rank or not all(is_int(v) and v >= 0 for v in values):
+        raise ConfigError(f"{field}={value!r} is not valid: expected an integer >= 0 or a tuple of {rank} of them")
+    return tuple(int(v) for v in values)
+
+
+def _edges(value, field: str, rank: int) -> tuple[tuple[int, int], ...]:
+    """Keras' padding and cropping amounts as (before, after) per spatial axis.
+
+    An int is every side; in 1D a pair is (before, after); in 2D and 3D a
+    tuple has one entry per axis, an int (both sides) or a (before, after) pair.
+    """
+    entries = (value,) if rank == 1 else (value,) * rank if is_int(value) else value
+    pairs = [(e, e) if is_int(e) else e for e in entries] if isinstance(entries, (tuple, list)) else []
+    pair = lambda p: isinstance(p, (tuple, list)) and len(p) == 2 and all(is_int(v) and v >= 0 for v in p)
+    if len(pairs) != rank or not all(map(pair, pairs)):
+        shapes = "an integer >= 0 or a pair (before, after)" if rank == 1 else \
+            f"an integer >= 0, or a tuple of {rank} entries, each an integer or a pair (before, after)"
+        raise ConfigError(f"{field}={value!r} is not valid: expected {shapes}")
+    return tuple((int(a), int(b)) for a, b in pairs)
+
+
+def _dilation(strides: tuple[int, ...], dilation_rate, rank: int) -> tuple[int, ...]:
+    dilation = int_tuple(dilation_rate, "dilation_rate", rank)
+    if max(strides) > 1 and max(dilation) > 1:  # as Keras refuses it
+        raise ConfigError(f"strides={strides} and dilation_rate={dilation} cannot both be above 1; keep one at 1")
+    return dilation
+
+
 def _conv(rank: int):
-    def make(filters: int, kernel_size, strides=1, padding: str = "valid", activation: str | None = None,
-             use_bias: bool = True) -> dict:
+    name = f"Conv{rank}D"
+
+    def make(filters: int, kernel_size, strides=1, padding: str = "valid", *, dilation_rate=1, groups: int = 1,
+             activation: str | None = None, use_bias: bool = True) -> dict:
         window, step = int_tuple(kernel_size, "kernel_size", rank), int_tuple(strides, "strides", rank)
-        pad = _padding(padding)
-        return dict(module=nn.Conv(int_at_least(filters, "filters"), window, step, pad, use_bias=bool(use_bias)),
-                    activation=_activation_name(activation), check=_needs_windows(window, step, pad, f"Conv{rank}D"))
+        dilation, pad = _dilation(step, dilation_rate, rank), _padding(padding, causal=rank == 1)
+        filters, groups = int_at_least(filters, "filters"), int_at_least(groups, "groups")
+        if filters % groups:
+            raise ConfigError(f"groups={groups} does not divide filters={filters}: every group needs the same number of filters")
+        module = nn.Conv(filters, window, step, pad, kernel_dilation=dilation, feature_group_count=groups,
+                         use_bias=bool(use_bias))
+        check = _all(_needs_windows(window, step, pad, name, dilation), _needs_channels_divisible(groups, name))
+        return dict(module=module, activation=_activation_name(activation), check=check)
+    return make
+
+
+def _transpose_pads(window: int, stride: int, dilation: int, padding: str, extra: int | None) -> tuple[int, int]:
+    """The (before, after) pads with which lax.conv_transpose gives Keras' output length, as Keras' own JAX backend
+    computes them (keras/src/backend/common/backend_utils.py): for an input of n, (n - 1) * stride + max(span,
+    stride) with 'valid' and n * stride with 'same'; with output_padding p, (n - 1) * stride + span + p with
+    'valid' and (n - 1) * stride + span % 2 + p with 'same' (span: the dilated kernel's extent)."""
+    span = (window - 1) * dilation + 1
+    if padding == "VALID":
+        return span - 1, span - 1 + (max(span, stride) - span if extra is None else extra)
+    total = stride + span - 2 if extra is None else span + span % 2 - 2 + extra
+    before = min(total // 2 + total % 2, span - 1)
+    return before, total - before
+
+
+def _conv_transpose(rank: int):
+    name = f"Conv{rank}DTranspose"
+
+    def make(filters: int, kernel_size, strides=1, padding: str = "valid", output_padding=None, *, dilation_rate=1,
+             activation: str | None = None, use_bias: bool = True) -> dict:
+        window, step = int_tuple(kernel_size, "kernel_size", rank), int_tuple(strides, "strides", rank)
+        dilation, pad = _dilation(step, dilation_rate, rank), _padding(padding)
+        extra = (None,) * rank if output_padding is None else _counts(output_padding, "output_padding", rank)
+        if any(e is not None and e >= s for e, s in zip(extra, step)):
+            raise ConfigError(f"output_padding={output_padding!r} is not valid: expected each entry below "
+                              f"strides={step}")
+        pads = tuple(map(_transpose_pads, window, step, dilation, (pad,) * rank, extra))
+        # Keras' kernel is (*kernel_size, filters, channels): Flax's with transpose_kernel=True.
+        module = nn.ConvTranspose(int_at_least(filters, "filters"), window, step, pads, kernel_dilation=dilation,
+                                  use_bias=bool(use_bias), transpose_kernel=True)
+        spans = [(w - 1) * d + 1 for w, d in zip(window, dilation)]
+        sizes = lambda spatial: [(n - 1) * s + lo + hi - k + 2 for n, s, (lo, hi), k in zip(spatial, step, pads, spans)]
+        return dict(module=module, activation=_activation_name(activation),
+                    check=_needs_sizes(rank, name, sizes, "use a larger input, padding='valid' or a larger "
+                                                          "output_padding"))
+    return make
+
+
+def _depthwise(rank: int, filters: int | None, kernel_size, strides, padding: str, depth_multiplier: int,
+               dilation_rate, activation: str | None, use_bias: bool) -> dict:
+    """DepthwiseConv (`filters` None) and SeparableConv, as one DepthwiseConv module."""
+    name = f"{'Depthwise' if filters is None else 'Separable'}Conv{rank}D"
+    window, step = int_tuple(kernel_size, "kernel_size", rank), int_tuple(strides, "strides", rank)
+    dilation, pad = _dilation(step, dilation_rate, rank), _padding(padding)
+    module = DepthwiseConv(window, step, pad, dilation, int_at_least(depth_multiplier, "depth_multiplier"),
+                           bool(use_bias), filters)
+    return dict(module=module, activation=_activation_name(activation),
+                check=_needs_windows(window, step, pad, name, dilation))
+
+
+def _depthwise_conv(rank: int):
+    def make(kernel_size, strides=1, padding: str = "valid", depth_multiplier: int = 1, *, dilation_rate=1,
+             activation: str | None = None, use_bias: bool = True) -> dict:
+        return _depthwise(rank, None, kernel_size, strides, padding, depth_multiplier, dilation_rate, activation,
+                          use_bias)
+    return make
+
+
+def _separable_conv(rank: int):
+    def make(filters: int, kernel_size, strides=1, padding: str = "valid", *, dilation_rate=1,
+             depth_multiplier: int = 1, activation: str | None = None, use_bias: bool = True) -> dict:
+        return _depthwise(rank, int_at_least(filters, "filters"), kernel_size, strides, padding, depth_multiplier,
+                          dilation_rate, activation, use_bias)
     return make
 
 
@@ -235,6 +456,50 @@ def _global_pool(kind: str, rank: int):
     return make
 
 
+def _upsample(x: jax.Array, factors: tuple[int, ...], interpolation: str) -> jax.Array:
+    if interpolation == "nearest":
+        for axis, factor in enumerate(factors, start=1):
+            x = jnp.repeat(x, factor, axis=axis)
+        return x
+    shape = (x.shape[0], *(n * f for n, f in zip(x.shape[1:-1], factors)), x.shape[-1])
+    return jax.image.resize(x, shape, "bilinear")  # half-pixel centres, as tf.image.resize
+
+
+def _up_sampling(rank: int):
+    name = f"UpSampling{rank}D"
+
+    def build(size, interpolation: str = "nearest") -> dict:
+        if interpolation not in ("nearest", "bilinear"):
+            raise ConfigError(f"interpolation={interpolation!r} is not valid: expected 'nearest' or 'bilinear'")
+        factors = int_tuple(size, "size", rank)
+        return dict(fn=functools.partial(_upsample, factors=factors, interpolation=interpolation),
+                    check=_needs_rank(rank, name))
+
+    if rank == 2:
+        def make(size=(2, 2), *, interpolation: str = "nearest") -> dict:
+            return build(size, interpolation)
+    else:
+        def make(size=2 if rank == 1 else (2,) * rank) -> dict:
+            return build(size)
+    return make
+
+
+def _zero_padding(rank: int):
+    def make(padding=1 if rank == 1 else (1, 1) if rank == 2 else ((1, 1),) * rank) -> dict:
+        pads = _edges(padding, "padding", rank)
+        return dict(fn=lambda x: jnp.pad(x, ((0, 0), *pads, (0, 0))), check=_needs_rank(rank, f"ZeroPadding{rank}D"))
+    return make
+
+
+def _cropping(rank: int):
+    def make(cropping=(1, 1) if rank == 1 else ((0, 0),) * rank if rank == 2 else ((1, 1),) * rank) -> dict:
+        edges = _edges(cropping, "cropping", rank)
+        crop = lambda x: x[(slice(None), *(slice(a, n - b) for n, (a, b) in zip(x.shape[1:-1], edges)))]
+        sizes = lambda spatial: [n - a - b for n, (a, b) in zip(spatial, edges)]
+        return dict(fn=crop, check=_needs_sizes(rank, f"Cropping{rank}D", sizes, "crop less"))
+    return make
+
+
 def _dense(units: int, activation: str | None = None, use_bias: bool = True) -> dict:
     return dict(module=nn.Dense(int_at_least(units, "units"), use_bias=bool(use_bias)),
                 activation=_activation_name(activation))
@@ -244,19 +509,106 @@ def _dropout(rate: float) -> dict:
     return dict(module=nn.Dropout(rate=_fraction(rate, "rate")), train_arg="deterministic")
 
 
+def _spatial_dropout(rank: int):
+    def make(rate: float) -> dict:
+        """Drops whole channels: one draw per example and channel, shared along the spatial axes."""
+        return dict(module=nn.Dropout(rate=_fraction(rate, "rate"), broadcast_dims=tuple(range(1, rank + 1))),
+                    train_arg="deterministic", check=_needs_rank(rank, f"SpatialDropout{rank}D"))
+    return make
+
+
 def _batch_norm(momentum: float = 0.99, epsilon: float = 1e-3) -> dict:
-    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or epsilon <= 0:
-        raise ConfigError(f"epsilon={epsilon!r} is not valid: expected a positive number")
-    return dict(module=nn.BatchNorm(momentum=_fraction(momentum, "momentum"), epsilon=float(epsilon)),
+    return dict(module=nn.BatchNorm(momentum=_fraction(momentum, "momentum"),
+                                    epsilon=_real(epsilon, "epsilon", positive=True)),
                 train_arg="use_running_average")
+
+
+def _layer_norm(axis=-1, epsilon: float = 1e-3, center: bool = True, scale: bool = True) -> dict:
+    axes = _int_axes(axis, "axis")
+    module = nn.LayerNorm(epsilon=_real(epsilon, "epsilon", positive=True), use_bias=bool(center),
+                          use_scale=bool(scale), reduction_axes=axes, feature_axes=axes, use_fast_variance=False)
+    return dict(module=module, check=_needs_axes(axes, "LayerNormalization", "axis"))
+
+
+def _group_norm(groups: int = 32, *, epsilon: float = 1e-3, center: bool = True, scale: bool = True) -> dict:
+    """Channels in `groups` equal groups, normalised per example and group over the group's channels and all
+    positions; groups=-1 is one group per channel (instance normalisation)."""
+    if groups != -1:
+        groups = int_at_least(groups, "groups", expected="a positive integer, or -1 for a group per channel")
+    module = nn.GroupNorm(num_groups=None if groups == -1 else groups, group_size=1 if groups == -1 else None,
+                          epsilon=_real(epsilon, "epsilon", positive=True), use_bias=bool(center),
+                          use_scale=bool(scale), use_fast_variance=False)
+    return dict(module=module, check=_needs_channels_divisible(max(groups, 1), "GroupNormalization"))
+
+
+def _rescaling(scale: float, offset: float = 0.0) -> dict:
+    scale, offset = _real(scale, "scale"), _real(offset, "offset")
+    return dict(fn=lambda x: x * scale + offset)
 
 
 def _activation_layer(activation: str) -> dict:
     return dict(fn=lambda x: x, activation=_activation_name(activation))
 
 
+def _relu(max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0) -> dict:
+    """x from `threshold` up to `max_value`, `negative_slope` * (x - threshold) below it, as keras.activations.relu."""
+    top = None if max_value is None else _real(max_value, "max_value", low=0)
+    slope, cut = _real(negative_slope, "negative_slope", low=0), _real(threshold, "threshold", low=0)
+
+    def relu(x: jax.Array) -> jax.Array:
+        return jnp.where(x > cut, x if top is None else jnp.minimum(x, top), slope * (x - cut))
+    return dict(fn=relu)
+
+
+def _leaky_relu(negative_slope: float = 0.3) -> dict:
+    return dict(fn=functools.partial(nn.leaky_relu, negative_slope=_real(negative_slope, "negative_slope", low=0)))
+
+
+def _prelu(*, shared_axes=None) -> dict:
+    axes = () if shared_axes is None else _int_axes(shared_axes, "shared_axes")
+    if any(a < 0 for a in axes):
+        raise ConfigError(f"shared_axes={shared_axes!r} is not valid: expected axes from 1 (the first after the "
+                          "batch's)")
+
+    def check(shape: tuple[int, ...]) -> None:
+        if axes and max(axes) >= len(shape):
+            raise ShapeError(f"PReLU(shared_axes={shared_axes!r}) does not fit inputs shaped {format_shape(shape)}, "
+                             f"whose axes after the batch's run from 1 to {len(shape) - 1}")
+    return dict(module=PReLU(shared_axes=axes), check=check)
+
+
+def _elu(alpha: float = 1.0) -> dict:
+    return dict(fn=functools.partial(nn.elu, alpha=_real(alpha, "alpha")))
+
+
+def _softmax(axis: int = -1) -> dict:
+    """Softmax over `axis`; over the last axis it is the activation 'softmax', so a final Softmax() leaves the
+    loss its logits, as Dense(..., activation='softmax') does."""
+    axes = _int_axes(axis, "axis")
+    if axes == (-1,):
+        return dict(fn=lambda x: x, activation="softmax")
+    return dict(fn=functools.partial(nn.softmax, axis=axes), check=_needs_axes(axes, "Softmax", "axis"))
+
+
 def _flatten() -> dict:
     return dict(fn=lambda x: x.reshape(x.shape[0], -1))
+
+
+def _reshape(target_shape) -> dict:
+    """(None, *target_shape), where one entry may be -1: whatever the input's size leaves for it."""
+    shape = tuple(target_shape) if isinstance(target_shape, (tuple, list)) else ()
+    if not shape or not all(is_int(n) and (n > 0 or n == -1) for n in shape) or shape.count(-1) > 1:
+        raise ConfigError(f"target_shape={target_shape!r} is not valid: expected a tuple of positive integers, "
+                          "one of which may be -1")
+    known = math.prod(n for n in shape if n != -1)
+
+    def check(input_shape: tuple[int, ...]) -> None:
+        size = math.prod(input_shape[1:])
+        if (size % known if -1 in shape else size != known):
+            raise ShapeError(f"Reshape({shape}) cannot hold inputs shaped {format_shape(input_shape)}: "
+                             f"{size} values per example, which {'do not divide by' if -1 in shape else 'is not'} "
+                             f"{known}")
+    return dict(fn=lambda x: x.reshape(x.shape[0], *shape), check=check)
 
 
 def _embedding(input_dim: int, output_dim: int) -> dict:
@@ -275,21 +627,32 @@ def _residual_block(filters: int, strides: int = 1, shortcut: str = "pad") -> di
 
 
 LAYERS: dict[str, Callable[..., dict]] = {
-    "Conv1D": _conv(1),
-    "Conv2D": _conv(2),
-    "MaxPooling1D": _pool("max", 1),
-    "MaxPooling2D": _pool("max", 2),
-    "AveragePooling1D": _pool("avg", 1),
-    "AveragePooling2D": _pool("avg", 2),
-    "GlobalAveragePooling1D": _global_pool("avg", 1),
-    "GlobalAveragePooling2D": _global_pool("avg", 2),
-    "GlobalMaxPooling1D": _global_pool("max", 1),
-    "GlobalMaxPooling2D": _global_pool("max", 2),
+    **{f"Conv{r}D": _conv(r) for r in (1, 2, 3)},
+    **{f"Conv{r}DTranspose": _conv_transpose(r) for r in (1, 2, 3)},
+    **{f"DepthwiseConv{r}D": _depthwise_conv(r) for r in (1, 2)},
+    **{f"SeparableConv{r}D": _separable_conv(r) for r in (1, 2)},
+    **{f"MaxPooling{r}D": _pool("max", r) for r in (1, 2, 3)},
+    **{f"AveragePooling{r}D": _pool("avg", r) for r in (1, 2, 3)},
+    **{f"GlobalAveragePooling{r}D": _global_pool("avg", r) for r in (1, 2, 3)},
+    **{f"GlobalMaxPooling{r}D": _global_pool("max", r) for r in (1, 2, 3)},
+    **{f"UpSampling{r}D": _up_sampling(r) for r in (1, 2, 3)},
+    **{f"ZeroPadding{r}D": _zero_padding(r) for r in (1, 2, 3)},
+    **{f"Cropping{r}D": _cropping(r) for r in (1, 2, 3)},
     "Flatten": _flatten,
+    "Reshape": _reshape,
     "Dense": _dense,
     "Dropout": _dropout,
+    **{f"SpatialDropout{r}D": _spatial_dropout(r) for r in (1, 2, 3)},
     "BatchNormalization": _batch_norm,
+    "LayerNormalization": _layer_norm,
+    "GroupNormalization": _group_norm,
+    "Rescaling": _rescaling,
     "Activation": _activation_layer,
+    "ReLU": _relu,
+    "LeakyReLU": _leaky_relu,
+    "PReLU": _prelu,
+    "ELU": _elu,
+    "Softmax": _softmax,
     "Embedding": _embedding,
     "ResidualBlock": _residual_block,
 }
