@@ -2,7 +2,7 @@
 
 import sys
 
-from cnn.cli.main import run
+from cnn.cli.main import command
 
 if __name__ == "__main__":
-    run(["python -m cnn.main", *sys.argv[1:]])
+    command(["python -m cnn.main", *sys.argv[1:]])

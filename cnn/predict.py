@@ -2,7 +2,7 @@
 
 import sys
 
-from cnn.cli.predict import run
+from cnn.cli.predict import command
 
 if __name__ == "__main__":
-    run(["python -m cnn.predict", *sys.argv[1:]])
+    command(["python -m cnn.predict", *sys.argv[1:]])

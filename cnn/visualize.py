@@ -2,7 +2,7 @@
 
 import sys
 
-from cnn.cli.visualize import run
+from cnn.cli.visualize import command
 
 if __name__ == "__main__":
-    run(["python -m cnn.visualize", *sys.argv[1:]])
+    command(["python -m cnn.visualize", *sys.argv[1:]])

@@ -1,4 +1,4 @@
-"""`cnn COMMAND [FLAGS ...]`: the one console command; each subcommand is a module of cnn/cli with `run(argv)`.
+"""`cnn COMMAND [FLAGS ...]`: the one console command; each subcommand is a module of cnn/cli with `command(argv)`.
 
 A subcommand's module is imported only when it runs, so `cnn --help` starts
 in a fraction of a second and `cnn sweep` never loads JAX. Adding one is an
@@ -16,7 +16,7 @@ from cnn.cli import HELP_FLAGS, fail
 
 
 class Command(NamedTuple):
-    module: str  # defines the flags and `run(argv)`
+    module: str  # defines the flags and `command(argv)`
     summary: str  # its line in `cnn --help`
 
 
@@ -49,5 +49,5 @@ def main(argv: list[str] | None = None) -> NoReturn:
         hint = f"did you mean {close[0]!r}? " if close else ""
         fail(f"{name!r} is not a cnn command; {hint}the commands: {', '.join(COMMANDS)} (cnn --help says what each "
              "does)")
-    importlib.import_module(COMMANDS[name].module).run([f"cnn {name}", *rest])
+    importlib.import_module(COMMANDS[name].module).command([f"cnn {name}", *rest])
     sys.exit(0)

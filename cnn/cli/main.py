@@ -102,6 +102,6 @@ def _explain_override(argv: list[str], error: Exception) -> str:
     return f"a --config override could not be applied ({error})"
 
 
-def run(argv: list[str]) -> None:
+def command(argv: list[str]) -> None:
     """`argv[0]` names the command as the user typed it, for the usage line."""
     app.run(main, argv=argv, flags_parser=flags_parser(USAGE, _explain_override))

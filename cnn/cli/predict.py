@@ -63,6 +63,6 @@ def main(argv: list[str]) -> None:
         fail(f"{failed} of {len(paths)} files could not be predicted (see above)")
 
 
-def run(argv: list[str]) -> None:
+def command(argv: list[str]) -> None:
     """`argv[0]` names the command as the user typed it, for the usage line."""
     app.run(main, argv=argv, flags_parser=flags_parser(USAGE))

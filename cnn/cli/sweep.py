@@ -130,6 +130,6 @@ def _sweep(path: str, extra: list[str]) -> int:
     return 1 if worker.failures else 0
 
 
-def run(argv: list[str]) -> None:
+def command(argv: list[str]) -> None:
     """`argv[0]` names the command as the user typed it, for the usage line."""
     sys.exit(main(argv))

@@ -50,6 +50,6 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
 
 
-def run(argv: list[str]) -> None:
+def command(argv: list[str]) -> None:
     """`argv[0]` names the command as the user typed it, for the usage line."""
     app.run(main, argv=argv, flags_parser=flags_parser(USAGE))

@@ -2,7 +2,7 @@
 
 import sys
 
-from cnn.cli.sweep import run
+from cnn.cli.sweep import command
 
 if __name__ == "__main__":
-    run(["python -m cnn.sweep", *sys.argv[1:]])
+    command(["python -m cnn.sweep", *sys.argv[1:]])

@@ -161,9 +161,9 @@ def claim(worker: Worker) -> trial_lib.Running | None:
     """The next trial for this worker: an orphaned one first, then a new one while the study has room."""
     with worker.lock():
         trials = worker.study.get_trials(deepcopy=False)
-        run = _adoptable(worker, trials)
-        if run is not None:
-            return run
+        trial = _adoptable(worker, trials)
+        if trial is not None:
+            return trial
         new = _new_trial(worker, trials)
         if new is None:
             return None
@@ -196,39 +196,39 @@ def _env(worker: Worker, number: int) -> dict[str, str]:
     return env
 
 
-def _launch(worker: Worker, run: trial_lib.Running, log: Callable[[str], None]) -> None:
-    trial_lib.start(run, command(worker.sweep, run.workdir, run.params, worker.extra), _env(worker, run.number))
-    values = ", ".join(f"{k}={v}" for k, v in worker.sweep.ordered(run.params).items())
-    log(f"sweep: trial {run.number} {'resumed' if run.resumed else 'started'} in {run.workdir} ({values})")
+def _launch(worker: Worker, trial: trial_lib.Running, log: Callable[[str], None]) -> None:
+    trial_lib.start(trial, command(worker.sweep, trial.workdir, trial.params, worker.extra), _env(worker, trial.number))
+    values = ", ".join(f"{k}={v}" for k, v in worker.sweep.ordered(trial.params).items())
+    log(f"sweep: trial {trial.number} {'resumed' if trial.resumed else 'started'} in {trial.workdir} ({values})")
 
 
 def _numbers(results: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def finish(worker: Worker, run: trial_lib.Running, stopping: bool, log: Callable[[str], None]) -> str:
+def finish(worker: Worker, trial: trial_lib.Running, stopping: bool, log: Callable[[str], None]) -> str:
     """Tells the study how the trial's process ended; returns the trial's state now ('RUNNING': it can resume)."""
-    code, metric, number = run.proc.returncode, worker.sweep.metric, run.number
-    took = format_seconds(time.time() - run.started)
+    code, metric, number = trial.proc.returncode, worker.sweep.metric, trial.number
+    took = format_seconds(time.time() - trial.started)
     state, note = TrialState.FAIL, f"exit {code}"
     if code == 0:
-        results = _numbers(trial_lib.read_results(run.workdir))
+        results = _numbers(trial_lib.read_results(trial.workdir))
         if metric in results:
             trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id, number)
             worker.storage.set_trial_user_attr(trial_id, "results", results)
             state, note = TrialState.COMPLETE, f"{metric} {results[metric]:.4g}"
         else:
-            worker.fatal = (f"{worker.sweep.path}: metric {metric!r} is not in {run.workdir}/results.json; "
+            worker.fatal = (f"{worker.sweep.path}: metric {metric!r} is not in {trial.workdir}/results.json; "
                             f"use one of {', '.join(sorted(results))}")
     elif code == trial_lib.PRUNED_EXIT:
         state = TrialState.PRUNED
     elif stopping or code in trial_lib.STOPPED_EXITS:
-        trial_lib.release(run)
+        trial_lib.release(trial)
         log(f"sweep: trial {number} stopped after {took} and stays RUNNING, its checkpoint saved; run the sweep "
             "again to resume it")
         return "RUNNING"
     worker.teller.tell(number, results[metric] if state == TrialState.COMPLETE else None, state=state)
-    trial_lib.release(run)
+    trial_lib.release(trial)
     trials = worker.study.get_trials(deepcopy=False)
     if state == TrialState.PRUNED:
         steps = trials[number].intermediate_values
@@ -237,8 +237,8 @@ def finish(worker: Worker, run: trial_lib.Running, stopping: bool, log: Callable
     log(f"sweep [{done}/{worker.n_trials}] trial {number} {state.name} ({note}) after {took}")
     if state == TrialState.FAIL:
         worker.failures += 1
-        log(f"    end of {os.path.join(run.workdir, 'log.txt')}:\n    " +
-            trial_lib.log_tail(run.workdir).replace("\n", "\n    "))
+        log(f"    end of {os.path.join(trial.workdir, 'log.txt')}:\n    " +
+            trial_lib.log_tail(trial.workdir).replace("\n", "\n    "))
     return state.name
 
 
@@ -256,23 +256,23 @@ def run_trials(worker: Worker, log: Callable[[str], None] = print,
     try:
         while True:
             while wanted and not signals and worker.fatal is None and len(running) < worker.workers:
-                run = claim(worker)
-                if run is None:
+                trial = claim(worker)
+                if trial is None:
                     wanted = False  # until one of ours ends: then the study may have room, or an orphan
                     break
-                _launch(worker, run, log)
-                running.append(run)
+                _launch(worker, trial, log)
+                running.append(trial)
                 launched += 1
             if not running:
                 break
             if len(signals) > forwarded:
                 forwarded = len(signals)
-                for run in running:
-                    run.proc.send_signal(signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
+                for trial in running:
+                    trial.proc.send_signal(signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
             time.sleep(0.2)
-            for run in [r for r in running if r.proc.poll() is not None]:
-                running.remove(run)
-                finish(worker, run, bool(signals), log)
+            for trial in [r for r in running if r.proc.poll() is not None]:
+                running.remove(trial)
+                finish(worker, trial, bool(signals), log)
                 on_change()
                 wanted = True
     finally:

@@ -87,20 +87,20 @@ class Running:
     started: float = 0.0
 
 
-def start(run: Running, command: list[str], env: dict[str, str]) -> None:
+def start(trial: Running, command: list[str], env: dict[str, str]) -> None:
     """Starts the trial's process, its output appended to WORKDIR/log.txt; the folder's lock goes with it."""
-    with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+    with open(os.path.join(trial.workdir, "log.txt"), "a") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {shlex.join(command)}\n")
         log.flush()
         # A session of its own: Ctrl-C in the terminal reaches the worker, which stops the trial with SIGTERM.
-        run.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**env, workdir_lib.LOCK_FD: str(run.lock)}, start_new_session=True,
-                                    pass_fds=(run.lock,))
-    run.started = time.time()
+        trial.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**env, workdir_lib.LOCK_FD: str(trial.lock)}, start_new_session=True,
+                                    pass_fds=(trial.lock,))
+    trial.started = time.time()
 
 
-def release(run: Running) -> None:
-    os.close(run.lock)
+def release(trial: Running) -> None:
+    os.close(trial.lock)
 
 
 def read_results(workdir: str) -> dict[str, Any]:
