@@ -100,8 +100,8 @@ def part_gradients(state: TrainState, batch: dict[str, jax.Array], batch_stats: 
         variables = recipe.cast({"params": params, **({"batch_stats": batch_stats} if batch_stats else {})})
         logits, updates = state.apply_fn(variables, x, train=True, logits=True, mutable=["batch_stats"],
                                          rngs={"dropout": rng})
-        losses, correct = compute_loss(recipe.loss, logits, batch["label"])
-        return losses.mean(), (correct.mean(), updates)
+        per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
+        return per_example.mean(), (correct.mean(), updates)
 
     (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return Gradients(grads, updates.get("batch_stats", batch_stats), {"loss": loss, "accuracy": accuracy})
@@ -155,21 +155,20 @@ def compile_train_step(mesh: jax.sharding.Mesh, parts: int = 1, recipe: Recipe =
     chooses between the two.
     """
     replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
-
-    def update(state, sums, gradients):
-        state, metrics = apply_update(state, gradients, parts)
-        return state, sums.add(metrics), metrics["loss"]
-
     if parts == 1:
         def whole(state, sums, chunk, chunk_start):
-            batch = chunk_batch(state, chunk, chunk_start)
-            return update(state, sums, part_gradients(state, batch, state.batch_stats, recipe))
+            state, metrics = train_step(state, chunk_batch(state, chunk, chunk_start), recipe)
+            return state, sums.add(metrics), metrics["loss"]
 
         return jax.jit(whole, donate_argnums=(0, 1), in_shardings=(replicated, replicated, chunk_sharding, replicated),
                        out_shardings=(replicated, replicated, replicated))
 
     def one_part(state, total, chunk, chunk_start, part):
         return add_part(state, total, chunk_batch(state, chunk, chunk_start), part, parts, recipe)
+
+    def update(state, sums, total):
+        state, metrics = apply_update(state, total, parts)
+        return state, sums.add(metrics), metrics["loss"]
 
     zeros = jax.jit(Gradients.zeros, out_shardings=replicated)
     add = jax.jit(one_part, donate_argnums=(1,), out_shardings=replicated,
@@ -189,9 +188,9 @@ def compile_train_step(mesh: jax.sharding.Mesh, parts: int = 1, recipe: Recipe =
 def eval_step(state: TrainState, batch: dict[str, jax.Array], recipe: Recipe = Recipe()) -> dict[str, jax.Array]:
     """Sums of loss and correct predictions over the batch's real (mask 1) examples."""
     logits = state.apply_fn(recipe.cast(state.variables()), recipe.inputs(batch["image"]), train=False, logits=True)
-    losses, correct = compute_loss(recipe.loss, logits, batch["label"])
+    per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
     mask = batch["mask"].astype(jnp.float32)
-    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+    return {"loss": (per_example * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
 
 def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Callable[[TrainState, dict], dict]:
