@@ -1,6 +1,6 @@
 """`python -m cnn.main`: the training command line (cnn/cli/main.py)."""
 
-from cnn.cli.main import run
+from cnn.cli.main import command_line
 
 if __name__ == "__main__":
-    run()
+    command_line()

@@ -1,6 +1,6 @@
 """`python -m cnn.predict`: the prediction command line (cnn/cli/predict.py)."""
 
-from cnn.cli.predict import run
+from cnn.cli.predict import command_line
 
 if __name__ == "__main__":
-    run()
+    command_line()

@@ -101,9 +101,10 @@ def _explain_override(argv: list[str], error: Exception) -> str:
     return f"a --config override could not be applied ({error})"
 
 
-def run() -> None:
+def command_line() -> None:
+    """The command: parses the flags (a mistake is one line plus the usage), then runs `main`."""
     app.run(main, flags_parser=flags_parser(USAGE, _explain_override))
 
 
 if __name__ == "__main__":
-    run()
+    command_line()

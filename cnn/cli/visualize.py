@@ -50,9 +50,10 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
 
 
-def run() -> None:
+def command_line() -> None:
+    """The command: parses the flags (a mistake is one line plus the usage), then runs `main`."""
     app.run(main, flags_parser=flags_parser(USAGE))
 
 
 if __name__ == "__main__":
-    run()
+    command_line()
