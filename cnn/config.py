@@ -26,7 +26,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 PAD_MODES = ("constant", "reflect")
-LOSSES = ("auto", "softmax_cross_entropy", "sigmoid_binary_cross_entropy")
+LOSS_NAMES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy")  # cnn.losses.LOSSES: what each one computes
+LOSSES = ("auto", *LOSS_NAMES)  # auto: the one the model's output fits (cnn.losses.auto)
 KERNELS = ("auto", "xla", "onednn")
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the

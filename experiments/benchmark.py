@@ -75,7 +75,6 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
 
     runtime.set_cpu_devices(num_devices)
     import jax
-    import jax.numpy as jnp
 
     from cnn import config as config_lib, data as data_lib, kernels, models, sharding, train
 
@@ -97,7 +96,7 @@ def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_bat
     images = rng.integers(0, 256, (1024, 28, 28, 1), dtype=np.uint8)
     split = data_lib.Split(images, rng.integers(0, 10, 1024).astype(np.int32))
     carry = {"state": jax.device_put(state, replicated),
-             "sums": jax.device_put({"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}, replicated)}
+             "sums": jax.device_put(train.EpochSums.zeros(), replicated)}
 
     def run(steps: int) -> None:
         # As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step.

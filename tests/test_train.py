@@ -134,16 +134,42 @@ def test_steps_on_a_staged_chunk_equal_steps_on_host_batches():
     chunk = data_lib.stage_chunk(dataset.train, rows, 8, sharding.chunk_sharding(mesh))
     assert chunk["image"].shape == (8, 32, 8, 8, 1)
     np.testing.assert_array_equal(chunk["label"][5:], np.broadcast_to(dataset.train.labels[rows[4]], (3, 32)))
-    sums = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
+    sums = train.EpochSums.zeros()
     staged, staged_sums = sharding.put_replicated((state, sums), mesh)
     start = sharding.put_replicated(np.int32(0), mesh)
-    on_host = state
+    on_host = train.create_state(cnn.build_model(config.model), optax.adam(1e-3), dataset.input_shape, 0)
+    step, host_step = train.compile_train_step(mesh), jax.jit(train.train_step)  # `step` donates the staged state
     for i in range(5):
-        staged, staged_sums, _ = jax.jit(train.train_chunk_step)(staged, staged_sums, chunk, start)
-        on_host, sums, _ = jax.jit(train.train_step_and_sum)(on_host, sums, data_lib.host_batch(dataset.train, rows[i]))
+        staged, staged_sums, _ = step(staged, staged_sums, chunk, start)
+        on_host, metrics = host_step(on_host, data_lib.host_batch(dataset.train, rows[i]))
+        sums = sums.add(metrics)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), staged.params,
                            on_host.params)
-    np.testing.assert_allclose(staged_sums["loss"], sums["loss"], rtol=1e-5)
+    np.testing.assert_allclose(staged_sums.loss, sums.loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("micro_batch_size", [0, 16])  # a step in one call; in two
+def test_an_epoch_only_dispatches_steps(tmp_path, micro_batch_size):
+    """Nothing crosses between the host and the devices implicitly during an epoch's steps: batches are staged a
+    chunk at a time by an explicit device_put, step records and checkpoints fetch with an explicit device_get, so
+    the host only dispatches. The epoch runs under jax.transfer_guard('disallow'), which raises otherwise."""
+    from cnn import runtime
+    from cnn.train import loop, metrics
+
+    config = cnn.load_config("configs/digits.py")
+    config.train.micro_batch_size, config.train.pictures = micro_batch_size, False
+    config.train.log_every_steps, config.train.checkpoint_every_steps = 5, 7
+    training, state, sums = train.prepare(config, str(tmp_path))
+    assert training.parts == (2 if micro_batch_size else 1)
+    with training.lock, metrics.MetricWriter(str(tmp_path)) as writer, runtime.stop_requests() as stop:
+        steps = metrics.StepLog(writer, 5, training.steps_per_epoch, training.learning_rate, training.start, 0)
+        with jax.transfer_guard("disallow"):
+            trained = loop.train_epoch(training, state, sums, 1, stop, steps)
+        training.checkpoints.close()
+    assert int(trained.state.step) == trained.steps_run == training.steps_per_epoch == 44
+    assert [r["step"] for r in writer.steps] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert training.checkpoints.latest_step() == 42
+    assert 0 < float(trained.sums.loss) / 44 < float(jnp.log(10.0))  # it learned: below chance
 
 
 @pytest.mark.parametrize("parts", [2, 4])
@@ -164,8 +190,7 @@ def test_accumulated_parts_train_as_the_whole_batch(parts):
     start = sharding.put_replicated(np.int32(0), mesh)
     results = []
     for step in train.compile_train_step(mesh, 1), train.compile_train_step(mesh, parts):
-        s, sums = sharding.put_replicated((fresh(), {"loss": np.zeros((), np.float32),
-                                                   "accuracy": np.zeros((), np.float32)}), mesh)
+        s, sums = sharding.put_replicated((fresh(), train.EpochSums.zeros()), mesh)
         for _ in range(3):
             s, sums, loss = step(s, sums, chunk, start)
         results.append((s, sums))
@@ -218,7 +243,7 @@ def test_final_checkpoint_restores_the_trained_state(tmp_path):
                                dataset.input_shape, seed=1)
     restored, epoch_sums = cnn.checkpoint.Checkpoints(str(tmp_path)).restore(fresh)
     assert int(restored.step) == int(run.state.step)
-    assert float(epoch_sums["loss"]) == 0.0  # saved at an epoch end
+    assert float(epoch_sums.loss) == 0.0  # saved at an epoch end
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, run.state.params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored.opt_state, run.state.opt_state)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn.kernels import cpu
+import cnn.kernels.cpu as cpu  # a sibling module (the shared convolution test), not the package
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cnn import losses
 from cnn.errors import ConfigError, ShapeError
 import cnn.models.layers as layers_lib
 import cnn.models.presets as presets
@@ -150,7 +151,7 @@ def smallest_image_size(model: Sequential, input_shape: Sequence[int], limit: in
 
 
 def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, loss: str) -> str:
-    """Checks the model's output against the dataset and picks the loss.
+    """Checks the model's output against the dataset and the loss (cnn.losses), and picks the loss for 'auto'.
 
     Returns the loss name to train with. Images too small for the model
     (a layer's window outgrows what the layers before it leave) are named
@@ -170,18 +171,10 @@ def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, 
         raise ConfigError(f"model.layers: the model's output is {layers_lib.format_shape(shape)}, not (None, units); "
                           "add Flatten() or GlobalAveragePooling2D() before the Dense layers")
     units = shape[1]
-    if loss == "auto":
-        loss = "sigmoid_binary_cross_entropy" if units == 1 else "softmax_cross_entropy"
-    if loss == "sigmoid_binary_cross_entropy":
-        if num_classes != 2 or units != 1:
-            raise ConfigError(f"loss={loss!r} needs a two-class dataset and a final Dense(1, activation='sigmoid'); "
-                              f"this dataset has {num_classes} classes and the model ends in {units} units "
-                              f"(model.layers[{last}]={model.layers[last]!r})")
-    elif units != num_classes:
-        raise ConfigError(f"model.layers[{last}]={model.layers[last]!r} gives {units} outputs but the dataset has "
-                          f"{num_classes} classes; end the model with Dense({num_classes})"
-                          + (" or Dense(1, activation='sigmoid')" if num_classes == 2 else "")
-                          + f" (with a model.preset, set model.num_classes={num_classes})")
-    if model.output_activation == "sigmoid" and loss != "sigmoid_binary_cross_entropy":
+    loss = losses.auto(units) if loss == "auto" else loss
+    error = losses.LOSSES[loss].head_error(units, num_classes, f"model.layers[{last}]={model.layers[last]!r}")
+    if error:
+        raise ConfigError(error)
+    if model.output_activation == "sigmoid" and losses.LOSSES[loss].output_activation != "sigmoid":
         raise ConfigError("model.layers: a final sigmoid needs loss='sigmoid_binary_cross_entropy' and one output unit")
     return loss

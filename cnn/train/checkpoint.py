@@ -22,16 +22,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
+from cnn.train.state import EpochSums
 
 
-def _arrays(state, epoch_sums: dict[str, jax.Array]) -> dict[str, Any]:
+def _arrays(state, epoch_sums: EpochSums) -> dict[str, Any]:
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state, "dropout_rng": jax.random.key_data(state.dropout_rng),
-            "epoch_sums": epoch_sums}
+            "epoch_sums": epoch_sums._asdict()}
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -60,9 +60,9 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state, epoch_sums: dict[str, jax.Array]) -> None:
+    def save(self, state, epoch_sums: EpochSums) -> None:
         """Saves the step's checkpoint; a failed write (a full disk) is `WriteFailed`, the older ones kept."""
-        step = int(state.step)
+        step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return
         arrays = _arrays(state, epoch_sums)
@@ -91,15 +91,14 @@ class Checkpoints:
                 OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a checkpoint needs about {need / 2**20:.1f} "
                                       f"MB, {free / 2**20:.1f} MB are free)"))
 
-    def restore(self, state) -> tuple[Any, dict[str, jax.Array]] | None:
+    def restore(self, state) -> tuple[Any, EpochSums] | None:
         """Returns (state, epoch_sums) from the newest intact checkpoint, or None if there is none.
 
         `state` is a freshly created one; it gives the structure and the
         shapes the checkpoint must have. A damaged checkpoint is reported and
         moved to WORKDIR/damaged_checkpoints/, and the one before it is used.
         """
-        zeros = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
-        target = _arrays(state, zeros)
+        target = _arrays(state, jax.device_put(EpochSums.zeros()))
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 saved = self._manager.item_metadata(step).tree
@@ -116,7 +115,7 @@ class Checkpoints:
             restored = state.replace(step=arrays["step"], params=arrays["params"],
                                      batch_stats=arrays["batch_stats"], opt_state=arrays["opt_state"],
                                      dropout_rng=jax.random.wrap_key_data(arrays["dropout_rng"]))
-            return restored, arrays["epoch_sums"]
+            return restored, EpochSums(**arrays["epoch_sums"])
         return None
 
     def _check_model(self, step: int, saved: dict, target: dict) -> None:

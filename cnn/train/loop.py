@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,8 @@ from cnn import workdir as workdir_lib
 from cnn.errors import Diverged, Preempted
 from cnn.progress import Progress
 from cnn.train.metrics import MetricWriter, StepLog
-from cnn.train.setup import ZEROS, Training, announce, prepare
-from cnn.train.state import TrainState
+from cnn.train.setup import Training, announce, prepare
+from cnn.train.state import EpochSums, TrainState
 from cnn.train.steps import Recipe
 
 
@@ -57,116 +57,143 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     runs after each epoch's checkpoint (it may raise to stop the run there).
     In a multi-process run every process calls this; only the first writes.
     """
-    run = prepare(config, workdir, dataset)
-    with run.lock:  # the workdir's lock, released however the run ends
-        announce(run)
-        with MetricWriter(workdir, run.step, enabled=run.lead) as writer, runtime.stop_requests() as stop:
-            steps = StepLog(writer, config.train.log_every_steps, run.steps_per_epoch, run.learning_rate, run.start,
-                            run.step)
-            for epoch in range(run.step // run.steps_per_epoch + 1, config.train.num_epochs + 1):
-                record, recent = train_and_test(run, epoch, stop, steps)
+    training, state, sums = prepare(config, workdir, dataset)
+    with training.lock:  # the workdir's lock, released however the run ends
+        announce(training, state)
+        step = int(jax.device_get(state.step))
+        with MetricWriter(workdir, step, enabled=training.writes_files) as writer, \
+                runtime.stop_requests() as stop:
+            steps = StepLog(writer, config.train.log_every_steps, training.steps_per_epoch, training.learning_rate,
+                            training.start, step)
+            startup_seconds = None  # process start to the end of the first step, compilation included
+            for epoch in range(step // training.steps_per_epoch + 1, config.train.num_epochs + 1):
+                epoch_start = time.time()
+                trained = train_epoch(training, state, sums, epoch, stop, steps)
+                state, step = trained.state, epoch * training.steps_per_epoch
+                if startup_seconds is None:
+                    startup_seconds = trained.first_step_end - training.start
+                record = epoch_record(training, trained, epoch, epoch_start, steps)
                 writer.write(record)
-                run.sums = sharding.put_replicated(ZEROS, run.mesh)
-                save(run, recent, epoch)  # after the record: a resume never redoes a logged epoch
-                report(run, record)
+                sums = sharding.put_replicated(EpochSums.zeros(), training.mesh)
+                # After the record: a resume never redoes a logged epoch.
+                save(training, state, sums, trained.recent_losses, epoch, step)
+                report(training, record)
                 if on_epoch_end is not None:
                     on_epoch_end(record)
                 if stop.signal is not None and epoch < config.train.num_epochs:  # it came during the evaluation
-                    raise stopped(run, stop, run.step)
+                    raise stopped(training, stop, step)
             history, step_records = writer.history, writer.steps
-        run.checkpoints.close()
-        return finish(run, history, step_records)
+        training.checkpoints.close()
+        return finish(training, state, history, step_records, startup_seconds)
 
 
-def train_and_test(run: Training, epoch: int, stop, steps: StepLog) -> tuple[dict, list[jax.Array]]:
-    """One epoch's training and test: its record for metrics.jsonl, and the losses since the last checkpoint."""
-    epoch_start, first = time.time(), run.step - (epoch - 1) * run.steps_per_epoch
-    recent, input_seconds = train_epoch(run, epoch, stop, steps)
-    epoch_sums = sharding.to_host(run.sums)
-    if not np.isfinite(epoch_sums["loss"]):
-        check_finite(run, recent, epoch)  # raises Diverged naming the step
-    train_seconds = time.time() - epoch_start
-    steps.write(run.step, epoch, epoch_sums)  # the epoch's last window
-    test = evaluate(run.state, run.dataset.test, run.eval_batch_size, run.run_eval, sharding.batch_sharding(run.mesh))
-    record = {"epoch": epoch, "step": run.step,
-              "train_loss": float(epoch_sums["loss"]) / run.steps_per_epoch,
-              "train_accuracy": float(epoch_sums["accuracy"]) / run.steps_per_epoch,
-              "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-              "epoch_seconds": time.time() - epoch_start,
-              "images_per_second": (run.steps_per_epoch - first) * run.config.train.batch_size / train_seconds,
-              "input_seconds": input_seconds,
-              "elapsed_seconds": time.time() - run.start}  # since the process started, imports included
-    return record, recent
+class EpochTrained(NamedTuple):
+    """What `train_epoch` gives back: the loop's variables after the epoch, and what its record needs."""
+
+    state: TrainState
+    sums: EpochSums  # on the devices
+    recent_losses: list[jax.Array]  # the steps' losses since the last checkpoint, on the devices
+    steps_run: int  # the epoch's steps this process ran (fewer than an epoch when resumed mid-epoch)
+    input_seconds: float  # staging batches on the devices
+    first_step_end: float  # wall clock when the epoch's first step had finished
 
 
-def train_epoch(run: Training, epoch: int, stop, steps: StepLog) -> tuple[list[jax.Array], float]:
-    """Runs the rest of `epoch`'s steps; returns the losses since the last checkpoint and the input time.
+def train_epoch(training: Training, state: TrainState, sums: EpochSums, epoch: int, stop, steps: StepLog
+                ) -> EpochTrained:
+    """Runs the rest of `epoch`'s steps from `state` and `sums`.
 
-    Batches are staged on the devices a chunk at a time, so each step only
-    dispatches; the running sums are fetched only where a step record is due.
-    A checkpoint is saved every `train.checkpoint_every_steps`, and at once
-    when SIGTERM or Ctrl-C arrives, which then ends the run (Preempted).
+    Batches are staged on the devices a chunk at a time (an explicit
+    device_put), so each step only dispatches: nothing goes between host and
+    devices implicitly (tests/test_train.py runs this under
+    jax.transfer_guard('disallow')). The running sums are fetched only where a
+    step record is due. A checkpoint is saved every
+    `train.checkpoint_every_steps`, and at once when SIGTERM or Ctrl-C
+    arrives, which then ends the run (Preempted).
     """
-    t = run.config.train
-    first = run.step - (epoch - 1) * run.steps_per_epoch  # batches of this epoch done before a resume
-    index = data_lib.epoch_index(len(run.dataset.train), t.batch_size, run.config.seed, epoch)
-    bar = Progress(run.steps_per_epoch - first, f"epoch {epoch}/{t.num_epochs}") if run.lead else None
-    recent, input_seconds, chunk, chunk_start = [], 0.0, None, None
-    chunks = data_lib.staged_chunks(run.dataset.train, index, first, run.steps_per_chunk,
-                                    sharding.chunk_sharding(run.mesh))
-    for i in range(first, run.steps_per_epoch):
-        if (i - first) % run.steps_per_chunk == 0:
+    settings, steps_per_epoch = training.config.train, training.steps_per_epoch
+    steps_before = (epoch - 1) * steps_per_epoch  # the step count when the epoch began
+    start_batch = int(jax.device_get(state.step)) - steps_before  # > 0 when resumed mid-epoch
+    order = data_lib.epoch_index(len(training.dataset.train), settings.batch_size, training.config.seed, epoch)
+    bar = Progress(steps_per_epoch - start_batch, f"epoch {epoch}/{settings.num_epochs}") \
+        if training.writes_files else None
+    chunks = data_lib.staged_chunks(training.dataset.train, order, start_batch, training.steps_per_chunk,
+                                    sharding.chunk_sharding(training.mesh))
+    recent, input_seconds, first_step_end, chunk, chunk_start = [], 0.0, None, None, None
+    for batch in range(start_batch, steps_per_epoch):
+        if (batch - start_batch) % training.steps_per_chunk == 0:
             began, chunk = time.time(), None  # the previous chunk can go before the next one is made
             chunk = next(chunks)
-            chunk_start = sharding.put_replicated(np.int32((epoch - 1) * run.steps_per_epoch + i), run.mesh)
+            chunk_start = sharding.put_replicated(np.int32(steps_before + batch), training.mesh)
             input_seconds += time.time() - began
-        run.state, run.sums, loss = run.run_step(run.state, run.sums, chunk, chunk_start)
-        if run.startup_seconds is None:
+        state, sums, loss = training.train_fn(state, sums, chunk, chunk_start)
+        if first_step_end is None:
             jax.block_until_ready(loss)
-            run.startup_seconds = time.time() - run.start
+            first_step_end = time.time()
         recent.append(loss)
         bar and bar.update()
-        step = i + 1 + (epoch - 1) * run.steps_per_epoch
+        step = steps_before + batch + 1
         if steps.due(step):  # before a checkpoint at this step: a resume from it relies on the record
-            steps.write(step, epoch, sharding.to_host(run.sums))
-        if stop.signal is not None or (t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0
-                                       and step % run.steps_per_epoch):
-            save(run, recent, epoch)
+            steps.write(step, epoch, sharding.to_host(sums))
+        if stop.signal is not None or (settings.checkpoint_every_steps and step % settings.checkpoint_every_steps == 0
+                                       and step % steps_per_epoch):
+            save(training, state, sums, recent, epoch, step)
             recent = []
             if stop.signal is not None:
                 chunks.close()  # stops a streamed split's read-ahead thread
-                raise stopped(run, stop, step)
+                raise stopped(training, stop, step)
     bar and bar.close()
     chunks.close()
-    return recent, input_seconds
+    return EpochTrained(state, sums, recent, steps_per_epoch - start_batch, input_seconds, first_step_end)
 
 
-def stopped(run: Training, stop, step: int) -> Preempted:
+def epoch_record(training: Training, trained: EpochTrained, epoch: int, epoch_start: float, steps: StepLog) -> dict:
+    """The epoch's record for metrics.jsonl, with the test split's loss and accuracy; also writes its last step
+    record. Stops the run (Diverged) if the epoch's loss is not finite."""
+    step = epoch * training.steps_per_epoch
+    sums = sharding.to_host(trained.sums)
+    if not np.isfinite(sums.loss):
+        check_finite(training, trained.recent_losses, epoch, step)  # raises Diverged naming the step
+    train_seconds = time.time() - epoch_start
+    steps.write(step, epoch, sums)  # the epoch's last window
+    test = evaluate(trained.state, training.dataset.test, training.eval_batch_size, training.eval_fn,
+                    sharding.batch_sharding(training.mesh))
+    return {"epoch": epoch, "step": step,
+            "train_loss": float(sums.loss) / training.steps_per_epoch,
+            "train_accuracy": float(sums.accuracy) / training.steps_per_epoch,
+            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "epoch_seconds": time.time() - epoch_start,
+            "images_per_second": trained.steps_run * training.config.train.batch_size / train_seconds,
+            "input_seconds": trained.input_seconds,
+            "elapsed_seconds": time.time() - training.start}  # since the process started, imports included
+
+
+def stopped(training: Training, stop, step: int) -> Preempted:
     """The end of a run stopped by SIGTERM or Ctrl-C, once its checkpoint at `step` is saved."""
-    run.checkpoints.close()
+    training.checkpoints.close()
     return Preempted(f"{runtime.STOP_SIGNALS[stop.signal]}: saved a checkpoint at step {step} in "
-                     f"{run.checkpoints.directory}; run the same command to resume", 128 + stop.signal)
+                     f"{training.checkpoints.directory}; run the same command to resume", 128 + stop.signal)
 
 
-def check_finite(run: Training, losses: list[jax.Array], epoch: int) -> None:
-    """Stops the run, naming the step, if a loss since the last checkpoint is NaN or infinite."""
+def check_finite(training: Training, losses: list[jax.Array], epoch: int, step: int) -> None:
+    """Stops the run, naming the step, if a loss since the last checkpoint (the last at `step`) is NaN or infinite."""
     if not losses:
         return
     values = sharding.to_host(jnp.stack(losses))
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-        latest = run.checkpoints.latest_step()
+        latest = training.checkpoints.latest_step()
         kept = f"the last good checkpoint (step {latest}) is kept" if latest is not None else \
             "no checkpoint had been saved yet"
-        raise Diverged(f"the training loss became {values[bad[0]]} at step {run.step - len(values) + bad[0] + 1} "
+        raise Diverged(f"the training loss became {values[bad[0]]} at step {step - len(values) + bad[0] + 1} "
                        f"(epoch {epoch}); stopped without saving: {kept}; lower optimizer.learning_rate (now "
-                       f"{run.config.optimizer.learning_rate}) and train in a new --workdir")
+                       f"{training.config.optimizer.learning_rate}) and train in a new --workdir")
 
 
-def save(run: Training, recent_losses: list[jax.Array], epoch: int) -> None:
-    """A checkpoint of the state and the epoch's sums, unless a loss since the last one is not finite."""
-    check_finite(run, recent_losses, epoch)
-    run.checkpoints.save(run.state, run.sums)
+def save(training: Training, state: TrainState, sums: EpochSums, recent_losses: list[jax.Array], epoch: int,
+         step: int) -> None:
+    """A checkpoint of the state (at `step`) and the epoch's sums, unless a loss since the last one is not finite."""
+    check_finite(training, recent_losses, epoch, step)
+    training.checkpoints.save(state, sums)
 
 
 def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, eval_fn, batch_sharding
@@ -181,35 +208,35 @@ def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, eval_fn,
     return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
 
 
-def report(run: Training, record: dict) -> None:
-    run.say(f"epoch {record['epoch']:>3}/{run.config.train.num_epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
-            f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
-            f"({record['images_per_second']:,.0f} {'img' if run.dataset.is_image else 'examples'}/s) "
-            f"at {record['elapsed_seconds']:.1f}s")
+def report(training: Training, record: dict) -> None:
+    training.log(f"epoch {record['epoch']:>3}/{training.config.train.num_epochs}  train loss "
+                 f"{record['train_loss']:.4f} acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
+                 f"acc {record['test_accuracy']:.2%}  {record['epoch_seconds']:.1f}s "
+                 f"({record['images_per_second']:,.0f} {'img' if training.dataset.is_image else 'examples'}/s) "
+                 f"at {record['elapsed_seconds']:.1f}s")
 
 
-def finish(run: Training, history: list[dict], step_records: list[dict]) -> TrainResult:
+def finish(training: Training, state: TrainState, history: list[dict], step_records: list[dict],
+           startup_seconds: float | None) -> TrainResult:
     """Writes results.json (the last epoch's figures, and what prediction needs) and returns the TrainResult."""
-    last, t = history[-1], run.config.train
+    last, dataset = history[-1], training.dataset
     results = {
-        "dataset": run.dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+        "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
         "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
-        "epochs": t.num_epochs, "steps": run.step,
-        "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - run.start,
-        "seed": run.config.seed, "parameters": models.layers.parameter_count(run.state.params),
-        "startup_seconds": run.startup_seconds, "devices": run.mesh.size, "processes": jax.process_count(),
-        "input_path": run.dataset.input_path,  # 'memory', or 'streamed' from disk (larger than data.max_memory_gb)
+        "epochs": training.config.train.num_epochs, "steps": int(jax.device_get(state.step)),
+        "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - training.start,
+        "seed": training.config.seed, "parameters": models.layers.parameter_count(state.params),
+        "startup_seconds": startup_seconds, "devices": training.mesh.size, "processes": jax.process_count(),
+        "input_path": dataset.input_path,  # 'memory', or 'streamed' from disk (larger than data.max_memory_gb)
         "input_share": sum(r["input_seconds"] for r in history) / max(sum(r["epoch_seconds"] for r in history), 1e-9),
-        **data_lib.describe(run.dataset),  # class names, input shape: cnn.predict then needs no dataset
+        **data_lib.describe(dataset),  # class names, input shape: cnn.predict then needs no dataset
     }
-    state = run.state if jax.process_count() == 1 else sharding.to_host(run.state)  # a host copy to draw from
-    result = TrainResult(state=state, model=run.model, history=history, results=results,
-                         class_names=run.dataset.class_names, recipe=run.recipe, dataset=run.dataset,
-                         steps=step_records)
-    if run.lead:
-        workdir_lib.write_json(os.path.join(run.workdir, workdir_lib.RESULTS), results)
-        run.say(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
-                f"({results['train_seconds']:.1f}s training); results in "
-                f"{os.path.join(run.workdir, workdir_lib.RESULTS)}")
+    state = state if jax.process_count() == 1 else sharding.to_host(state)  # a host copy to draw from
+    result = TrainResult(state=state, model=training.model, history=history, results=results,
+                         class_names=dataset.class_names, recipe=training.recipe, dataset=dataset, steps=step_records)
+    if training.writes_files:
+        path = os.path.join(training.workdir, workdir_lib.RESULTS)
+        workdir_lib.write_json(path, results)
+        training.log(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
+                     f"({results['train_seconds']:.1f}s training); results in {path}")
     return result

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cnn import workdir as workdir_lib
+from cnn.train.state import EpochSums
 
 # TensorBoard tags of the step records' fields; the epoch records' train means go to train/epoch_*.
 STEP_TAGS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "learning_rate": "learning_rate"}
@@ -127,30 +128,31 @@ class StepLog:
         self.writer, self.every, self.steps_per_epoch = writer, every, steps_per_epoch
         self.learning_rate, self.start = learning_rate, start
         self.epoch_start = step // steps_per_epoch * steps_per_epoch
-        self.last_step, self.last_sums = self.epoch_start, {"loss": np.float32(0), "accuracy": np.float32(0)}
+        self.last_step, self.last_sums = self.epoch_start, EpochSums.zeros()
         last = writer.steps[-1] if writer.steps else None
         if last is not None and self.epoch_start < last["step"] <= step:  # resumed mid-epoch
             count = last["step"] - self.epoch_start
             self.last_step = last["step"]
             # A float32 sum divided by a count in float64, times the count, rounds back to the same float32.
-            self.last_sums = {key: np.float32(last[f"epoch_train_{key}"] * count) for key in self.last_sums}
+            self.last_sums = EpochSums(*(np.float32(last[f"epoch_train_{key}"] * count) for key in EpochSums._fields))
 
     def due(self, step: int) -> bool:
         """Whether a window ends after `step` inside an epoch (the loop writes the epoch's last one itself)."""
         return self.writer.enabled and self.every > 0 and step % self.every == 0 and step % self.steps_per_epoch != 0
 
-    def write(self, step: int, epoch: int, sums: dict) -> None:
+    def write(self, step: int, epoch: int, sums: EpochSums) -> None:
         """The window that ends at `step`, from the epoch's running `sums` (on the host) after it."""
         if not self.writer.enabled:
             return
         count, since_epoch = step - self.last_step, step - self.epoch_start
-        means = {key: (float(sums[key]) - float(self.last_sums[key])) / count for key in ("loss", "accuracy")}
         self.writer.write_steps({
-            "epoch": epoch, "step": step, "train_loss": means["loss"], "train_accuracy": means["accuracy"],
+            "epoch": epoch, "step": step,
+            "train_loss": (float(sums.loss) - float(self.last_sums.loss)) / count,
+            "train_accuracy": (float(sums.accuracy) - float(self.last_sums.accuracy)) / count,
             "learning_rate": self.learning_rate(step - 1),  # the rate of the window's last update
-            "epoch_train_loss": float(sums["loss"]) / since_epoch,
-            "epoch_train_accuracy": float(sums["accuracy"]) / since_epoch,
+            "epoch_train_loss": float(sums.loss) / since_epoch,
+            "epoch_train_accuracy": float(sums.accuracy) / since_epoch,
             "elapsed_seconds": time.time() - self.start})
-        self.last_step, self.last_sums = step, {key: np.float32(sums[key]) for key in ("loss", "accuracy")}
+        self.last_step, self.last_sums = step, EpochSums(np.float32(sums.loss), np.float32(sums.accuracy))
         if step % self.steps_per_epoch == 0:  # the next epoch's sums start from zero
-            self.epoch_start, self.last_sums = step, {key: np.float32(0) for key in self.last_sums}
+            self.epoch_start, self.last_sums = step, EpochSums.zeros()

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 
 from cnn import config as config_lib
 from cnn import data as data_lib
@@ -24,88 +23,85 @@ from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 from cnn.train.checkpoint import Checkpoints
 from cnn.train.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
-from cnn.train.state import TrainState, create_state
+from cnn.train.state import EpochSums, TrainState, create_state
 from cnn.train.steps import Recipe, TrainStepFn, compile_eval_step, compile_train_step
 
-ZEROS = {"loss": np.zeros((), np.float32), "accuracy": np.zeros((), np.float32)}  # host: device copies are donated
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Training:
-    """One training run in progress: what the loop reads, and the state it advances."""
+    """The plan of one training run, fixed before its first step: what it trains on, the model, the compiled
+    steps, the sizes, where it writes. The loop's variables, the state and the epoch's sums, travel beside it
+    (`prepare` returns their first values; the loop passes them on)."""
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict  # compute_dtype='auto' resolved
     workdir: str
-    lead: bool  # the process that writes files and prints (the only one unless several processes share a run)
+    writes_files: bool  # the process that writes files and prints (the only one unless several processes share a run)
     dataset: data_lib.Dataset
     model: models.Sequential
     recipe: Recipe
     mesh: jax.sharding.Mesh
     checkpoints: Checkpoints
-    state: TrainState
-    sums: dict  # the epoch's running loss and accuracy sums, on the devices
-    resumed: bool
+    resumed: bool  # the first state came from a checkpoint
     steps_per_epoch: int
-    steps_per_chunk: int
+    steps_per_chunk: int  # batches staged on the devices at once
     eval_batch_size: int
-    parts: int
-    run_step: TrainStepFn
-    run_eval: Callable
+    parts: int  # compiled calls per training step (train.micro_batch_size)
+    train_fn: TrainStepFn  # compile_train_step's: (state, sums, chunk, chunk_start) -> (state, sums, loss)
+    eval_fn: Callable[[TrainState, dict], dict]  # compile_eval_step's: (state, batch) -> sums over the batch
     learning_rate: Callable[[int], float]  # the rate of update `count` (0: the first), computed on the host
     start: float  # when the process started (wall clock): logged times count from it
-    startup_seconds: float | None = None  # process start to the end of the first step, compilation included
     lock: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)  # the workdir's, held
 
-    @property
-    def step(self) -> int:
-        return int(self.state.step)
-
-    def say(self, *args, **kwargs) -> None:
-        if self.lead:
+    def log(self, *args, **kwargs) -> None:
+        """print(), flushed, in the process that writes files; nothing in the others."""
+        if self.writes_files:
             print(*args, **kwargs, flush=True)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None) -> Training:
+def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None
+            ) -> tuple[Training, TrainState, EpochSums]:
     """Checks the config, loads the data, builds the model and the state, and only then takes the workdir's lock
-    and resumes from its checkpoints (refusing a config other than theirs). The lock stays held until
-    `Training.lock` is closed (train_and_evaluate does); a refused start leaves no folder it created."""
+    and resumes from its checkpoints (refusing a config other than theirs). Returns the plan and the loop's first
+    state and sums, on the devices. The lock stays held until `Training.lock` is closed (train_and_evaluate does);
+    a refused start leaves no folder it created."""
     start = runtime.process_start_time()
     config_lib.validate(config)
     models.check_config(config.model)
     runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
     runtime.use_compilation_cache()
-    lead = jax.process_index() == 0
-    if lead:
+    writes_files = jax.process_index() == 0
+    if writes_files:
         workdir_lib.refuse_if_in_use(workdir)  # before minutes of data loading
     config, dataset, model, loss, mesh, eval_batch_size, state = _plan(config, dataset)
-    with workdir_lib.removed_if_refused(workdir) if lead else contextlib.nullcontext(), \
+    with workdir_lib.removed_if_refused(workdir) if writes_files else contextlib.nullcontext(), \
             contextlib.ExitStack() as lock:  # the lock is released here if setting up fails
-        if lead:  # the process that writes: one lock per run, however many processes
+        if writes_files:  # one lock per run, however many processes
             workdir_lib.check_writable(workdir)
             lock.enter_context(workdir_lib.hold(workdir))
             check_same_config(workdir, config)
-        run = _build(config, workdir, dataset, model, loss, mesh, eval_batch_size, state, lead, start)
-        run.lock = lock.pop_all()
-    return run
+        training, state, sums = _build(config, workdir, dataset, model, loss, mesh, eval_batch_size, state,
+                                       writes_files, start)
+        training = dataclasses.replace(training, lock=lock.pop_all())
+    return training, state, sums
 
 
 def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None) -> tuple:
     """Everything that can be refused without touching the workdir: the data, the model against it, the mesh
     against the batch sizes, and the fresh state. `config` comes back with compute_dtype='auto' resolved."""
-    t = config.train
+    settings = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
     model = models.build_model(config.model, dataset.num_classes)
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
     mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
     platform = mesh.devices.flat[0].platform
-    if t.compute_dtype == "auto":  # config.json and the recipe record the dtype this run computes in
+    if settings.compute_dtype == "auto":  # config.json and the recipe record the dtype this run computes in
         config = config.copy_and_resolve_references()
-        config.train.compute_dtype = kernels.compute_dtype(t.compute_dtype, t.kernels, platform)
-    kernels.check(t.kernels, config.train.compute_dtype, platform)
-    steps_per_epoch = len(dataset.train) // t.batch_size
-    tx = make_optimizer(config.optimizer, steps_per_epoch, t.num_epochs)
-    state = create_state(model, tx, dataset.input_shape, config.seed, t.kernels, platform)
+        config.train.compute_dtype = kernels.compute_dtype(settings.compute_dtype, settings.kernels, platform)
+    kernels.check(settings.kernels, config.train.compute_dtype, platform)
+    steps_per_epoch = len(dataset.train) // settings.batch_size
+    tx = make_optimizer(config.optimizer, steps_per_epoch, settings.num_epochs)
+    state = create_state(model, tx, dataset.input_shape, config.seed, settings.kernels, platform)
     return config, dataset, model, loss, mesh, eval_batch_size, state
 
 
@@ -123,81 +119,84 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset, model: models.Sequential,
-           loss: str, mesh: jax.sharding.Mesh, eval_batch_size: int, state: TrainState, lead: bool, start: float
-           ) -> Training:
-    """The run: resumed from the workdir's newest intact checkpoint if it has one, with its compiled steps."""
-    t = config.train
+           loss: str, mesh: jax.sharding.Mesh, eval_batch_size: int, state: TrainState, writes_files: bool,
+           start: float) -> tuple[Training, TrainState, EpochSums]:
+    """The plan with its compiled steps, and the first state and sums: from the workdir's newest intact checkpoint
+    if it has one."""
+    settings = config.train
     platform = mesh.devices.flat[0].platform
-    steps_per_epoch = len(dataset.train) // t.batch_size
-    checkpoints = Checkpoints(workdir, keep=t.keep_checkpoints, owner=True)
+    steps_per_epoch = len(dataset.train) // settings.batch_size
+    checkpoints = Checkpoints(workdir, keep=settings.keep_checkpoints, owner=True)
     restored = checkpoints.restore(state)
-    state, sums = restored if restored else (state, ZEROS)
+    state, sums = restored if restored else (state, EpochSums.zeros())
     state, sums = sharding.put_replicated((state, sums), mesh)
-    micro_batch_size = t.micro_batch_size or sharding.micro_batch_size(
-        t.batch_size, mesh, kernels.whole_batch(t.kernels, t.compute_dtype, platform))
+    micro_batch_size = settings.micro_batch_size or sharding.micro_batch_size(
+        settings.batch_size, mesh, kernels.whole_batch(settings.kernels, settings.compute_dtype, platform))
     sharding.check_batch("train.micro_batch_size", micro_batch_size, mesh)
     recipe = Recipe.from_config(config, loss)
-    parts = t.batch_size // micro_batch_size
-    return Training(
-        config=config, workdir=workdir, lead=lead, dataset=dataset, model=model, recipe=recipe, mesh=mesh,
-        checkpoints=checkpoints, state=state, sums=sums, resumed=restored is not None,
-        steps_per_epoch=steps_per_epoch, steps_per_chunk=data_lib.chunk_steps(dataset.train, t.batch_size,
-                                                                              steps_per_epoch),
-        eval_batch_size=eval_batch_size, parts=parts, run_step=compile_train_step(mesh, parts, recipe),
-        run_eval=compile_eval_step(mesh, recipe), start=start,
+    parts = settings.batch_size // micro_batch_size
+    training = Training(
+        config=config, workdir=workdir, writes_files=writes_files, dataset=dataset, model=model, recipe=recipe,
+        mesh=mesh, checkpoints=checkpoints, resumed=restored is not None, steps_per_epoch=steps_per_epoch,
+        steps_per_chunk=data_lib.chunk_steps(dataset.train, settings.batch_size, steps_per_epoch),
+        eval_batch_size=eval_batch_size, parts=parts, train_fn=compile_train_step(mesh, parts, recipe),
+        eval_fn=compile_eval_step(mesh, recipe), start=start,
         learning_rate=functools.partial(host_learning_rate,
-                                        learning_rate_schedule(config.optimizer, steps_per_epoch, t.num_epochs)))
+                                        learning_rate_schedule(config.optimizer, steps_per_epoch, settings.num_epochs)))
+    return training, state, sums
 
 
 def _mesh(config: ml_collections.ConfigDict, train_size: int, test_size: int) -> tuple[jax.sharding.Mesh, int]:
     """The device mesh, checked against the batch sizes; and one fixed eval batch size no larger than needed."""
-    t = config.train
-    if t.batch_size > train_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {config.data.name} training "
+    settings = config.train
+    if settings.batch_size > train_size:
+        raise ConfigError(f"train.batch_size={settings.batch_size} is larger than the {config.data.name} training "
                           f"split ({train_size} examples); use at most {train_size}")
-    mesh = sharding.make_mesh(t.num_devices)
-    sharding.check_batch("train.batch_size", t.batch_size, mesh)
-    eval_batch_size = min(t.eval_batch_size, -(-test_size // mesh.size) * mesh.size)
+    mesh = sharding.make_mesh(settings.num_devices)
+    sharding.check_batch("train.batch_size", settings.batch_size, mesh)
+    eval_batch_size = min(settings.eval_batch_size, -(-test_size // mesh.size) * mesh.size)
     sharding.check_batch("train.eval_batch_size", eval_batch_size, mesh)
     return mesh, eval_batch_size
 
 
-def announce(run: Training) -> None:
+def announce(training: Training, state: TrainState) -> None:
     """Prints the summary and what will run, and writes summary.txt and config.json."""
-    dataset, mesh, t = run.dataset, run.mesh, run.config.train
-    table = models.summary(run.model, dataset.input_shape)
+    dataset, mesh, settings = training.dataset, training.mesh, training.config.train
+    table = models.summary(training.model, dataset.input_shape)
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    parts = f", each step in {run.parts} parts of {t.batch_size // run.parts}" if run.parts > 1 else ""
-    if parts and run.state.batch_stats:
+    parts = f", each step in {training.parts} parts of {settings.batch_size // training.parts}" \
+        if training.parts > 1 else ""
+    if parts and state.batch_stats:
         parts += " (batch norm statistics per part)"
-    onednn = " through oneDNN" if kernels.onednn_in_force(t.kernels, t.compute_dtype, mesh.devices.flat[0].platform) \
-        else ""
-    dtype = f"; {t.compute_dtype} compute" if t.compute_dtype != "float32" else ""
-    run.say(table)
-    run.say(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test examples of {dataset.input_shape}, "
-            f"{dataset.num_classes} classes; {run.steps_per_epoch} steps/epoch on {mesh.size} "
-            f"{mesh.devices.flat[0].platform} device(s){processes}{parts}; loss {run.recipe.loss}{dtype}{onednn}")
-    if run.resumed:
-        run.say(f"resuming from the checkpoint at step {run.step} (epoch {run.step // run.steps_per_epoch + 1}, "
-                f"batch {run.step % run.steps_per_epoch})")
-    if run.lead:
-        workdir_lib.write_atomic(os.path.join(run.workdir, workdir_lib.SUMMARY), table + "\n")
-        workdir_lib.write_atomic(os.path.join(run.workdir, workdir_lib.CONFIG),
-                                 run.config.to_json_best_effort(indent=2) + "\n")
-        write_skipped(run)
+    platform = mesh.devices.flat[0].platform
+    onednn = " through oneDNN" if kernels.onednn_in_force(settings.kernels, settings.compute_dtype, platform) else ""
+    dtype = f"; {settings.compute_dtype} compute" if settings.compute_dtype != "float32" else ""
+    training.log(table)
+    training.log(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test examples of "
+                 f"{dataset.input_shape}, {dataset.num_classes} classes; {training.steps_per_epoch} steps/epoch on "
+                 f"{mesh.size} {platform} device(s){processes}{parts}; loss {training.recipe.loss}{dtype}{onednn}")
+    if training.resumed:
+        step = int(jax.device_get(state.step))
+        training.log(f"resuming from the checkpoint at step {step} (epoch {step // training.steps_per_epoch + 1}, "
+                     f"batch {step % training.steps_per_epoch})")
+    if training.writes_files:
+        workdir_lib.write_atomic(os.path.join(training.workdir, workdir_lib.SUMMARY), table + "\n")
+        workdir_lib.write_atomic(os.path.join(training.workdir, workdir_lib.CONFIG),
+                                 training.config.to_json_best_effort(indent=2) + "\n")
+        write_skipped(training)
 
 
-def write_skipped(run: Training) -> None:
+def write_skipped(training: Training) -> None:
     """WORKDIR/skipped_files.txt: each file the data source could not read, with the reason (none: no file)."""
-    path = os.path.join(run.workdir, workdir_lib.SKIPPED)
-    skipped = run.dataset.skipped
+    path = os.path.join(training.workdir, workdir_lib.SKIPPED)
+    skipped = training.dataset.skipped
     if not skipped:
         if os.path.exists(path):  # from a run over files since fixed
             os.remove(path)
         return
     workdir_lib.write_atomic(path, "".join(f"{file}\t{reason}\n" for file, reason in skipped))
-    run.say(f"skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that could not be read; "
-            f"{path} lists {'them' if len(skipped) > 1 else 'it'} with the reasons")
+    training.log(f"skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that could not be read; "
+                 f"{path} lists {'them' if len(skipped) > 1 else 'it'} with the reasons")
 
 
 def summary(model: models.Sequential | ml_collections.ConfigDict, input_shape: Sequence[int] | None = None) -> str:

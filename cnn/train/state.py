@@ -1,12 +1,15 @@
-"""The train state: every array a step reads, and how a fresh one is made."""
+"""What the training loop carries from step to step: the train state (every array a step reads, and how a fresh
+one is made) and the epoch's running loss and accuracy sums."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -40,3 +43,20 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, input_shape
     variables = jax.jit(apply.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
     return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+
+
+class EpochSums(NamedTuple):
+    """The epoch's running sums of the steps' mean loss and accuracy (a pytree: on the devices between steps, on
+    the host where a record is written). Divided by the steps counted they give the epoch's train figures."""
+
+    loss: Any
+    accuracy: Any
+
+    @classmethod
+    def zeros(cls) -> "EpochSums":
+        """The sums before an epoch's first step: float32 zeros on the host (device copies are donated by steps)."""
+        return cls(np.zeros((), np.float32), np.zeros((), np.float32))
+
+    def add(self, metrics: Mapping[str, Any]) -> "EpochSums":
+        """These sums plus a step's (or a part's) {'loss', 'accuracy'}."""
+        return EpochSums(self.loss + metrics["loss"], self.accuracy + metrics["accuracy"])

@@ -1,10 +1,13 @@
-"""The compiled steps: training on a batch (whole, or in accumulated parts) and evaluation.
+"""The training step and the evaluation step, and how they are compiled.
 
-Every step is a pure function of arrays (the state, running sums, a batch
-or a chunk of batches staged on the devices) plus a `Recipe`, which is
-static: part of the compiled program. Fusing several steps into one call
-with `lax.scan` is avoided: XLA:CPU runs convolutions inside loops far
-slower (docs/devices.md).
+A training step, read in order: `part_gradients` (the gradients of a batch,
+or of one part of it), `apply_update` (the optimizer's update from them);
+`train_step` is the two on a whole batch. `compile_train_step` makes the
+step the loop runs, alone choosing whether a batch goes in one compiled
+call or in several (parts). Every function is pure: arrays in (the state,
+the epoch's sums, a batch staged on the devices), arrays out, plus a static
+`Recipe`. Fusing several steps into one call with `lax.scan` is avoided:
+XLA:CPU runs convolutions inside loops far slower (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -12,22 +15,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from cnn import sharding
+from cnn import losses, sharding
 from cnn.data.images import Augmentation, preprocess
-from cnn.train.state import TrainState
+from cnn.losses import compute_loss
+from cnn.train.state import EpochSums, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What a step does to a batch besides running the model: augmentation, input scaling, compute dtype, loss."""
+    """How a step treats a batch besides running the model: augmentation, input scaling, compute dtype, loss.
+
+    Static (hashable): it is part of each compiled step, so another recipe compiles another step.
+    """
 
     loss: str = "softmax_cross_entropy"
     compute_dtype: str = "float32"
@@ -58,46 +64,74 @@ class Recipe:
         return {**variables, "params": jax.tree_util.tree_map(cast, variables["params"])}
 
 
-def compute_loss(loss: str, logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example loss and correctness (1.0 or 0.0) from the model's logits, in float32."""
-    logits = logits.astype(jnp.float32)
-    if loss == "sigmoid_binary_cross_entropy":
-        z = logits[:, 0]
-        return optax.sigmoid_binary_cross_entropy(z, labels.astype(z.dtype)), ((z > 0) == (labels == 1)).astype(
-            jnp.float32)
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-            (jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+class Gradients(NamedTuple):
+    """What a batch, or a part of one, gives the step's update: the mean loss's gradients, the batch-norm statistics
+    after it, and its mean {'loss', 'accuracy'}. With parts, the gradients and metrics are the parts' sums."""
+
+    grads: Any
+    batch_stats: Any
+    metrics: dict[str, jax.Array]
+
+    @classmethod
+    def zeros(cls, state: TrainState) -> "Gradients":
+        """Nothing summed yet: zero gradients and metrics, and the state's batch-norm statistics."""
+        return cls(jax.tree_util.tree_map(jnp.zeros_like, state.params), state.batch_stats,
+                   EpochSums.zeros()._asdict())
 
 
-def batch_gradients(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, batch_stats: Any,
-                    recipe: Recipe) -> tuple[Any, Any, dict[str, jax.Array]]:
-    """The mean loss's gradients on `batch`, the batch-norm statistics after it, and its mean loss and accuracy."""
+def part_gradients(state: TrainState, batch: dict[str, jax.Array], batch_stats: Any, recipe: Recipe = Recipe(),
+                   part: jax.Array | int = 0, parts: int = 1) -> Gradients:
+    """The `Gradients` of part `part` of `parts` of the step's `batch` (parts=1: the whole batch).
+
+    Part p is every `parts`-th example from the p-th, so when the batch is
+    split over devices each device's share of a part is already on it.
+    Batch norm normalises each part with its own statistics (`batch_stats`:
+    the previous part's) and dropout and augmentation draw a key per part.
+    """
+    rng = jax.random.fold_in(state.dropout_rng, state.step)
+    if parts > 1:
+        batch = jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a.reshape(-1, parts, *a.shape[1:]), part, axis=1, keepdims=False),
+            batch)
+        rng = jax.random.fold_in(rng, part + 2)
     x = recipe.inputs(recipe.augmentation(batch["image"], jax.random.fold_in(rng, 1)))
 
     def loss_fn(params):
         variables = recipe.cast({"params": params, **({"batch_stats": batch_stats} if batch_stats else {})})
         logits, updates = state.apply_fn(variables, x, train=True, logits=True, mutable=["batch_stats"],
                                          rngs={"dropout": rng})
-        losses, correct = compute_loss(recipe.loss, logits, batch["label"])
-        return losses.mean(), (correct.mean(), updates)
+        per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
+        return per_example.mean(), (correct.mean(), updates)
 
     (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return grads, updates.get("batch_stats", batch_stats), {"loss": loss, "accuracy": accuracy}
+    return Gradients(grads, updates.get("batch_stats", batch_stats), {"loss": loss, "accuracy": accuracy})
+
+
+def add_part(state: TrainState, total: Gradients, batch: dict[str, jax.Array], part: jax.Array, parts: int,
+             recipe: Recipe = Recipe()) -> Gradients:
+    """`total` (`Gradients.zeros` before the first part) plus part `part` of `parts` of `batch`."""
+    gradients = part_gradients(state, batch, total.batch_stats, recipe, part, parts)
+    grads, metrics = jax.tree_util.tree_map(jnp.add, (total.grads, total.metrics),
+                                            (gradients.grads, gradients.metrics))
+    return Gradients(grads, gradients.batch_stats, metrics)
+
+
+def apply_update(state: TrainState, gradients: Gradients, parts: int = 1
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer's update from the step's gradients; returns the new state and the batch's mean metrics.
+
+    After `parts` parts the sums become means, so the update is the whole batch's.
+    """
+    grads, metrics = gradients.grads, gradients.metrics
+    if parts > 1:
+        grads, metrics = jax.tree_util.tree_map(lambda a: a / parts, (grads, metrics))
+    return state.apply_gradients(grads=grads, batch_stats=gradients.batch_stats), metrics
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], recipe: Recipe = Recipe()
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on one batch; returns the new state and the batch's mean loss and accuracy."""
-    rng = jax.random.fold_in(state.dropout_rng, state.step)
-    grads, batch_stats, metrics = batch_gradients(state, batch, rng, state.batch_stats, recipe)
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
-
-
-def train_step_and_sum(state: TrainState, sums: dict[str, jax.Array], batch: dict[str, jax.Array],
-                       recipe: Recipe = Recipe()) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-    """`train_step`, adding its loss and accuracy to the epoch's running `sums`; also returns the step's loss."""
-    state, metrics = train_step(state, batch, recipe)
-    return state, jax.tree_util.tree_map(jnp.add, sums, metrics), metrics["loss"]
+    """One optimizer step on one whole batch; returns the new state and the batch's mean loss and accuracy."""
+    return apply_update(state, part_gradients(state, batch, state.batch_stats, recipe))
 
 
 def chunk_batch(state: TrainState, chunk: dict[str, jax.Array], chunk_start: jax.Array) -> dict[str, jax.Array]:
@@ -106,85 +140,57 @@ def chunk_batch(state: TrainState, chunk: dict[str, jax.Array], chunk_start: jax
     return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), chunk)
 
 
-def train_chunk_step(state: TrainState, sums: dict[str, jax.Array], chunk: dict[str, jax.Array],
-                     chunk_start: jax.Array, recipe: Recipe = Recipe()
-                     ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-    """`train_step_and_sum` on the step's batch of `chunk`, whose batches are already on the devices."""
-    return train_step_and_sum(state, sums, chunk_batch(state, chunk, chunk_start), recipe)
-
-
-def accumulate_part(state: TrainState, acc: dict, chunk: dict[str, jax.Array], chunk_start: jax.Array,
-                    part: jax.Array, parts: int, recipe: Recipe = Recipe()) -> dict:
-    """Gradient accumulation: adds part `part` of `parts` of the step's batch to `acc` (`empty_accumulator` first).
-
-    Part p is every `parts`-th example from the p-th, so when the batch is
-    split over devices each device's share of a part is already on it.
-    Batch norm normalises each part with its own statistics and updates its
-    running averages once per part; dropout and augmentation draw per part.
-    """
-    batch = chunk_batch(state, chunk, chunk_start)
-    batch = jax.tree_util.tree_map(
-        lambda a: jax.lax.dynamic_index_in_dim(a.reshape(-1, parts, *a.shape[1:]), part, axis=1, keepdims=False),
-        batch)
-    rng = jax.random.fold_in(jax.random.fold_in(state.dropout_rng, state.step), part + 2)
-    grads, batch_stats, metrics = batch_gradients(state, batch, rng, acc["batch_stats"], recipe)
-    grads, metrics = jax.tree_util.tree_map(jnp.add, (acc["grads"], acc["metrics"]), (grads, metrics))
-    return {"grads": grads, "batch_stats": batch_stats, "metrics": metrics}
-
-
-def empty_accumulator(state: TrainState) -> dict:
-    """Zero gradients and metrics, and the state's batch-norm statistics, for the step's first part."""
-    return {"grads": jax.tree_util.tree_map(jnp.zeros_like, state.params), "batch_stats": state.batch_stats,
-            "metrics": {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}}
-
-
-def apply_accumulated(state: TrainState, sums: dict[str, jax.Array], acc: dict, parts: int
-                      ) -> tuple[TrainState, dict[str, jax.Array], jax.Array]:
-    """The update after `parts` calls of `accumulate_part`: the parts' mean gradient, as the whole batch's."""
-    grads, metrics = jax.tree_util.tree_map(lambda a: a / parts, (acc["grads"], acc["metrics"]))
-    state = state.apply_gradients(grads=grads, batch_stats=acc["batch_stats"])
-    return state, jax.tree_util.tree_map(jnp.add, sums, metrics), metrics["loss"]
-
-
-TrainStepFn = Callable[[TrainState, dict, dict, jax.Array], tuple[TrainState, dict, jax.Array]]
+TrainStepFn = Callable[[TrainState, EpochSums, dict, jax.Array], tuple[TrainState, EpochSums, jax.Array]]
 
 
 def compile_train_step(mesh: jax.sharding.Mesh, parts: int = 1, recipe: Recipe = Recipe()) -> TrainStepFn:
-    """The training step the loop runs: `train_chunk_step`, or with `parts` > 1 its batch in parts.
+    """The step the loop runs: (state, sums, chunk, chunk_start) -> (state, sums + the batch's metrics, its loss),
+    on the step's batch of a chunk already on the devices; it donates the state and the sums.
 
-    With parts: `parts` calls of one compiled `accumulate_part`, then
-    `apply_accumulated`. Separate calls, not a loop inside one program: on a
-    CPU several calls on small parts beat one call on the whole batch
-    (sharding.micro_batch_size). Either way the result is a function of
-    (state, sums, chunk, chunk_start) that donates state and sums.
+    parts=1: one compiled call, `train_step`. parts > 1: `parts` compiled
+    calls of `add_part`, then one of `apply_update`. Separate calls, not a
+    loop inside one program: XLA:CPU runs convolutions inside loops far
+    slower, and on a CPU several calls on small parts beat one call on the
+    whole batch (sharding.micro_batch_size). This is the only place that
+    chooses between the two.
     """
     replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
     if parts == 1:
-        return jax.jit(functools.partial(train_chunk_step, recipe=recipe), donate_argnums=(0, 1),
-                       in_shardings=(replicated, replicated, chunk_sharding, replicated),
+        def whole(state, sums, chunk, chunk_start):
+            state, metrics = train_step(state, chunk_batch(state, chunk, chunk_start), recipe)
+            return state, sums.add(metrics), metrics["loss"]
+
+        return jax.jit(whole, donate_argnums=(0, 1), in_shardings=(replicated, replicated, chunk_sharding, replicated),
                        out_shardings=(replicated, replicated, replicated))
-    empty = jax.jit(empty_accumulator, out_shardings=replicated)
-    add = jax.jit(functools.partial(accumulate_part, parts=parts, recipe=recipe), out_shardings=replicated,
-                  donate_argnums=(1,), in_shardings=(replicated, replicated, chunk_sharding, replicated, replicated))
-    update = jax.jit(functools.partial(apply_accumulated, parts=parts), donate_argnums=(0, 1),
-                     out_shardings=(replicated, replicated, replicated))
-    index = [sharding.put_replicated(np.int32(p), mesh) for p in range(parts)]
 
-    def step(state, sums, chunk, chunk_start):
-        acc = empty(state)
-        for p in index:
-            acc = add(state, acc, chunk, chunk_start, p)
-        return update(state, sums, acc)
+    def one_part(state, total, chunk, chunk_start, part):
+        return add_part(state, total, chunk_batch(state, chunk, chunk_start), part, parts, recipe)
 
-    return step
+    def update(state, sums, total):
+        state, metrics = apply_update(state, total, parts)
+        return state, sums.add(metrics), metrics["loss"]
+
+    zeros = jax.jit(Gradients.zeros, out_shardings=replicated)
+    add = jax.jit(one_part, donate_argnums=(1,), out_shardings=replicated,
+                  in_shardings=(replicated, replicated, chunk_sharding, replicated, replicated))
+    update = jax.jit(update, donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
+    part_numbers = [sharding.put_replicated(np.int32(p), mesh) for p in range(parts)]  # device arrays, put once
+
+    def step_in_parts(state, sums, chunk, chunk_start):
+        total = zeros(state)
+        for part in part_numbers:
+            total = add(state, total, chunk, chunk_start, part)
+        return update(state, sums, total)
+
+    return step_in_parts
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], recipe: Recipe = Recipe()) -> dict[str, jax.Array]:
     """Sums of loss and correct predictions over the batch's real (mask 1) examples."""
     logits = state.apply_fn(recipe.cast(state.variables()), recipe.inputs(batch["image"]), train=False, logits=True)
-    losses, correct = compute_loss(recipe.loss, logits, batch["label"])
+    per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
     mask = batch["mask"].astype(jnp.float32)
-    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+    return {"loss": (per_example * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
 
 def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Callable[[TrainState, dict], dict]:
@@ -198,10 +204,6 @@ def probabilities_fn(recipe: Recipe) -> Callable[[TrainState, jax.Array], jax.Ar
     @jax.jit
     def probabilities(state: TrainState, x: jax.Array) -> jax.Array:
         logits = state.apply_fn(recipe.cast(state.variables()), recipe.inputs(x), train=False, logits=True)
-        logits = logits.astype(jnp.float32)
-        if recipe.loss == "sigmoid_binary_cross_entropy":
-            p = jax.nn.sigmoid(logits[:, 0])
-            return jnp.stack([1 - p, p], axis=-1)
-        return jax.nn.softmax(logits, axis=-1)
+        return losses.probabilities(recipe.loss, logits)
 
     return probabilities
