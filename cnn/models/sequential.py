@@ -78,6 +78,8 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
     class count is known.
     """
     preset, specs, module = model_config.get("preset"), model_config.layers, model_config.get("module")
+    if preset is not None:
+        presets.parse(preset)
     given = [name for name, on in (("model.preset", preset is not None), ("model.module", module is not None)) if on]
     if len(given) == 2:
         raise ConfigError(f"model.preset={preset!r} and model.module={module!r} are both set; keep one")
@@ -85,11 +87,9 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"{given[0]}={preset if module is None else module!r} and model.layers (with {len(specs)} "
                           f"layers) are both set; keep one: set model.layers=() to use the "
                           f"{given[0].split('.')[1]}, or {given[0]}=None to use the layers")
-    if preset is not None:
-        presets.parse(preset)
-    elif module is not None:
+    if module is not None:
         module_lib.factory(module_lib.parse(module))
-    elif not isinstance(specs, (list, tuple)) or not specs:
+    elif preset is None and (not isinstance(specs, (list, tuple)) or not specs):
         note = model_config.get("note")
         if note:  # the run's model came from a notebook
             raise ConfigError(f"config.model names no model: {note}")
