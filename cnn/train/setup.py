@@ -72,10 +72,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     the workdir's lock and resumes from its checkpoints (refusing a config other than theirs). The lock stays held
     until `Training.lock` is closed (train_and_evaluate does); a refused start leaves no folder it created."""
     start = runtime.process_start_time()
-    config = models.record(config, model)  # as config.json will say: a module's file absolute, or `model` named
     config_lib.validate(config)
     if model is None:
         models.check_config(config.model)
+    config = models.record(config, model)  # as config.json will say: a module's file absolute, or `model` named
     runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
     runtime.use_compilation_cache()
     lead = jax.process_index() == 0
