@@ -111,7 +111,7 @@ def test_a_module_from_a_file_trains_and_prints_its_exact_parameter_count(own_ru
     assert run.results["test_accuracy"] >= 0.95
     net = load_nets(path).Net(num_classes=10, width=16)
     count = reference_count(net)
-    assert f'Model: "Net"' in printed and f"Total params: {count:,}" in printed
+    assert 'Model: "Net"' in printed and f"Total params: {count:,}" in printed
     table = printed.split("Layer (type)")[1].split("Total params")[0]
     rows = [line for line in table.splitlines() if " (" in line and ")  " in line]
     assert [r.split()[0] for r in rows] == ["Conv_0", "BatchNorm_0", "Conv_1", "Dropout_0", "Dense_0"]

@@ -5,8 +5,12 @@ and batch_stats when the stack has BatchNormalization) and
 `model.apply(variables, x)` runs it. The output follows the specs, so a stack
 ending in softmax returns probabilities; training asks for `logits=True`.
 Each layer's output (after its activation) is sown, in order, into the
-'activations' collection (`layer_outputs` reads it), which the summary and
-the feature-map pictures ask for as mutable; otherwise sowing costs nothing.
+'activations' collection (`layer_outputs` reads it), which the summary asks
+for as mutable; otherwise sowing costs nothing. (The pictures find every
+convolution through Flax's intermediates capture, in any model.)
+
+Your own Flax module (config.model.module, cnn/models/module.py) is built
+by the same `build_model` and checked by the same `check_head`.
 """
 
 from __future__ import annotations
