@@ -13,6 +13,11 @@ or build a model and apply it without training:
     variables = model.init(jax.random.key(0), x)
     model.apply(variables, x)
 
+train your own Flax module (its `__call__(x, train)` returns logits):
+
+    run = cnn.train_and_evaluate(config, "/tmp/own", model=Net(num_classes=10))
+    cnn.load_run("/tmp/own", model=Net(num_classes=10))  # or config.model.module = "nets.py:Net(width=32)"
+
 train on your own arrays:
 
     dataset = cnn.from_arrays(x_train, y_train, x_test, y_test, class_names=None)

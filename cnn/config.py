@@ -11,6 +11,7 @@ import importlib.util
 import numbers
 import os
 import traceback
+import types
 from collections.abc import Iterable
 
 import ml_collections
@@ -19,8 +20,8 @@ from ml_collections import config_dict
 from cnn.data_sources import OWN_DATA
 from cnn.errors import ConfigError, int_at_least, is_int, require
 
-__all__ = ["ConfigError", "RERUN_MAY_CHANGE", "base_config", "call_file", "changed_fields", "check_fields", "load_config",
-           "unknown_field", "validate"]
+__all__ = ["ConfigError", "RERUN_MAY_CHANGE", "base_config", "call_file", "changed_fields", "check_fields", "file_error",
+           "load_config", "run_file", "unknown_field", "validate"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine")
@@ -128,6 +129,14 @@ def base_config() -> ml_collections.ConfigDict:
         "Dense(256, activation='relu')",
         "Dense(10)",
     )
+    # Your own Flax Linen module instead of `layers` or `preset`: a class (or
+    # a function returning a module) in a file, "path/to/nets.py:Net", or
+    # in an importable package, "my_package.nets:Net", with literal keyword
+    # arguments as a call: "nets.py:Net(width=32)". cnn calls it with
+    # num_classes=N plus those; its __call__(x, train) returns logits (see
+    # cnn/models/module.py). Set `layers = ()` when using one. A run records
+    # a file's absolute path in its config.json.
+    c.model.module = config_dict.placeholder(str)
     # 'auto': sigmoid binary cross-entropy for one output unit, softmax
     # cross-entropy otherwise.
     c.loss = "auto"
@@ -207,6 +216,19 @@ def call_file(path: str, function: str, kind: str, example: str):
     (`configs/x.py, line 12: SyntaxError: ...`): a traceback through
     importlib is no help to someone who only wrote the file.
     """
+    module = run_file(path, kind, example)
+    if not callable(getattr(module, function, None)):
+        raise ConfigError(f"{path} has no {function}() function; define one that returns the {kind.split()[0]}, "
+                          f"as {example} does")
+    try:
+        return getattr(module, function)()
+    except Exception as e:  # noqa: BLE001
+        raise file_error(path, e) from None
+
+
+def run_file(path: str, kind: str, example: str) -> types.ModuleType:
+    """Runs the user's Python file `path` as a module and returns it; a failure is one ConfigError line naming
+    the file and line (see `call_file`)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{kind} {path!r} does not exist; pass a file such as {example}")
     try:
@@ -214,17 +236,11 @@ def call_file(path: str, function: str, kind: str, example: str):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - whatever the user's file raised, a SyntaxError included
-        raise _file_error(path, e) from None
-    if not callable(getattr(module, function, None)):
-        raise ConfigError(f"{path} has no {function}() function; define one that returns the {kind.split()[0]}, "
-                          f"as {example} does")
-    try:
-        return getattr(module, function)()
-    except Exception as e:  # noqa: BLE001
-        raise _file_error(path, e) from None
+        raise file_error(path, e) from None
+    return module
 
 
-def _file_error(path: str, error: Exception) -> ConfigError:
+def file_error(path: str, error: Exception) -> ConfigError:
     """`path, line N: Type: message`, N the last line of the user's file the error came through."""
     if isinstance(error, SyntaxError):  # in the file itself, or in a module it imports
         same = error.filename and os.path.abspath(error.filename) == os.path.abspath(path)

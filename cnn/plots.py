@@ -14,6 +14,8 @@ the checkpoint.
 
 from __future__ import annotations
 
+import collections
+import functools
 import io
 import math
 import os
@@ -21,6 +23,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from matplotlib.figure import Figure
@@ -31,12 +34,8 @@ from tensorboardX import SummaryWriter
 from cnn import data as data_lib
 from cnn import workdir as workdir_lib
 from cnn.inference import probabilities
-from cnn.models import layer_outputs, parse_stack
 from cnn.progress import progress
 from cnn.train import TrainResult
-
-CONV_KINDS = ("Conv1D", "Conv2D")
-
 
 class PlotFigure(Figure):
     """A Figure that a notebook shows inline even when pyplot was never imported."""
@@ -66,10 +65,40 @@ def _show_image(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def _conv_layers(run: TrainResult) -> list[tuple[str, str]]:
-    """(Keras-style name, kind) of every convolution layer, in order."""
-    stack, _, names = parse_stack(tuple(run.model.layers))
-    return [(name, layer.kind) for layer, name in zip(stack, names) if layer.kind in CONV_KINDS]
+def _is_conv(module: nn.Module, method: str) -> bool:
+    """Which calls Flax's intermediates capture keeps: every convolution's, in any model (Sequential or your own)."""
+    return isinstance(module, nn.Conv) and method == "__call__"
+
+
+def _conv_outputs(state, x: jax.Array, variables: dict | None = None) -> list[tuple[tuple[str, ...], jax.Array]]:
+    """(module path, output) of every convolution call on `x`, in call order, through Flax's intermediates capture
+    (fast kernel paths included: the capture keeps what the kernels' interceptor returned)."""
+    _, captured = state.apply_fn(variables or state.variables(), x, train=False, capture_intermediates=_is_conv,
+                                 mutable=["intermediates"])
+    out = []
+
+    def walk(tree, path):
+        for key, value in tree.items():  # in the order the calls were made
+            if key == "__call__":
+                out.extend((path, v) for v in value)
+            else:
+                walk(value, (*path, key))
+
+    walk(captured.get("intermediates", {}), ())
+    return out
+
+
+def _conv_layers(run: TrainResult) -> list[tuple[str, ...]]:
+    """The module path of every convolution call, in order, found without computing anything."""
+    paths = []
+
+    def outputs(state, x):
+        pairs = _conv_outputs(state, x)
+        paths.extend(path for path, _ in pairs)
+        return [a for _, a in pairs]
+
+    jax.eval_shape(outputs, run.state, jax.ShapeDtypeStruct((1, *run.results["input_shape"]), np.float32))
+    return paths
 
 
 # --- Learning curves ----------------------------------------------------------
@@ -142,9 +171,10 @@ def filters(run: TrainResult, max_filters: int = 64) -> Figure:
     if not convs:
         fig.suptitle("this model has no convolution layer")
         return fig
-    name, kind = convs[0]
-    kernel = np.asarray(jax.device_get(run.state.params[name]["kernel"]), np.float32)
-    if kind == "Conv1D":
+    name = "/".join(convs[0])
+    kernel = np.asarray(jax.device_get(functools.reduce(lambda tree, key: tree[key], convs[0], run.state.params)
+                                       ["kernel"]), np.float32)
+    if kernel.ndim == 3:  # Conv1D: (taps, in, filters)
         return _filter_rows(name, kernel)
     count = kernel.shape[-1]
     shown = min(count, max_filters)
@@ -209,24 +239,31 @@ def _suptitle(fig: Figure, text: str) -> None:
 # --- Feature maps -------------------------------------------------------------
 
 
-def activations(run: TrainResult, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Each convolution layer's output (after its activation) for uint8 `images`, by layer name."""
-    names = [name for name, _ in _conv_layers(run)]
-    recipe = run.recipe
+def activations(run: TrainResult, images: np.ndarray, max_layers: int | None = None) -> dict[str, np.ndarray]:
+    """Each convolution's output (before any activation) for uint8 `images`, by module path ('conv2d_1',
+    'Block_0/Conv_1'), in call order; a module called twice gives 'NAME (2)' for its second call. With
+    `max_layers`, that many spread from the first to the last."""
+    recipe, names = run.recipe, []
 
     @jax.jit  # one compilation, not one per operation
     def outputs(state, images):
-        variables = recipe.cast(state.variables())
-        _, sown = state.apply_fn(variables, recipe.inputs(images), train=False, mutable=["activations"])
-        outputs = layer_outputs(run.model, sown)
-        return {name: outputs[name].astype(np.float32) for name in names}
+        pairs = _conv_outputs(state, recipe.inputs(images), recipe.cast(state.variables()))
+        calls = collections.Counter()
+        for path, _ in pairs:
+            calls[path] += 1
+            names.append("/".join(path) + (f" ({calls[path]})" if calls[path] > 1 else ""))
+        return [a.astype(np.float32) for _, a in pairs]
 
-    return {name: np.asarray(a) for name, a in outputs(run.state, np.asarray(images)).items()}
+    arrays = outputs(run.state, np.asarray(images))
+    keep = range(len(names)) if max_layers is None or len(names) <= max_layers else \
+        sorted(set(np.linspace(0, len(names) - 1, max_layers).round().astype(int).tolist()))
+    return {names[i]: np.asarray(arrays[i]) for i in keep}
 
 
 def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | None = None, max_channels: int = 8,
-                 probs: np.ndarray | None = None) -> Figure:
-    """What every convolution layer makes of a few images: one block per image, one row per layer.
+                 probs: np.ndarray | None = None, max_layers: int = 12) -> Figure:
+    """What every convolution makes of a few images: one block per image, one row per convolution (at most
+    `max_layers`, spread from the first to the last), showing its output before any activation.
 
     Each row shows the `max_channels` channels most active on these images
     (the same channels for every image, so they compare), labelled by
@@ -234,7 +271,7 @@ def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | N
     probabilities if already computed, saves computing them again.
     """
     images = np.asarray(images)[:6]
-    maps = activations(run, images)
+    maps = activations(run, images, max_layers)
     probs = probabilities(run, images) if probs is None else np.asarray(probs)[:6]
     names = list(maps)
     fig = _figure(8, 2)
@@ -259,7 +296,7 @@ def feature_maps(run: TrainResult, images: np.ndarray, labels: Sequence[int] | N
                        fontsize=10, fontweight="bold")
         _feature_block(block.subplots(rows, cols, squeeze=False), image, {n: m[index] for n, m in maps.items()},
                        picks)
-    fig.suptitle(f"Feature maps of every convolution layer ({cols - 1} most active channels each; "
+    fig.suptitle(f"Feature maps: each convolution's output ({cols - 1} most active channels each; "
                  "brighter = stronger)", fontsize=11)
     return fig
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import ml_collections
 
 from cnn import data as data_lib
@@ -40,10 +41,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def load_run(workdir: str) -> TrainResult:
+def load_run(workdir: str, model: nn.Module | None = None) -> TrainResult:
     """The trained state of `workdir` (config.json and its newest checkpoint), as `train_and_evaluate` returns it.
 
-    Class names and the input shape come from results.json; a run still
+    `model` is the module the run trained when config.json cannot name it
+    (one made in a notebook: `load_run(workdir, model=Net(num_classes=10))`);
+    by default config.model builds it. Class names and the input shape come from results.json; a run still
     training has none yet, and then the dataset is loaded to find them.
     """
     config = read_config(workdir)
@@ -56,7 +59,7 @@ def load_run(workdir: str) -> TrainResult:
     if not {"class_names", "input_shape"} <= results.keys():
         results = {**results, **data_lib.describe(data_lib.load_dataset(config.data, config.seed))}
     class_names, input_shape = list(results["class_names"]), tuple(results["input_shape"])
-    model = models.build_model(config.model, len(class_names))
+    model = models.build_model(config.model, len(class_names)) if model is None else model
     loss = models.check_head(model, input_shape, len(class_names), config.loss)
     # The optimizer gives the checkpoint's structure; its schedule's length does not matter here.
     tx = make_optimizer(config.optimizer, 1, config.train.num_epochs)

@@ -5,8 +5,12 @@ and batch_stats when the stack has BatchNormalization) and
 `model.apply(variables, x)` runs it. The output follows the specs, so a stack
 ending in softmax returns probabilities; training asks for `logits=True`.
 Each layer's output (after its activation) is sown, in order, into the
-'activations' collection (`layer_outputs` reads it), which the summary and
-the feature-map pictures ask for as mutable; otherwise sowing costs nothing.
+'activations' collection (`layer_outputs` reads it), which the summary asks
+for as mutable; otherwise sowing costs nothing. (The pictures find every
+convolution through Flax's intermediates capture, in any model.)
+
+Your own Flax module (config.model.module, cnn/models/module.py) is built
+by the same `build_model` and checked by the same `check_head`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ml_collections
 from cnn import losses
 from cnn.errors import ConfigError, ShapeError
 import cnn.models.layers as layers_lib
+import cnn.models.module as module_lib
 import cnn.models.presets as presets
 
 
@@ -70,22 +75,33 @@ def layer_outputs(model: Sequential, sown: dict) -> dict:
 
 
 def check_config(model_config: ml_collections.ConfigDict) -> None:
-    """Refuses a config.model with both a preset and layers, or neither, and a preset that does not parse.
+    """Refuses a config.model that sets more than one of layers, preset and module, or none; a preset that does
+    not parse, and a module that cannot be found (its file, its name in it, an error importing it).
 
-    Runs before any data is loaded; the layer specs themselves are checked
-    when the model is built, once the class count is known.
+    Runs before any data is loaded; the layer specs and the module's
+    arguments and output are checked when the model is built, once the
+    class count is known.
     """
-    preset, specs = model_config.get("preset"), model_config.layers
+    preset, specs, module = model_config.get("preset"), model_config.layers, model_config.get("module")
     if preset is not None:
         presets.parse(preset)
-        if specs:
-            raise ConfigError(f"model.preset={preset!r} and model.layers (with {len(specs)} layers) are both set; "
-                              "keep one: set model.layers=() to use the preset, or model.preset=None to use the "
-                              "layers")
-    elif not isinstance(specs, (list, tuple)) or not specs:
+    given = [name for name, on in (("model.preset", preset is not None), ("model.module", module is not None)) if on]
+    if len(given) == 2:
+        raise ConfigError(f"model.preset={preset!r} and model.module={module!r} are both set; keep one")
+    if given and specs:
+        raise ConfigError(f"{given[0]}={preset if module is None else module!r} and model.layers (with {len(specs)} "
+                          f"layers) are both set; keep one: set model.layers=() to use the "
+                          f"{given[0].split('.')[1]}, or {given[0]}=None to use the layers")
+    if module is not None:
+        module_lib.factory(module_lib.parse(module))
+    elif preset is None and (not isinstance(specs, (list, tuple)) or not specs):
+        note = model_config.get("note")
+        if note:  # the run's model came from a notebook
+            raise ConfigError(f"config.model names no model: {note}")
         raise ConfigError(f"model.layers={specs!r} is not valid and model.preset is not set: give a tuple of layer "
-                          "specs such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), or a "
-                          f"preset such as model.preset='flax_cnn' (known: {', '.join(presets.PRESETS)})")
+                          "specs such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), a "
+                          f"preset such as model.preset='flax_cnn' (known: {', '.join(presets.PRESETS)}), or your "
+                          "own module as model.module='nets.py:Net'")
 
 
 def layer_specs(model_config: ml_collections.ConfigDict, num_classes: int | None = None) -> tuple[str, ...]:
@@ -101,11 +117,16 @@ def layer_specs(model_config: ml_collections.ConfigDict, num_classes: int | None
 
 
 def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_classes: int | None = None
-                ) -> Sequential:
-    """Builds the model from `config.model` (or a list of specs), checking every spec.
+                ) -> nn.Module:
+    """Builds the model from `config.model` (or a list of specs): a Sequential, checking every spec, or the
+    user's own module for `model.module` (cnn/models/module.py).
 
-    `num_classes` sizes a preset's output layer when `model.num_classes` is None.
+    `num_classes` sizes a preset's output layer, and is passed to a user's
+    module, when `model.num_classes` is None.
     """
+    if not isinstance(model_config, (list, tuple)) and model_config.get("module") is not None:
+        check_config(model_config)
+        return module_lib.build(model_config.module, model_config.get("num_classes") or num_classes)
     if isinstance(model_config, (list, tuple)):
         specs = model_config
         if not specs:
@@ -116,14 +137,30 @@ def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_cla
     return Sequential(layers=tuple(specs))
 
 
-def output_shape(model: Sequential, input_shape: Sequence[int]) -> tuple[int, ...]:
+def adapt(model: nn.Module) -> nn.Module:
+    """The model under cnn's call `(x, train, logits)`: a Sequential as it is, a user's module in the adapter
+    that keeps its parameter tree (module.Own), once its __call__ is checked to take `train`."""
+    if isinstance(model, (Sequential, module_lib.Own)):
+        return model
+    module_lib.check_call(model, f"model={type(model).__name__}")
+    return module_lib.Own(model)
+
+
+def output_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
     """The model's output shape for one batch, found without computing anything.
 
-    Raises ShapeError if a layer does not fit its input.
+    Raises ShapeError if a layer does not fit its input; an error inside a
+    user's module is one line naming its file and line.
     """
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    return jax.eval_shape(model.apply, variables, x).shape
+    adapted = adapt(model)
+    try:
+        variables = jax.eval_shape(adapted.init, jax.random.key(0), x)
+        return jax.eval_shape(adapted.apply, variables, x).shape
+    except Exception as e:  # noqa: BLE001 - a user's module can raise anything
+        if isinstance(model, Sequential) or isinstance(e, ConfigError):
+            raise
+        raise module_lib.shape_error(model, f"model={type(model).__name__}", e) from None
 
 
 def smallest_image_size(model: Sequential, input_shape: Sequence[int], limit: int = 4096) -> int | None:
@@ -150,7 +187,7 @@ def smallest_image_size(model: Sequential, input_shape: Sequence[int], limit: in
     return high
 
 
-def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, loss: str) -> str:
+def check_head(model: nn.Module, input_shape: Sequence[int], num_classes: int, loss: str) -> str:
     """Checks the model's output against the dataset and the loss (cnn.losses), and picks the loss for 'auto'.
 
     Returns the loss name to train with. Images too small for the model
@@ -160,12 +197,15 @@ def check_head(model: Sequential, input_shape: Sequence[int], num_classes: int, 
     try:
         shape = output_shape(model, input_shape)
     except ShapeError as e:
-        size = smallest_image_size(model, input_shape) if len(input_shape) == 3 else None
+        image = len(input_shape) == 3 and isinstance(model, Sequential)
+        size = smallest_image_size(model, input_shape) if image else None
         if size is None:
             raise
         what, _, advice = str(e).partition("; ")
         raise ShapeError(f"{what}; the {input_shape[0]}x{input_shape[1]} images are too small for this model: set "
                          f"data.image_size=({size}, {size}) or larger" + (f", or {advice}" if advice else "")) from None
+    if not isinstance(model, Sequential):
+        return module_lib.check_output(shape, num_classes, loss, f"the model ({type(model).__name__})")
     last = len(model.layers) - 1
     if len(shape) != 2:
         raise ConfigError(f"model.layers: the model's output is {layers_lib.format_shape(shape)}, not (None, units); "

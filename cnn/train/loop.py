@@ -45,7 +45,7 @@ class TrainResult:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None,
-                       on_epoch_end: Callable[[dict], None] | None = None) -> TrainResult:
+                       on_epoch_end: Callable[[dict], None] | None = None, model: Any = None) -> TrainResult:
     """Trains the configured model, evaluating on the test split after every epoch.
 
     Writes to `workdir`: summary.txt, config.json, metrics.jsonl (one record
@@ -53,11 +53,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
     event files, checkpoints/ and results.json. If
     `workdir` holds checkpoints of this model, training continues from the
     newest one, mid-epoch included, and ends exactly as an uninterrupted run.
-    `dataset` replaces the one `config.data` names; `on_epoch_end(record)`
+    `dataset` replaces the one `config.data` names, `model` (a Flax module,
+    cnn/models/module.py) the one `config.model` names; `on_epoch_end(record)`
     runs after each epoch's checkpoint (it may raise to stop the run there).
     In a multi-process run every process calls this; only the first writes.
     """
-    training, state, sums = prepare(config, workdir, dataset)
+    training, state, sums = prepare(config, workdir, dataset, model)
     with training.lock:  # the workdir's lock, released however the run ends
         announce(training, state)
         step = int(jax.device_get(state.step))

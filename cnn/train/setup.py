@@ -13,6 +13,7 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import ml_collections
 
@@ -58,21 +59,23 @@ class Training:
             print(*args, **kwargs, flush=True)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None
-            ) -> tuple[Training, TrainState, EpochSums]:
-    """Checks the config, loads the data, builds the model and the state, and only then takes the workdir's lock
-    and resumes from its checkpoints (refusing a config other than theirs). Returns the plan and the loop's first
-    state and sums, on the devices. The lock stays held until `Training.lock` is closed (train_and_evaluate does);
-    a refused start leaves no folder it created."""
+def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset | None = None,
+            model: nn.Module | None = None) -> tuple[Training, TrainState, EpochSums]:
+    """Checks the config, loads the data, builds the model (or takes `model`) and the state, and only then takes
+    the workdir's lock and resumes from its checkpoints (refusing a config other than theirs). Returns the plan and
+    the loop's first state and sums, on the devices. The lock stays held until `Training.lock` is closed
+    (train_and_evaluate does); a refused start leaves no folder it created."""
     start = runtime.process_start_time()
     config_lib.validate(config)
-    models.check_config(config.model)
+    if model is None:
+        models.check_config(config.model)
+    config = models.record(config, model)  # as config.json will say: a module's file absolute, or `model` named
     runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
     runtime.use_compilation_cache()
     writes_files = jax.process_index() == 0
     if writes_files:
         workdir_lib.refuse_if_in_use(workdir)  # before minutes of data loading
-    config, dataset, model, loss, mesh, eval_batch_size, state = _plan(config, dataset)
+    config, dataset, model, loss, mesh, eval_batch_size, state = _plan(config, dataset, model)
     with workdir_lib.removed_if_refused(workdir) if writes_files else contextlib.nullcontext(), \
             contextlib.ExitStack() as lock:  # the lock is released here if setting up fails
         if writes_files:  # one lock per run, however many processes
@@ -85,13 +88,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     return training, state, sums
 
 
-def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None) -> tuple:
+def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, model: nn.Module | None) -> tuple:
     """Everything that can be refused without touching the workdir: the data, the model against it, the mesh
     against the batch sizes, and the fresh state. `config` comes back with compute_dtype='auto' resolved."""
     settings = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
-    model = models.build_model(config.model, dataset.num_classes)
+    model = models.build_model(config.model, dataset.num_classes) if model is None else model
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
     mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
     platform = mesh.devices.flat[0].platform

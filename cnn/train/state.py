@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from cnn import kernels
+from cnn import kernels, models
 
 
 class TrainState(train_state.TrainState):
@@ -39,7 +39,7 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, input_shape
                  kernel_choice: str = "auto", platform: str | None = None) -> TrainState:
     """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed."""
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
-    apply = kernels.apply_fn(model, kernel_choice, platform)
+    apply = kernels.apply_fn(models.adapt(model), kernel_choice, platform)  # a user's module under cnn's call
     variables = jax.jit(apply.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
     return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
