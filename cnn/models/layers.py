@@ -63,9 +63,11 @@ class Pool(nn.Module):
     padding: str
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # By keyword: jax2onnx (cnn/inference/export.py) swaps in versions of these that take no other way.
+        window = dict(window_shape=self.window, strides=self.strides, padding=self.padding)
         if self.kind == "max":
-            return nn.max_pool(x, self.window, self.strides, self.padding)
-        return nn.avg_pool(x, self.window, self.strides, self.padding, count_include_pad=False)
+            return nn.max_pool(x, **window)
+        return nn.avg_pool(x, **window, count_include_pad=False)
 
 
 class Embedding(nn.Embed):

@@ -10,12 +10,12 @@ from cnn.train.loop import TrainResult, evaluate, train_and_evaluate
 from cnn.train.optimizer import make_optimizer
 from cnn.train.setup import Training, prepare, summary
 from cnn.train.state import TrainState, create_state
-from cnn.train.steps import (Recipe, accumulate_part, apply_accumulated, batch_gradients, compile_eval_step,
-                             compile_train_step, compute_loss, empty_accumulator, eval_step, probabilities_fn,
-                             train_chunk_step, train_step, train_step_and_sum)
+from cnn.train.steps import (Recipe, accumulate_part, apply_accumulated, batch_gradients, class_probabilities,
+                             compile_eval_step, compile_train_step, compute_loss, empty_accumulator, eval_step,
+                             probabilities_fn, train_chunk_step, train_step, train_step_and_sum)
 
 __all__ = ["Recipe", "TrainResult", "TrainState", "Training", "accumulate_part", "apply_accumulated",
-           "batch_gradients", "checkpoint", "compile_eval_step", "compile_train_step", "compute_loss",
-           "create_state", "empty_accumulator", "eval_step", "evaluate", "make_optimizer", "prepare",
+           "batch_gradients", "checkpoint", "class_probabilities", "compile_eval_step", "compile_train_step",
+           "compute_loss", "create_state", "empty_accumulator", "eval_step", "evaluate", "make_optimizer", "prepare",
            "probabilities_fn", "summary", "train_and_evaluate", "train_chunk_step", "train_step",
            "train_step_and_sum"]

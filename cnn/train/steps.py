@@ -193,15 +193,22 @@ def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Cal
                    out_shardings=replicated)
 
 
+def class_probabilities(apply_fn: Callable[..., jax.Array], variables: dict, x: jax.Array, recipe: Recipe = Recipe()
+                        ) -> jax.Array:
+    """Class probabilities (N, classes) in float32 from raw inputs (uint8 pixels, ids, series), as evaluation computes
+    them: the recipe's scaling, the model's logits, then softmax (or sigmoid, for one-logit binary heads)."""
+    logits = apply_fn(recipe.cast(variables), recipe.inputs(x), train=False, logits=True)
+    logits = logits.astype(jnp.float32)
+    if recipe.loss == "sigmoid_binary_cross_entropy":
+        p = jax.nn.sigmoid(logits[:, 0])
+        return jnp.stack([1 - p, p], axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+
 def probabilities_fn(recipe: Recipe) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """A compiled function from (state, uint8 inputs) to class probabilities, as evaluation computes them."""
+    """A compiled function from (state, uint8 inputs) to class probabilities; exports trace `class_probabilities`."""
     @jax.jit
     def probabilities(state: TrainState, x: jax.Array) -> jax.Array:
-        logits = state.apply_fn(recipe.cast(state.variables()), recipe.inputs(x), train=False, logits=True)
-        logits = logits.astype(jnp.float32)
-        if recipe.loss == "sigmoid_binary_cross_entropy":
-            p = jax.nn.sigmoid(logits[:, 0])
-            return jnp.stack([1 - p, p], axis=-1)
-        return jax.nn.softmax(logits, axis=-1)
+        return class_probabilities(state.apply_fn, state.variables(), x, recipe)
 
     return probabilities
