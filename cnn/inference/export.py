@@ -42,6 +42,7 @@ from cnn.train import TrainResult, class_probabilities
 FORMATS = ("stablehlo", "savedmodel", "tflite", "onnx")
 QUANTIZE = ("int8",)
 INPUT, OUTPUT = "images", "probabilities"
+STABLEHLO_PLATFORMS = ("cpu", "cuda")  # stablehlo and savedmodel are lowered for both: they run on either
 # The packages each format needs to be written, and the extra that installs them.
 _NEEDS = {"savedmodel": (("tensorflow", "tfds"),), "tflite": (("tensorflow", "tfds"),),
           "onnx": (("jax2onnx", "export"), ("onnx", "export"))}
@@ -106,9 +107,10 @@ def export(source: TrainResult | str | os.PathLike, format: str, output: str | o
     info = describe(run, model, format, source)
     with tempfile.TemporaryDirectory(prefix="cnn-export-") as tmp:
         staged = os.path.join(tmp, os.path.basename(output))
-        WRITERS[format](model, staged, tmp)
         if quantize:
             info.update(quantize_tflite(run, model, source, staged, tmp))
+        else:
+            WRITERS[format](model, staged, tmp)
         os.makedirs(os.path.dirname(output), exist_ok=True)
         for path in targets:
             _remove(path)
@@ -165,14 +167,17 @@ def _remove(path: str) -> None:
 
 
 def write_stablehlo(model: Model, path: str, tmp: str) -> None:
-    """`jax.export`'s serialized module: `jax.export.deserialize(bytes).call(images)`."""
-    exported = _converting("stablehlo", model, lambda m: jax.export.export(jax.jit(m.bound()))(m.input_spec()))
+    """`jax.export`'s serialized module, for CPUs and NVIDIA GPUs: `jax.export.deserialize(bytes).call(images)`."""
+    export = lambda m: jax.export.export(jax.jit(m.bound()), platforms=STABLEHLO_PLATFORMS)(m.input_spec())
+    exported = _converting("stablehlo", model, export)
     with open(path, "wb") as f:
         f.write(exported.serialize())
 
 
-def write_savedmodel(model: Model, path: str, tmp: str) -> None:
-    """jax2tf's function in a SavedModel folder, the variables as tf.Variables, signature 'serving_default'."""
+def write_savedmodel(model: Model, path: str, tmp: str, platforms: tuple[str, ...] = STABLEHLO_PLATFORMS) -> None:
+    """jax2tf's function in a SavedModel folder, the variables as tf.Variables, signature 'serving_default'.
+
+    jax2tf puts the StableHLO module inside the graph (an XlaCallModule op), lowered for `platforms`."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -180,7 +185,8 @@ def write_savedmodel(model: Model, path: str, tmp: str) -> None:
         module = tf.Module()
         module.variables_ = tf.nest.map_structure(tf.Variable, m.variables)
         dims = ", ".join(["N", *map(str, m.shape)])
-        convert = jax2tf.convert(m.fn, polymorphic_shapes=[None, f"({dims})"], with_gradient=False)
+        convert = jax2tf.convert(m.fn, polymorphic_shapes=[None, f"({dims})"], with_gradient=False,
+                                 native_serialization_platforms=platforms)
 
         @tf.function(input_signature=[tf.TensorSpec([None, *m.shape], tf.as_dtype(m.dtype), name=INPUT)],
                      autograph=False)
@@ -205,7 +211,7 @@ def tflite_bytes(model: Model, tmp: str, representative: np.ndarray | None = Non
 
     saved = tempfile.mkdtemp(dir=tmp)
     os.rmdir(saved)
-    write_savedmodel(model, saved, tmp)
+    write_savedmodel(model, saved, tmp, platforms=("cpu",))  # TFLite's converter takes one platform's module
     converter = tf.lite.TFLiteConverter.from_saved_model(saved)
     if representative is None:
         return converter.convert()
@@ -292,7 +298,10 @@ def _converts(format: str, probe: Model) -> bool:
 
 
 def _first_line(error: Exception) -> str:
-    line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    """The converter's reason in one line: the first line, or the first MLIR diagnostic ('...: error: why')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line.rpartition(" error: ")[2] for line in lines if " error: " in line),
+                lines[0] if lines else type(error).__name__)
     return line if len(line) <= 200 else line[:197] + "..."
 
 
@@ -300,8 +309,8 @@ def _first_line(error: Exception) -> str:
 
 
 def quantize_tflite(run: TrainResult, model: Model, source, path: str, tmp: str) -> dict[str, Any]:
-    """Rewrites the TFLite file at `path` int8-quantised, calibrated on training inputs, and measures what it costs
-    on the test split: the accuracies before and after, in OUTPUT.json."""
+    """Writes the TFLite file at `path` int8-quantised, calibrated on training inputs, and measures what that costs
+    on the test split: the accuracies before and after, for OUTPUT.json."""
     dataset = _dataset(run, source)
     train, test = dataset.train, dataset.test
     rng = np.random.default_rng(0)

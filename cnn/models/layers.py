@@ -107,7 +107,9 @@ class ResidualBlock(nn.Module):
         elif self.shortcut == "conv":
             shortcut = norm()(nn.Conv(self.filters, (1, 1), strides, use_bias=False)(x))
         else:
-            shortcut = x[:, ::self.strides, ::self.strides, :]
+            # lax.slice, not x[:, ::s, ::s]: with a symbolic batch size (export) indexing becomes a gather,
+            # which TFLite's converter refuses; a strided slice it takes.
+            shortcut = jax.lax.slice(x, (0,) * 4, x.shape, (1, self.strides, self.strides, 1))
             extra = self.filters - x.shape[-1]
             if extra < 0:
                 raise ShapeError(f"ResidualBlock({self.filters}) narrows {x.shape[-1]} channels, which "
