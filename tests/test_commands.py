@@ -15,7 +15,7 @@ import pytest
 from cnn.cli import commands
 from conftest import REPO
 
-NAMES = ["train", "predict", "visualize", "sweep"]
+NAMES = ["train", "predict", "visualize", "export", "sweep"]
 
 # Runs `cnn NAME --help` (through the console command's function) and `python -m MODULE -h` (as runpy runs it) in one
 # process, after defining a new flag in the command's module, and prints each exit status and output.
@@ -51,6 +51,7 @@ def python(*args, timeout=120):
     ("train", "cnn.main", ["--config=FILE", "--config.SECTION.FIELD=VALUE", "--num_processes=N"]),
     ("predict", "cnn.predict", ["--top_k=N", "--invert=auto|yes|no  Invert", "--[no]frame"]),
     ("visualize", "cnn.visualize", ["--num_images=N"]),
+    ("export", "cnn.export", ["--format=VALUE", "--output=VALUE", "--[no]overwrite", "--quantize=VALUE"]),
     ("sweep", "cnn.sweep", ["--pruner=none|median|hyperband", "--[no]dry_run", "--config.SECTION.FIELD=VALUE"]),
 ])
 def test_each_command_help_is_its_own_flags_one_line_each(name, module, own_flags):
@@ -88,7 +89,7 @@ def test_an_unknown_command_is_one_line_and_status_2():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: 'trian' is not a cnn command; did you mean 'train'? the commands: "
-                                  "train, predict, visualize, sweep")
+                                  "train, predict, visualize, export, sweep")
 
 
 def test_cnn_train_reports_a_bad_override_as_python_m_cnn_main_does(tmp_path):

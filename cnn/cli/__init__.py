@@ -1,4 +1,4 @@
-"""The command lines: `cnn train|predict|visualize|sweep` (cnn/cli/commands.py), also `python -m cnn.main` etc.
+"""The command lines: `cnn train|predict|visualize|export|sweep` (cnn/cli/commands.py), also `python -m cnn.main` etc.
 
 Each parses its flags with `flags_parser`, so every usage mistake is one
 `error:` line and exit status 2, and turns a ConfigError from the work into

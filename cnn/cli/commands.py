@@ -26,6 +26,8 @@ COMMANDS = {
                                           "cnn.predict)"),
     "visualize": Command("cnn.cli.visualize", "redraw a run's pictures from its newest checkpoint (python -m "
                                               "cnn.visualize)"),
+    "export": Command("cnn.cli.export", "write a trained model as StableHLO, SavedModel, TFLite or ONNX (python -m "
+                                        "cnn.export)"),
     "sweep": Command("cnn.cli.sweep", "run or join the Optuna study of a sweep file (python -m cnn.sweep)"),
 }
 

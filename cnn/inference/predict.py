@@ -33,6 +33,12 @@ def input_shape(run: TrainResult) -> tuple[int, ...]:
     raise ConfigError("this TrainResult does not record its input shape; load the run with cnn.load_run(WORKDIR)")
 
 
+def input_dtype(run: TrainResult) -> np.dtype:
+    """The dtype the model takes raw: uint8 pixels (height, width, channels), int32 token ids (length,) or float32
+    series (length, channels), as cnn/data gives them."""
+    return np.dtype({3: np.uint8, 1: np.int32}.get(len(input_shape(run)), np.float32))
+
+
 def probabilities(run: TrainResult, images: np.ndarray, batch_size: int = 500,
                   description: str | None = None) -> np.ndarray:
     """Class probabilities (N, classes) for inputs already shaped like the training inputs."""

@@ -70,9 +70,11 @@ class Pool(nn.Module):
     padding: str
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # By keyword: jax2onnx (cnn/inference/export.py) swaps in versions of these that take no other way.
+        window = dict(window_shape=self.window, strides=self.strides, padding=self.padding)
         if self.kind == "max":
-            return nn.max_pool(x, self.window, self.strides, self.padding)
-        return nn.avg_pool(x, self.window, self.strides, self.padding, count_include_pad=False)
+            return nn.max_pool(x, **window)
+        return nn.avg_pool(x, **window, count_include_pad=False)
 
 
 class Embedding(nn.Embed):
@@ -112,7 +114,9 @@ class ResidualBlock(nn.Module):
         elif self.shortcut == "conv":
             shortcut = norm()(nn.Conv(self.filters, (1, 1), strides, use_bias=False)(x))
         else:
-            shortcut = x[:, ::self.strides, ::self.strides, :]
+            # lax.slice, not x[:, ::s, ::s]: with a symbolic batch size (export) indexing becomes a gather,
+            # which TFLite's converter refuses; a strided slice it takes.
+            shortcut = jax.lax.slice(x, (0,) * 4, x.shape, (1, self.strides, self.strides, 1))
             extra = self.filters - x.shape[-1]
             if extra < 0:
                 raise ShapeError(f"ResidualBlock({self.filters}) narrows {x.shape[-1]} channels, which "

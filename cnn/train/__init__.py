@@ -13,9 +13,10 @@ from cnn.train.optimizer import make_optimizer
 from cnn.train.setup import Training, prepare, summary
 from cnn.train.state import EpochSums, TrainState, create_state
 from cnn.train.steps import (Gradients, Recipe, add_part, apply_update, compile_eval_step, compile_train_step,
-                             compute_loss, eval_step, part_gradients, probabilities_fn, train_step)
+                             class_probabilities, compute_loss, eval_step, part_gradients, probabilities_fn,
+                             train_step)
 
 __all__ = ["EpochSums", "Gradients", "Recipe", "TrainResult", "TrainState", "Training", "add_part", "apply_update",
-           "checkpoint", "compile_eval_step", "compile_train_step", "compute_loss", "create_state", "eval_step",
-           "evaluate", "make_optimizer", "part_gradients", "prepare", "probabilities_fn", "summary",
-           "train_and_evaluate", "train_step"]
+           "checkpoint", "class_probabilities", "compile_eval_step", "compile_train_step", "compute_loss",
+           "create_state", "eval_step", "evaluate", "make_optimizer", "part_gradients", "prepare", "probabilities_fn",
+           "summary", "train_and_evaluate", "train_step"]

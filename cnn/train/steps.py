@@ -199,11 +199,18 @@ def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Cal
                    out_shardings=replicated)
 
 
+def class_probabilities(apply_fn: Callable[..., jax.Array], variables: dict, x: jax.Array, recipe: Recipe = Recipe()
+                        ) -> jax.Array:
+    """Class probabilities (N, classes) in float32 from raw inputs (uint8 pixels, ids, series), as evaluation computes
+    them: the recipe's scaling, the model's logits, then softmax (or sigmoid, for one-logit binary heads)."""
+    logits = apply_fn(recipe.cast(variables), recipe.inputs(x), train=False, logits=True)
+    return losses.probabilities(recipe.loss, logits)
+
+
 def probabilities_fn(recipe: Recipe) -> Callable[[TrainState, jax.Array], jax.Array]:
-    """A compiled function from (state, uint8 inputs) to class probabilities, as evaluation computes them."""
+    """A compiled function from (state, uint8 inputs) to class probabilities; exports trace `class_probabilities`."""
     @jax.jit
     def probabilities(state: TrainState, x: jax.Array) -> jax.Array:
-        logits = state.apply_fn(recipe.cast(state.variables()), recipe.inputs(x), train=False, logits=True)
-        return losses.probabilities(recipe.loss, logits)
+        return class_probabilities(state.apply_fn, state.variables(), x, recipe)
 
     return probabilities
