@@ -223,6 +223,9 @@ def _inherited(workdir: str) -> int | None:
 def refuse_if_in_use(workdir: str) -> None:
     """Refuses at once, before a run loads any data, a workdir whose lock another run holds; creates nothing.
     (`hold` takes the lock later, after the set-up that can be refused without touching the workdir.)"""
+    inherited = os.environ.get(LOCK_FD, "")
+    if inherited.isdigit() and _same_file(int(inherited), os.path.join(workdir, LOCK)):
+        return  # held for this process by its parent (a sweep worker), which `hold` takes over
     try:
         fd = os.open(os.path.join(workdir, LOCK), os.O_RDONLY)
     except OSError:

@@ -38,7 +38,7 @@ def test_the_fault_hook_really_fires_inside_an_orbax_save(tmp_path, monkeypatch)
     model = cnn.build_model(["Flatten()", "Dense(3)"])
     state = train.create_state(model, train.make_optimizer(cnn.base_config().optimizer, 1, 1), (4, 4, 1), 0)
     state = jax.device_put(state.replace(step=np.int32(0)))  # on the devices, as a run saves it
-    sums = {"loss": np.zeros((), np.float32), "accuracy": np.zeros((), np.float32)}
+    sums = train.EpochSums.zeros()
     checkpoints = cnn.checkpoint.Checkpoints(str(tmp_path), owner=True)
     checkpoints.save(state, sums)
     with pytest.raises(WriteFailed, match="No space left on device"):

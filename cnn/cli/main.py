@@ -10,6 +10,7 @@ checkpoint saved once training started (the same command resumes).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import jax
@@ -70,9 +71,11 @@ def main(argv: list[str]) -> None:
         print(str(e), file=sys.stderr)
         sys.exit(3)
     except Preempted as e:  # SIGTERM or Ctrl-C during training: a checkpoint was saved
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the process is ending: a second Ctrl-C changes nothing
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_status)  # 128 + the signal: stopped, not finished
     except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one while a stop ends
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop = e.__context__ if isinstance(e.__context__, Preempted) else None
         print(str(stop) if stop else "interrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
