@@ -108,24 +108,24 @@ def _fit(array: np.ndarray, target: Any, where: str) -> np.ndarray:
 def assign(variables: dict, layers: Layers, pairs: Sequence[tuple[str, str]], path: str) -> dict:
     """`variables` with each (model layer, file layer) pair's arrays put in; a count or shape that does not fit
     is a ConfigError naming the first such tensor."""
-    out = _mutable(variables)
-    for ours, theirs in pairs:
+    out, order = _mutable(variables), {name: i for i, name in enumerate(layers)}
+    for ours, theirs in sorted(pairs, key=lambda pair: order[pair[1]]):  # the file's first misfit is named
         leaves, arrays = _leaves(variables, ours), layers[theirs]
         if len(arrays) != len(leaves):
             raise ConfigError(f"weight file {path!r}: layer {theirs!r} has {len(arrays)} tensors, the model's "
                               f"{ours!r} {len(leaves)} ({', '.join('/'.join(p) for _, p, _ in leaves)}): the "
                               "file is for another architecture")
-        for (collection, keys, target), array in zip(leaves, arrays):
+        for i, ((collection, keys, target), array) in enumerate(zip(leaves, arrays)):
             node = out[collection][ours]
             for key in keys[:-1]:
                 node = node[key]
-            node[keys[-1]] = _fit(array, target, f"weight file {path!r}: tensor {theirs}[{len(keys) and keys[-1]}]"
-                                  f" ({ours}/{'/'.join(keys)})")
+            node[keys[-1]] = _fit(array, target, f"weight file {path!r}: layer {theirs!r} tensor {i} (the model's "
+                                                 f"{ours}/{'/'.join(keys)})")
     return out
 
 
 def _weighted(variables: dict) -> list[str]:
-    """The model's layers that hold variables, in the order they were made."""
+    """The model's layers that hold variables (in no particular order: pytrees sort their keys)."""
     return list(dict.fromkeys(name for tree in variables.values() for name in tree))
 
 
@@ -163,13 +163,13 @@ def pretrained(name_or_specs: str | Sequence[str], path: str, input_shape: Seque
     layers, layout = read(path)
     if isinstance(name_or_specs, str):
         return _backbone(name_or_specs, path, layers, input_shape, num_classes)
-    from cnn.models.sequential import build_model  # noqa: PLC0415 - sequential imports presets, which imports here
+    from cnn.models.sequential import build_model, parse_stack  # noqa: PLC0415 - sequential imports presets
     if input_shape is None:
         raise ConfigError("pretrained(specs, path) needs input_shape, e.g. (28, 28, 1): the Dense layers' weights "
                           "depend on it")
     model = build_model(list(name_or_specs))
     variables = _init(model, input_shape, shapes_only=True)
-    ours = _weighted(variables)
+    ours = [n for n in parse_stack(tuple(model.layers))[2] if any(n in tree for tree in variables.values())]
     if layout == "keras3":
         pairs = _pairs_by_name(ours, layers, lambda n: n, path)
     else:  # a legacy file's names are its session's (conv2d_7); Keras loads it by order, and so does cnn
