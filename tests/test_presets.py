@@ -75,7 +75,7 @@ def test_images_too_small_for_the_image_folder_preset_name_the_smallest_image_si
 
 
 @pytest.mark.parametrize("preset, message", [
-    ("resnet", "unknown preset 'resnet'; did you mean 'resnet20'?"),
+    ("resnet", "unknown preset 'resnet'; did you mean 'resnet50'?"),
     ("vgg(widths=(8, 16))", "must have one entry per stage"),
     ("vgg(width=(8,))", "unexpected keyword argument 'width'; vgg takes vgg(widths="),
     ("vgg((8,))", "give overrides by keyword"),

@@ -6,6 +6,11 @@ as a call and parsed like a layer spec (never run):
     config.model.preset = "resnet20"
     config.model.preset = "vgg(widths=(32, 64, 128), depths=(2, 2, 2))"
 
+The ImageNet architectures (`resnet50`, `mobilenet_v2`, `efficientnet_b0`,
+`resnet18`) are Flax modules instead (cnn/models/backbones.py): the same
+name and overrides build the module, which can also load a weight file
+(cnn/models/weights.py).
+
 Each preset's default reproduces the parameter count of its paper or reference
 implementation (tests/test_presets.py checks them); `PUBLISHED` holds those
 figures and where they come from.
@@ -15,8 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
+
 from cnn import spec as spec_lib
 from cnn.errors import ConfigError, int_tuple
+from cnn.models import backbones
+from cnn.models.backbones import BACKBONES
 
 
 def flax_cnn(num_classes: int, widths: Sequence[int] = (32, 64), dense: int = 256) -> list[str]:
@@ -145,21 +154,45 @@ def parse(preset: str, field: str = "model.preset") -> tuple[str, dict]:
     """Splits 'vgg(widths=(32, 64))' into ('vgg', {'widths': (32, 64)}); a bare name has no overrides."""
     example = "a name, or a call with literal keyword arguments such as \"vgg(widths=(32, 64), depths=(2, 2))\""
     name, args, kwargs = spec_lib.parse_call(preset, field, "preset", example, bare_name=True)
-    make = spec_lib.lookup(name, PRESETS, field, preset, "preset")
+    spec_lib.lookup(name, {**PRESETS, **BACKBONES}, field, preset, "preset")
     if args:
         raise ConfigError(f"{field}={preset!r}: give overrides by keyword; {name} takes {signature(name)}")
-    spec_lib.bind(make, [1], kwargs, field, preset, name, signature(name))
+    if name in BACKBONES:
+        unknown = sorted(set(kwargs) - {f.name for f in backbones.fields(name)})
+        if unknown:
+            raise ConfigError(f"{field}={preset!r}: {name} has no override {unknown[0]!r}; it takes {signature(name)}")
+        return name, {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    spec_lib.bind(PRESETS[name], [1], kwargs, field, preset, name, signature(name))
     return name, kwargs
 
 
 def signature(name: str) -> str:
     """The overrides a preset takes, e.g. 'resnet20(widths=(16, 32, 64), depths=(3, 3, 3), shortcut='pad')'."""
+    if name in BACKBONES:
+        return backbones.signature(name)
     return spec_lib.signature(name, PRESETS[name], skip=1)
+
+
+def is_module(preset: str, field: str = "model.preset") -> bool:
+    """Whether `preset` names a backbone module rather than a Sequential's specs."""
+    return parse(preset, field)[0] in BACKBONES
+
+
+def module(preset: str, num_classes: int | None, field: str = "model.preset") -> nn.Module:
+    """The backbone module `preset` names, with `num_classes` outputs and its overrides."""
+    name, kwargs = parse(preset, field)
+    if num_classes is None:
+        raise ConfigError(f"{field}={preset!r} needs the number of classes for its output layer; set "
+                          "model.num_classes to the dataset's class count")
+    return BACKBONES[name].module(num_classes=num_classes, **kwargs)
 
 
 def expand(preset: str, num_classes: int | None, field: str = "model.preset") -> tuple[str, ...]:
     """The layer specs of `preset` with an output layer for `num_classes` classes."""
     name, kwargs = parse(preset, field)
+    if name in BACKBONES:
+        raise ConfigError(f"{field}={preset!r} is a Flax module (cnn/models/backbones.py), not layer specs; build "
+                          "it with cnn.models.build_model")
     if num_classes is None:
         raise ConfigError(f"{field}={preset!r} needs the number of classes for its output layer; set "
                           "model.num_classes to the dataset's class count")

@@ -100,7 +100,7 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.model names no model: {note}")
         raise ConfigError(f"model.layers={specs!r} is not valid and model.preset is not set: give a tuple of layer "
                           "specs such as (\"Conv2D(32, 3, activation='relu')\", 'Flatten()', 'Dense(10)'), a "
-                          f"preset such as model.preset='flax_cnn' (known: {', '.join(presets.PRESETS)}), or your "
+                          f"preset such as model.preset='flax_cnn' (known: {', '.join([*presets.PRESETS, *presets.BACKBONES])}), or your "
                           "own module as model.module='nets.py:Net'")
 
 
@@ -118,8 +118,8 @@ def layer_specs(model_config: ml_collections.ConfigDict, num_classes: int | None
 
 def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_classes: int | None = None
                 ) -> nn.Module:
-    """Builds the model from `config.model` (or a list of specs): a Sequential, checking every spec, or the
-    user's own module for `model.module` (cnn/models/module.py).
+    """Builds the model from `config.model` (or a list of specs): a Sequential, checking every spec, a backbone
+    preset's module (cnn/models/backbones.py), or the user's own module for `model.module` (cnn/models/module.py).
 
     `num_classes` sizes a preset's output layer, and is passed to a user's
     module, when `model.num_classes` is None.
@@ -131,6 +131,9 @@ def build_model(model_config: ml_collections.ConfigDict | Sequence[str], num_cla
         specs = model_config
         if not specs:
             raise ConfigError(f"model.layers={specs!r} is not valid: expected a non-empty tuple of layer specs")
+    elif model_config.get("preset") is not None and presets.is_module(model_config.preset):
+        check_config(model_config)
+        return presets.module(model_config.preset, model_config.get("num_classes") or num_classes)
     else:
         specs = layer_specs(model_config, num_classes)
     parse_stack(tuple(specs))  # raises ConfigError on a bad spec

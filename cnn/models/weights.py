@@ -1,0 +1,218 @@
+"""Keras weight files into cnn's models: `pretrained(name_or_specs, path)` -> (module, variables).
+
+Two layouts are read, told apart by their content (h5py), not their
+extension: Keras 3's `.weights.h5` (`layers/<key>/vars/0, 1, ...`, the
+layer's name in the `vars` group's attributes) and the legacy HDF5 layout of
+Keras 2 and of the files `keras.applications` downloads (`layer_names` and
+per layer `weight_names` attributes; a whole-model file keeps them under
+`model_weights`). Either gives each weighted layer's name and its arrays in
+Keras' order (kernel, bias; gamma, beta, moving mean, moving variance; ...).
+
+A layer's arrays go onto the Flax variables of the layer of the same name
+(a backbone, cnn/models/backbones.py) or of the same place among the layers
+that hold weights (a Sequential of layer specs, as Keras itself loads a
+legacy file). Flax's variables of one layer are put in Keras' order by
+their names (`_ORDER`); a depthwise kernel is reshaped, as
+cnn/models/layers.py's DepthwiseConv says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn.errors import ConfigError
+from cnn.models import backbones as backbones_lib
+
+Layers = dict[str, list[np.ndarray]]  # layer name -> its arrays in Keras' order, in the file's order
+
+# Flax variable names in the order Keras keeps the same weights.
+_ORDER = ("depthwise", "pointwise", "kernel", "embedding", "scale", "alpha", "bias", "mean", "var", "variance",
+          "count")
+
+
+def read(path: str) -> tuple[Layers, str]:
+    """The weighted layers of a Keras weight file, and its layout ('keras3' or 'legacy'); else a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"weight file {path!r} does not exist")
+    import h5py  # noqa: PLC0415 - only reading a weight file needs it
+    if not h5py.is_hdf5(path):
+        raise ConfigError(f"weight file {path!r} is not a known weight format: cnn reads Keras' HDF5 weight files "
+                          "(model.save_weights('x.weights.h5'), or the legacy .h5 of keras.applications)")
+    with h5py.File(path, "r") as f:
+        if "layer_names" not in f.attrs and "model_weights" in f:
+            f = f["model_weights"]
+        if "layer_names" in f.attrs:
+            return _legacy(f), "legacy"
+        if isinstance(f.get("layers"), h5py.Group):
+            return _keras3(f["layers"]), "keras3"
+    raise ConfigError(f"weight file {path!r} is HDF5 but not a Keras weight file (no 'layer_names' attribute and "
+                      "no 'layers' group); save it with model.save_weights")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _legacy(group) -> Layers:
+    layers = {}
+    for name in map(_text, group.attrs["layer_names"]):
+        weight_names = [_text(n) for n in group[name].attrs.get("weight_names", [])]
+        if weight_names:
+            layers[name] = [np.asarray(group[name][w]) for w in weight_names]
+    return layers
+
+
+def _keras3(group) -> Layers:
+    layers = {}
+    for key in group:  # h5py lists them by key: conv2d, conv2d_1, ..., as cnn's Sequential names its layers
+        vars_ = group[key].get("vars")
+        if vars_ is not None and len(vars_):
+            layers[key] = [np.asarray(vars_[str(i)]) for i in range(len(vars_))]
+            name = _text(vars_.attrs.get("name", key))
+            if name != key:
+                layers[name] = layers[key]
+    return layers
+
+
+def _leaves(variables: dict, layer: str) -> list[tuple[str, tuple[str, ...], Any]]:
+    """(collection, path, value) of each variable of `layer`, in Keras' order."""
+    found = []
+    for collection, tree in variables.items():
+        if layer in tree:
+            for path, value in jax.tree_util.tree_flatten_with_path(tree[layer])[0]:
+                found.append((collection, tuple(k.key for k in path), value))
+    return sorted(found, key=lambda leaf: [_ORDER.index(k) if k in _ORDER else len(_ORDER) for k in leaf[1]])
+
+
+def _fit(array: np.ndarray, target: Any, where: str) -> np.ndarray:
+    """`array` shaped as `target`: equal shapes, or a Keras depthwise kernel (*k, C, m) as Flax's (*k, 1, C*m)."""
+    shape = tuple(target.shape)
+    if array.shape != shape:
+        depthwise = (array.ndim == len(shape) > 2 and shape[-2] == 1 and array.shape[:-2] == shape[:-2]
+                     and array.shape[-2] * array.shape[-1] == shape[-1])
+        if not depthwise:
+            raise ConfigError(f"{where} has shape {array.shape} in the file but {shape} in the model: the file is "
+                              "for another architecture (or another width, input size or class count)")
+        array = array.reshape(shape)
+    return jnp.asarray(array, dtype=target.dtype)
+
+
+def assign(variables: dict, layers: Layers, pairs: Sequence[tuple[str, str]], path: str) -> dict:
+    """`variables` with each (model layer, file layer) pair's arrays put in; a count or shape that does not fit
+    is a ConfigError naming the first such tensor."""
+    out, order = _mutable(variables), {name: i for i, name in enumerate(layers)}
+    for ours, theirs in sorted(pairs, key=lambda pair: order[pair[1]]):  # the file's first misfit is named
+        leaves, arrays = _leaves(variables, ours), layers[theirs]
+        if len(arrays) != len(leaves):
+            raise ConfigError(f"weight file {path!r}: layer {theirs!r} has {len(arrays)} tensors, the model's "
+                              f"{ours!r} {len(leaves)} ({', '.join('/'.join(p) for _, p, _ in leaves)}): the "
+                              "file is for another architecture")
+        for i, ((collection, keys, target), array) in enumerate(zip(leaves, arrays)):
+            node = out[collection][ours]
+            for key in keys[:-1]:
+                node = node[key]
+            node[keys[-1]] = _fit(array, target, f"weight file {path!r}: layer {theirs!r} tensor {i} (the model's "
+                                                 f"{ours}/{'/'.join(keys)})")
+    return out
+
+
+def _weighted(variables: dict) -> list[str]:
+    """The model's layers that hold variables (in no particular order: pytrees sort their keys)."""
+    return list(dict.fromkeys(name for tree in variables.values() for name in tree))
+
+
+def _pairs_by_name(model_layers: list[str], layers: Layers, rename, path: str) -> list:
+    """Each model layer with the file layer of its name (or the name Keras numbers in a busy session:
+    'normalization_1' for 'normalization')."""
+    pairs = []
+    for ours in model_layers:
+        theirs = rename(ours)
+        if theirs not in layers:
+            numbered = [k for k in layers if re.fullmatch(re.escape(theirs) + r"_\d+", k)]
+            if len(numbered) != 1:
+                raise ConfigError(f"weight file {path!r} has no layer {theirs!r}: the file is for another "
+                                  f"architecture (its first layers: {', '.join(list(layers)[:4])})")
+            theirs = numbered[0]
+        pairs.append((ours, theirs))
+    return pairs
+
+
+def _file_classes(layers: Layers, rename, head: str) -> int | None:
+    arrays = layers.get(rename(head))
+    return int(arrays[0].shape[-1]) if arrays else None
+
+
+def pretrained(name_or_specs: str | Sequence[str], path: str, input_shape: Sequence[int] | None = None,
+               num_classes: int | None = None) -> tuple[nn.Module, dict]:
+    """The model and its variables from a Keras weight file, for a notebook.
+
+    `name_or_specs` is a backbone preset ('resnet50', 'mobilenet_v2(alpha=0.5)', ...) or a list of layer specs
+    the file's Keras Sequential was built from. A backbone keeps the file's head unless `num_classes` differs
+    from it: then its head is freshly initialised, to fine-tune. `input_shape` defaults to the backbone's
+    224x224x3; a list of specs needs it.
+    """
+    path = os.fspath(path)
+    layers, layout = read(path)
+    if isinstance(name_or_specs, str):
+        return _backbone(name_or_specs, path, layers, input_shape, num_classes)
+    from cnn.models.sequential import build_model, parse_stack  # noqa: PLC0415 - sequential imports presets
+    if input_shape is None:
+        raise ConfigError("pretrained(specs, path) needs input_shape, e.g. (28, 28, 1): the Dense layers' weights "
+                          "depend on it")
+    model = build_model(list(name_or_specs))
+    variables = _init(model, input_shape, shapes_only=True)
+    ours = [n for n in parse_stack(tuple(model.layers))[2] if any(n in tree for tree in variables.values())]
+    if layout == "keras3":
+        pairs = _pairs_by_name(ours, layers, lambda n: n, path)
+    else:  # a legacy file's names are its session's (conv2d_7); Keras loads it by order, and so does cnn
+        if len(layers) != len(ours):
+            raise ConfigError(f"weight file {path!r} has {len(layers)} layers with weights, the specs "
+                              f"{len(ours)}: the file is for another model")
+        pairs = list(zip(ours, layers))
+    return model, assign(variables, layers, pairs, path)
+
+
+def _init(model: nn.Module, input_shape: Sequence[int], shapes_only: bool) -> dict:
+    """The model's variables as mutable dicts: their shapes only when the file fills every one, else initialised
+    (a new head keeps its fresh values)."""
+    from cnn.models.sequential import adapt  # noqa: PLC0415
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    init = adapt(model).init
+    variables = jax.eval_shape(init, jax.random.key(0), x) if shapes_only else \
+        jax.jit(init)(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
+    return _mutable(variables)
+
+
+def _mutable(tree: Any) -> Any:
+    return {k: _mutable(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _backbone(text: str, path: str, layers: Layers, input_shape, num_classes) -> tuple[nn.Module, dict]:
+    from cnn.models import presets  # noqa: PLC0415
+    name, kwargs = presets.parse(text, "pretrained(name)")
+    backbone = backbones_lib.BACKBONES.get(name)
+    if backbone is None:
+        raise ConfigError(f"pretrained({text!r}): {name} is a preset of layer specs; pass its specs "
+                          f"(cnn.models.presets.expand) or a backbone: {', '.join(backbones_lib.BACKBONES)}")
+    rename = backbone.sources.get("keras")
+    if rename is None:
+        raise ConfigError(f"pretrained({text!r}, {path!r}): cnn reads no Keras weight file for {name} yet")
+    head = "predictions"
+    classes = _file_classes(layers, rename, head)
+    if num_classes is None and classes is None:
+        raise ConfigError(f"weight file {path!r} has no {head!r} layer (a file saved without its top): pass "
+                          "num_classes for a new head")
+    module = backbone.module(num_classes=num_classes or classes, **kwargs)
+    size = backbone.default_size
+    new_head = num_classes not in (None, classes)
+    variables = _init(module, tuple(input_shape) if input_shape else (size, size, 3), shapes_only=not new_head)
+    pairs = _pairs_by_name([n for n in _weighted(variables) if not (new_head and n == head)], layers, rename, path)
+    return module, assign(variables, layers, pairs, path)
