@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -319,11 +320,23 @@ def test_sigkill_then_the_same_command_resumes_exactly(cli_reference, tmp_path):
     assert records(tmp_path, "steps.jsonl") == records(reference, "steps.jsonl")
 
 
-def test_two_devices_match_one(cli_reference, tmp_path):
+def test_two_devices_match_one_and_two_processes_match_two_devices(cli_reference, tmp_path):
+    """A user's module shards as a spec model does: 2 devices follow 1 device's trajectory (batch-norm sums are
+    added per device, so to 1e-4), and 2 processes of 1 device each run the same partitioned program as 1 process
+    of 2 devices."""
     reference, nets = cli_reference
-    assert "on 2 cpu device(s)" in finish(tmp_path, nets, "--config.train.num_devices=2")
+    assert "on 2 cpu device(s)" in finish(tmp_path / "devices", nets, "--config.train.num_devices=2")
     trajectory = lambda w: np.array([[r["train_loss"], r["test_loss"], r["test_accuracy"]] for r in records(w)])
-    np.testing.assert_allclose(trajectory(tmp_path), trajectory(reference), rtol=1e-4)  # batch norm sums per device
+    np.testing.assert_allclose(trajectory(tmp_path / "devices"), trajectory(reference), rtol=1e-4)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    processes = [start(tmp_path / "processes", nets, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                       f"--process_id={i}", "--config.train.num_devices=1") for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-2000:] for _, err in outputs]
+    assert "on 2 cpu device(s) in 2 processes" in outputs[0][0]
+    np.testing.assert_allclose(trajectory(tmp_path / "processes"), trajectory(tmp_path / "devices"), rtol=1e-5)
 
 
 def test_a_sweep_over_the_modules_arguments(tmp_path, capsys):

@@ -165,7 +165,8 @@ def series_run():
     dataset = cnn.load_dataset(config.data)
     model = cnn.build_model(cnn.models.presets.expand("fcn", dataset.num_classes))
     state = create_state(model, optax.sgd(0.1), dataset.input_shape, 0)
-    run = TrainResult(state=state, model=model, history=[], results={}, class_names=dataset.class_names)
+    run = TrainResult(state=state, model=model, history=[], results=cnn.data.describe(dataset),
+                      class_names=dataset.class_names)  # results.json's class names and input shape, as a run's
     test = dataset.test
     return run, type(test)(test.images[:200], test.labels[:200])
 
