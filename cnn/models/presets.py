@@ -24,7 +24,7 @@ import flax.linen as nn
 
 from cnn import spec as spec_lib
 from cnn.errors import ConfigError, int_tuple
-from cnn.models import backbones
+import cnn.models.backbones as backbones
 from cnn.models.backbones import BACKBONES
 
 

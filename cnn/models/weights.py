@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn.errors import ConfigError
-from cnn.models import backbones as backbones_lib
+import cnn.models.backbones as backbones_lib
+import cnn.models.presets as presets
+from cnn.models.sequential import adapt, build_model, parse_stack
 
 Layers = dict[str, list[np.ndarray]]  # layer name -> its arrays in Keras' order, in the file's order
 
@@ -163,7 +165,6 @@ def pretrained(name_or_specs: str | Sequence[str], path: str, input_shape: Seque
     layers, layout = read(path)
     if isinstance(name_or_specs, str):
         return _backbone(name_or_specs, path, layers, input_shape, num_classes)
-    from cnn.models.sequential import build_model, parse_stack  # noqa: PLC0415 - sequential imports presets
     if input_shape is None:
         raise ConfigError("pretrained(specs, path) needs input_shape, e.g. (28, 28, 1): the Dense layers' weights "
                           "depend on it")
@@ -183,7 +184,6 @@ def pretrained(name_or_specs: str | Sequence[str], path: str, input_shape: Seque
 def _init(model: nn.Module, input_shape: Sequence[int], shapes_only: bool) -> dict:
     """The model's variables as mutable dicts: their shapes only when the file fills every one, else initialised
     (a new head keeps its fresh values)."""
-    from cnn.models.sequential import adapt  # noqa: PLC0415
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     init = adapt(model).init
     variables = jax.eval_shape(init, jax.random.key(0), x) if shapes_only else \
@@ -196,7 +196,6 @@ def _mutable(tree: Any) -> Any:
 
 
 def _backbone(text: str, path: str, layers: Layers, input_shape, num_classes) -> tuple[nn.Module, dict]:
-    from cnn.models import presets  # noqa: PLC0415
     name, kwargs = presets.parse(text, "pretrained(name)")
     backbone = backbones_lib.BACKBONES.get(name)
     if backbone is None:
