@@ -30,6 +30,7 @@ PAD_MODES = ("constant", "reflect")
 LOSS_NAMES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy")  # cnn.losses.LOSSES: what each one computes
 LOSSES = ("auto", *LOSS_NAMES)  # auto: the one the model's output fits (cnn.losses.auto)
 KERNELS = ("auto", "xla", "onednn")
+PREPROCESSING = ("caffe", "tf", "torch")  # cnn/data/images.py applies them
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
 # data and its augmentation, the optimizer, seed, batch and micro-batch size, dtype, kernels, devices, loss,
@@ -83,6 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Per-channel mean and std applied after scaling pixels to [0, 1].
     c.data.mean = config_dict.placeholder(tuple)
     c.data.std = config_dict.placeholder(tuple)
+    # Instead of mean and std: the input scaling a set of pretrained weights
+    # was trained with, as Keras's imagenet_utils.preprocess_input does it:
+    # 'caffe' (BGR, ImageNet mean pixel subtracted), 'tf' (to [-1, 1]),
+    # 'torch' (to [0, 1], ImageNet mean and std), or None.
+    c.data.preprocessing = config_dict.placeholder(str)
     # Keep decoded arrays (next to prepared TFDS data, or in data.cache_dir)
     # so later runs skip decoding (and TensorFlow).
     c.data.cache = True
@@ -366,6 +372,12 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
                 "(height, width) in whole pixels")
     if (d.mean is None) != (d.std is None):
         raise ConfigError("data.mean and data.std must be set together (or both left as None)")
+    mode = d.get("preprocessing")
+    require(mode is None or mode in PREPROCESSING, "data.preprocessing", mode,
+            f"one of {', '.join(map(repr, PREPROCESSING))} (Keras's preprocess_input modes) or None")
+    if mode is not None and d.mean is not None:
+        raise ConfigError(f"data.preprocessing={mode!r} and data.mean/data.std both scale the inputs; keep one (set "
+                          "data.mean=None and data.std=None, or data.preprocessing=None)")
     if d.mean is not None:
         _numbers(d.mean, "data.mean")
         _numbers(d.std, "data.std", len(d.mean))

@@ -17,15 +17,30 @@ import numpy as np
 from cnn.errors import ConfigError
 
 
-def preprocess(images: jax.Array, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
-               ) -> jax.Array:
-    """uint8 images to float32 in [0, 1], then (x - mean) / std if given (data.mean, data.std).
+# data.preprocessing (cnn.config.PREPROCESSING): the modes of Keras's imagenet_utils.preprocess_input, for weights
+# trained with one of them. 'caffe': RGB to BGR, then the ImageNet mean pixel subtracted on the 0-255 scale; 'tf':
+# to [-1, 1]; 'torch': to [0, 1], then ImageNet's per-channel mean and std.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def preprocess(images: jax.Array, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+               mode: str | None = None) -> jax.Array:
+    """uint8 images to float32 in [0, 1], then (x - mean) / std if given (data.mean, data.std); or, with `mode`
+    (data.preprocessing), as Keras's preprocess_input does for that mode.
 
     Other inputs (int32 token ids, float32 series) are returned unchanged.
     """
     if images.dtype != jnp.uint8:
         return images
-    x = images.astype(jnp.float32) / 255.0
+    x = images.astype(jnp.float32)
+    if mode == "caffe":
+        return x[..., ::-1] - jnp.asarray(_CAFFE_MEAN_BGR, jnp.float32)
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    x = x / 255.0
+    if mode == "torch":
+        mean, std = _TORCH_MEAN, _TORCH_STD
     if mean is not None:
         x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return x

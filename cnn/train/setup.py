@@ -177,7 +177,9 @@ def announce(training: Training, state: TrainState) -> None:
     training.log(table)
     training.log(f"{dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test examples of "
                  f"{dataset.input_shape}, {dataset.num_classes} classes; {training.steps_per_epoch} steps/epoch on "
-                 f"{mesh.size} {platform} device(s){processes}{parts}; loss {training.recipe.loss}{dtype}{onednn}")
+                 f"{mesh.size} {platform} device(s){processes}{parts}; loss {training.recipe.loss}{dtype}{onednn}"
+                 + (f"; inputs scaled as {training.recipe.preprocessing!r} weights expect (data.preprocessing)"
+                    if training.recipe.preprocessing else ""))
     if training.resumed:
         step = int(jax.device_get(state.step))
         training.log(f"resuming from the checkpoint at step {step} (epoch {step // training.steps_per_epoch + 1}, "

@@ -40,17 +40,20 @@ class Recipe:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     augmentation: Augmentation = Augmentation()
+    preprocessing: str | None = None  # data.preprocessing: a Keras preprocess_input mode instead of mean/std
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, loss: str) -> "Recipe":
-        """The recipe of `config` (data.mean/std, augmentation, train.compute_dtype) with the loss `check_head` chose."""
+        """The recipe of `config` (data.mean/std or data.preprocessing, augmentation, train.compute_dtype) with the
+        loss `check_head` chose."""
         data = config.data
         return cls(loss=loss, compute_dtype=config.train.compute_dtype,
                    mean=None if data.mean is None else tuple(data.mean),
-                   std=None if data.std is None else tuple(data.std), augmentation=Augmentation.from_config(data))
+                   std=None if data.std is None else tuple(data.std), augmentation=Augmentation.from_config(data),
+                   preprocessing=data.get("preprocessing"))  # absent from workdirs made before the field
 
     def inputs(self, images: jax.Array) -> jax.Array:
-        return preprocess(images, self.mean, self.std).astype(self.compute_dtype)
+        return preprocess(images, self.mean, self.std, self.preprocessing).astype(self.compute_dtype)
 
     def cast(self, variables: dict) -> dict:
         """Parameters in the compute dtype (mixed precision; a no-op in float32).
