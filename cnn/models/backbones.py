@@ -9,14 +9,22 @@ EfficientNetB0 (layer names, paddings, epsilons, parameter counts);
 `Name(num_classes=N, **overrides)` and returns logits, so cnn trains it as
 it trains your own module (cnn/models/module.py).
 
+torchvision builds the first three a little differently (ResNet-50 v1.5:
+the stride on the 3x3 convolution, no convolution biases; symmetric
+padding where Keras pads as TensorFlow's 'same'; torch's batch-norm epsilon;
+no input normalisation inside EfficientNet). `style='torchvision'` builds
+that form, with torchvision's parameter counts; loading a torchvision or
+timm file picks it.
+
 Adding an architecture is one module here plus one entry in `BACKBONES`
 naming it and, per weight source, the function that turns the module's
-layer names into the file's.
+layer names into the file's and the style the module takes for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -24,7 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnn.errors import ShapeError
+from cnn.errors import ConfigError, ShapeError
+
+STYLES = ("keras", "torchvision")
 
 
 def _check_size(x: jax.Array, module: nn.Module) -> None:
@@ -48,6 +58,23 @@ def _correct_pad(x: jax.Array, kernel: int) -> tuple[tuple[int, int], tuple[int,
     return tuple((half - (1 - size % 2), half) for size in x.shape[1:3])
 
 
+def _torchvision(module: nn.Module) -> bool:
+    """Whether the module is built in torchvision's form (its `style`)."""
+    if module.style not in STYLES:
+        raise ConfigError(f"{module.PRESET}(style={module.style!r}): style is one of {', '.join(map(repr, STYLES))}")
+    return module.style == "torchvision"
+
+
+def _same(x: jax.Array, kernel: int, stride: int, torchvision: bool):
+    """(x, padding) of a 'same' convolution: torchvision pads kernel // 2 on every side; Keras pads as
+    TensorFlow's 'same' (correct_pad before a stride-2 'valid' convolution, the same pixels)."""
+    if torchvision:
+        return x, ((kernel // 2, kernel // 2),) * 2
+    if stride == 2:
+        return _pad(x, _correct_pad(x, kernel)), "VALID"
+    return x, "SAME"
+
+
 def _conv(x, filters: int, kernel: int, stride: int = 1, padding="VALID", use_bias: bool = True, name=None,
           groups: int = 1):
     return nn.Conv(filters, (kernel, kernel), (stride, stride), padding=padding, use_bias=use_bias,
@@ -58,6 +85,14 @@ def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99
     return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name)(x)
 
 
+def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Callable:
+    """The module's batch norm: Keras' epsilon and momentum, or torch's (1e-5; momentum 0.1, Flax's 0.9) in
+    torchvision's form."""
+    if _torchvision(module):
+        epsilon, momentum = 1e-5, 0.9
+    return lambda x, name: _bn(x, train, name, epsilon, momentum)
+
+
 def _make_divisible(value: float, divisor: int = 8) -> int:
     """Keras' _make_divisible for MobileNetV2 widths: the nearest multiple of `divisor`, at most 10% below."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
@@ -65,17 +100,21 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class ResNet50(nn.Module):
-    """keras.applications.ResNet50 (He et al. 2016, v1 with biases in every convolution): 25,636,712 weights."""
+    """keras.applications.ResNet50 (He et al. 2016, v1 with biases in every convolution): 25,636,712 weights; or
+    torchvision's v1.5 (the stride on the 3x3 convolution, no convolution biases): 25,557,032 parameters."""
 
     num_classes: int = 1000
+    style: str = "keras"
     PRESET: ClassVar[str] = "resnet50"
     MIN_SIZE: ClassVar[int] = 32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_size(x, self)
-        bn = lambda x, name: _bn(x, train, name, epsilon=1.001e-5)
-        x = _conv(_pad(x, ((3, 3), (3, 3))), 64, 7, 2, name="conv1_conv")
+        torchvision, bn = _torchvision(self), _norm(self, train, 1.001e-5, 0.99)
+        conv = lambda x, filters, kernel, stride, name: _conv(x, filters, kernel, stride, ((kernel // 2,) * 2,) * 2,
+                                                              not torchvision, name)
+        x = conv(x, 64, 7, 2, "conv1_conv")
         x = nn.relu(bn(x, "conv1_bn"))
         x = nn.max_pool(_pad(x, ((1, 1), (1, 1))), (3, 3), (2, 2))
         for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
@@ -84,20 +123,21 @@ class ResNet50(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 shortcut = x
                 if block == 0:
-                    shortcut = bn(_conv(x, 4 * filters, 1, stride, name=f"{name}_0_conv"), f"{name}_0_bn")
-                y = nn.relu(bn(_conv(x, filters, 1, stride, name=f"{name}_1_conv"), f"{name}_1_bn"))
-                y = nn.relu(bn(_conv(y, filters, 3, padding="SAME", name=f"{name}_2_conv"), f"{name}_2_bn"))
-                y = bn(_conv(y, 4 * filters, 1, name=f"{name}_3_conv"), f"{name}_3_bn")
+                    shortcut = bn(conv(x, 4 * filters, 1, stride, f"{name}_0_conv"), f"{name}_0_bn")
+                y = nn.relu(bn(conv(x, filters, 1, 1 if torchvision else stride, f"{name}_1_conv"), f"{name}_1_bn"))
+                y = nn.relu(bn(conv(y, filters, 3, stride if torchvision else 1, f"{name}_2_conv"), f"{name}_2_bn"))
+                y = bn(conv(y, 4 * filters, 1, 1, f"{name}_3_conv"), f"{name}_3_bn")
                 x = nn.relu(shortcut + y)
         return nn.Dense(self.num_classes, name="predictions")(x.mean(axis=(1, 2)))
 
 
 class MobileNetV2(nn.Module):
     """keras.applications.MobileNetV2 (Sandler et al. 2018) with width multiplier `alpha`: 3,538,984 weights at
-    alpha=1."""
+    alpha=1; or torchvision's (symmetric padding, dropout 0.2 before the head): 3,504,872 parameters."""
 
     num_classes: int = 1000
     alpha: float = 1.0
+    style: str = "keras"
     PRESET: ClassVar[str] = "mobilenet_v2"
     MIN_SIZE: ClassVar[int] = 32
     # (filters, stride, expansion) of blocks 0..16
@@ -108,9 +148,10 @@ class MobileNetV2(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_size(x, self)
-        bn = lambda x, name: _bn(x, train, name, epsilon=1e-3, momentum=0.999)
+        torchvision, bn = _torchvision(self), _norm(self, train, 1e-3, 0.999)
         relu6 = lambda x: jnp.clip(x, 0.0, 6.0)
-        x = _conv(x, _make_divisible(32 * self.alpha), 3, 2, padding="SAME", use_bias=False, name="Conv1")
+        x, padding = _same(x, 3, 2, torchvision)
+        x = _conv(x, _make_divisible(32 * self.alpha), 3, 2, padding, use_bias=False, name="Conv1")
         x = relu6(bn(x, "bn_Conv1"))
         for block, (filters, stride, expansion) in enumerate(self.BLOCKS):
             inputs, channels = x, x.shape[-1]
@@ -119,17 +160,18 @@ class MobileNetV2(nn.Module):
             if block:
                 x = relu6(bn(_conv(x, expansion * channels, 1, use_bias=False, name=f"{prefix}expand"),
                              f"{prefix}expand_BN"))
-            if stride == 2:
-                x = _pad(x, _correct_pad(x, 3))
-            x = _conv(x, x.shape[-1], 3, stride, padding="SAME" if stride == 1 else "VALID", use_bias=False,
-                      groups=x.shape[-1], name=f"{prefix}depthwise")
+            x, padding = _same(x, 3, stride, torchvision)
+            x = _conv(x, x.shape[-1], 3, stride, padding, use_bias=False, groups=x.shape[-1],
+                      name=f"{prefix}depthwise")
             x = relu6(bn(x, f"{prefix}depthwise_BN"))
             x = bn(_conv(x, out, 1, use_bias=False, name=f"{prefix}project"), f"{prefix}project_BN")
             if channels == out and stride == 1:
                 x = inputs + x
         last = _make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
-        x = relu6(bn(_conv(x, last, 1, use_bias=False, name="Conv_1"), "Conv_1_bn"))
-        return nn.Dense(self.num_classes, name="predictions")(x.mean(axis=(1, 2)))
+        x = relu6(bn(_conv(x, last, 1, use_bias=False, name="Conv_1"), "Conv_1_bn")).mean(axis=(1, 2))
+        if torchvision:
+            x = nn.Dropout(0.2, deterministic=not train, name="dropout")(x)
+        return nn.Dense(self.num_classes, name="predictions")(x)
 
 
 class Normalization(nn.Module):
@@ -152,13 +194,16 @@ class EfficientNetB0(nn.Module):
     Inputs are pixels in [0, 255]: the model rescales and normalises them
     itself. `imagenet_rescaling` adds the division by ImageNet's standard
     deviations that Keras puts in only with weights='imagenet'; set it for
-    Keras' ImageNet weight file.
+    Keras' ImageNet weight file. torchvision's form (5,288,548 parameters)
+    has no normalisation inside: its inputs are normalised already
+    (data.preprocessing='torch'), and its padding is symmetric.
     """
 
     num_classes: int = 1000
     dropout_rate: float = 0.2
     drop_connect_rate: float = 0.2
     imagenet_rescaling: bool = False
+    style: str = "keras"
     PRESET: ClassVar[str] = "efficientnet_b0"
     MIN_SIZE: ClassVar[int] = 32
     # (kernel, repeats, filters in, filters out, expansion, stride) per stage; every block has SE ratio 0.25
@@ -169,37 +214,37 @@ class EfficientNetB0(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_size(x, self)
-        x = Normalization(name="normalization")(x / 255.0)
-        if self.imagenet_rescaling:
+        torchvision, bn = _torchvision(self), _norm(self, train, 1e-3, 0.99)
+        if not torchvision:
+            x = Normalization(name="normalization")(x / 255.0)
+        if self.imagenet_rescaling and not torchvision:
             x = x / jnp.sqrt(jnp.asarray(self.STDDEV))
-        x = _conv(_pad(x, _correct_pad(x, 3)), 32, 3, 2, use_bias=False, name="stem_conv")
-        x = nn.swish(_bn(x, train, "stem_bn"))
+        x, padding = _same(x, 3, 2, torchvision)
+        x = nn.swish(bn(_conv(x, 32, 3, 2, padding, use_bias=False, name="stem_conv"), "stem_bn"))
         total, b = sum(stage[1] for stage in self.STAGES), 0
         for i, (kernel, repeats, filters_in, filters_out, expansion, stride) in enumerate(self.STAGES):
             for j in range(repeats):
-                x = self._block(x, train, self.drop_connect_rate * b / total, f"block{i + 1}{chr(j + 97)}_",
+                x = self._block(x, train, bn, self.drop_connect_rate * b / total, f"block{i + 1}{chr(j + 97)}_",
                                 filters_in if j == 0 else filters_out, filters_out, kernel,
                                 stride if j == 0 else 1, expansion)
                 b += 1
-        x = nn.swish(_bn(_conv(x, 1280, 1, use_bias=False, name="top_conv"), train, "top_bn"))
+        x = nn.swish(bn(_conv(x, 1280, 1, use_bias=False, name="top_conv"), "top_bn"))
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="top_dropout")(x.mean(axis=(1, 2)))
         return nn.Dense(self.num_classes, name="predictions")(x)
 
-    def _block(self, inputs, train, drop_rate, name, filters_in, filters_out, kernel, stride, expansion):
-        """Keras' efficientnet.block: expand, depthwise, squeeze-and-excite, project, dropped-path residual."""
+    def _block(self, inputs, train, bn, drop_rate, name, filters_in, filters_out, kernel, stride, expansion):
+        """Keras' efficientnet.block (torchvision's MBConv): expand, depthwise, squeeze-and-excite, project,
+        dropped-path residual."""
         filters, x = filters_in * expansion, inputs
         if expansion != 1:
-            x = nn.swish(_bn(_conv(x, filters, 1, use_bias=False, name=f"{name}expand_conv"), train,
-                             f"{name}expand_bn"))
-        if stride == 2:
-            x = _pad(x, _correct_pad(x, kernel))
-        x = _conv(x, filters, kernel, stride, padding="SAME" if stride == 1 else "VALID", use_bias=False,
-                  groups=filters, name=f"{name}dwconv")
-        x = nn.swish(_bn(x, train, f"{name}bn"))
+            x = nn.swish(bn(_conv(x, filters, 1, use_bias=False, name=f"{name}expand_conv"), f"{name}expand_bn"))
+        x, padding = _same(x, kernel, stride, self.style == "torchvision")
+        x = _conv(x, filters, kernel, stride, padding, use_bias=False, groups=filters, name=f"{name}dwconv")
+        x = nn.swish(bn(x, f"{name}bn"))
         se = x.mean(axis=(1, 2), keepdims=True)
         se = nn.swish(_conv(se, max(1, int(filters_in * 0.25)), 1, name=f"{name}se_reduce"))
         x = x * nn.sigmoid(_conv(se, filters, 1, name=f"{name}se_expand"))
-        x = _bn(_conv(x, filters_out, 1, use_bias=False, name=f"{name}project_conv"), train, f"{name}project_bn")
+        x = bn(_conv(x, filters_out, 1, use_bias=False, name=f"{name}project_conv"), f"{name}project_bn")
         if stride == 1 and filters_in == filters_out:
             if drop_rate > 0:
                 x = nn.Dropout(drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train, name=f"{name}drop")(x)
@@ -249,30 +294,96 @@ def keras_names(name: str) -> str:
     return name
 
 
+def _resnet50_torchvision(name: str) -> str:
+    """conv3_block2_1_conv -> layer2.1.conv1, conv3_block1_0_bn -> layer2.0.downsample.1 (timm's ResNets too)."""
+    if name in ("conv1_conv", "conv1_bn", "predictions"):
+        return {"conv1_conv": "conv1", "conv1_bn": "bn1", "predictions": "fc"}[name]
+    match = re.fullmatch(r"conv(\d)_block(\d+)_(\d)_(conv|bn)", name)
+    if match is None:
+        return name
+    stage, block, index, kind = int(match[1]) - 1, int(match[2]) - 1, match[3], match[4]
+    layer = f"downsample.{int(kind == 'bn')}" if index == "0" else f"{kind}{index}"
+    return f"layer{stage}.{block}.{layer}"
+
+
+def _mobilenet_v2_torchvision(name: str) -> str:
+    """block_3_expand -> features.4.conv.0.0, block_3_depthwise_BN -> features.4.conv.1.1, block_3_project ->
+    features.4.conv.2 (block 0, expanded_conv_*, has no expansion: one step fewer)."""
+    fixed = {"Conv1": "features.0.0", "bn_Conv1": "features.0.1", "Conv_1": "features.18.0",
+             "Conv_1_bn": "features.18.1", "predictions": "classifier.1"}
+    match = re.fullmatch(r"(?:expanded_conv|block_(\d+))_(expand|depthwise|project)(_BN)?", name)
+    if name in fixed or match is None:
+        return fixed.get(name, name)
+    block, norm = int(match[1] or 0), int(match[3] is not None)
+    step = ("expand", "depthwise", "project").index(match[2]) - (block == 0)
+    place = f"{step + norm}" if match[2] == "project" else f"{step}.{norm}"
+    return f"features.{block + 1}.conv.{place}"
+
+
+def _efficientnet_b0_torchvision(name: str) -> str:
+    """block2a_dwconv -> features.2.0.block.1.0, block2b_se_reduce -> features.2.1.block.2.fc1 (stage 1 has no
+    expansion: its steps start one earlier)."""
+    fixed = {"stem_conv": "features.0.0", "stem_bn": "features.0.1", "top_conv": "features.8.0",
+             "top_bn": "features.8.1", "predictions": "classifier.1"}
+    match = re.fullmatch(r"block(\d)([a-z])_(\w+)", name)
+    if name in fixed or match is None:
+        return fixed.get(name, name)
+    stage, index, e = int(match[1]), ord(match[2]) - ord("a"), int(match[1] != "1")
+    places = {"expand_conv": "0.0", "expand_bn": "0.1", "dwconv": f"{e}.0", "bn": f"{e}.1",
+              "se_reduce": f"{e + 1}.fc1", "se_expand": f"{e + 1}.fc2", "project_conv": f"{e + 2}.0",
+              "project_bn": f"{e + 2}.1"}
+    return f"features.{stage}.{index}.block.{places.get(match[3], match[3])}"
+
+
+def _resnet18_torchvision(name: str) -> str:
+    """layer2_0/downsample_0 -> layer2.0.downsample.0: the module keeps the state dict's names."""
+    return name.replace("/", ".").replace("_", ".")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How a backbone reads one source's weight files: the file's name for each of the module's layers (a
+    nested layer's path joined by '/'), and the `style` the module is built in for them (None: one form only)."""
+
+    rename: Callable[[str], str]
+    style: str | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    """A named architecture: its module class, and per weight source the layer name in such a file of each of the
-    module's layers (a source absent here is one cnn cannot read for it yet)."""
+    """A named architecture: its module class, its head layer, and per weight source ('keras', 'torchvision':
+    torchvision's and timm's state dicts) how it reads such a file (a source absent here is one cnn cannot
+    read for it)."""
 
     module: type[nn.Module]
-    sources: dict[str, Callable[[str], str]]
+    sources: dict[str, Source]
+    head: str = "predictions"
     default_size: int = 224
 
 
+KERAS = Source(keras_names, "keras")
 BACKBONES: dict[str, Backbone] = {
-    "resnet50": Backbone(ResNet50, {"keras": keras_names}),
-    "mobilenet_v2": Backbone(MobileNetV2, {"keras": keras_names}),
-    "efficientnet_b0": Backbone(EfficientNetB0, {"keras": keras_names}),
-    "resnet18": Backbone(ResNet18, {}),
+    "resnet50": Backbone(ResNet50, {"keras": KERAS, "torchvision": Source(_resnet50_torchvision, "torchvision")}),
+    "mobilenet_v2": Backbone(MobileNetV2, {"keras": KERAS,
+                                           "torchvision": Source(_mobilenet_v2_torchvision, "torchvision")}),
+    "efficientnet_b0": Backbone(EfficientNetB0, {"keras": KERAS,
+                                                 "torchvision": Source(_efficientnet_b0_torchvision, "torchvision")}),
+    "resnet18": Backbone(ResNet18, {"torchvision": Source(_resnet18_torchvision)}, head="fc"),
 }
 
-# (input shape, classes, parameter count, where it is published): the count is `summary()`'s total (Keras
+# preset -> (input shape, classes, parameter count, where it is published): the count is `summary()`'s total (Keras
 # counts batch-norm moving statistics), or its trainable count where the source counts parameters only.
 PUBLISHED: dict[str, tuple[tuple[int, ...], int, int, str, str]] = {
     "resnet50": ((224, 224, 3), 1000, 25_636_712, "Total", "keras.applications.ResNet50().summary()"),
     "mobilenet_v2": ((224, 224, 3), 1000, 3_538_984, "Total", "keras.applications.MobileNetV2().summary()"),
     "efficientnet_b0": ((224, 224, 3), 1000, 5_330_571, "Total", "keras.applications.EfficientNetB0().summary()"),
     "resnet18": ((224, 224, 3), 1000, 11_689_512, "Trainable", "torchvision.models.resnet18(): sum of parameters()"),
+    "resnet50(style='torchvision')": ((224, 224, 3), 1000, 25_557_032, "Trainable",
+                                      "torchvision.models.resnet50(): sum of parameters()"),
+    "mobilenet_v2(style='torchvision')": ((224, 224, 3), 1000, 3_504_872, "Trainable",
+                                          "torchvision.models.mobilenet_v2(): sum of parameters()"),
+    "efficientnet_b0(style='torchvision')": ((224, 224, 3), 1000, 5_288_548, "Trainable",
+                                             "torchvision.models.efficientnet_b0(): sum of parameters()"),
 }
 
 
