@@ -1,19 +1,25 @@
-"""Keras weight files into cnn's models: `pretrained(name_or_specs, path)` -> (module, variables).
+"""Weight files into cnn's models: `pretrained(name_or_specs, path)` -> (module, variables).
 
-Two layouts are read, told apart by their content (h5py), not their
-extension: Keras 3's `.weights.h5` (`layers/<key>/vars/0, 1, ...`, the
-layer's name in the `vars` group's attributes) and the legacy HDF5 layout of
-Keras 2 and of the files `keras.applications` downloads (`layer_names` and
-per layer `weight_names` attributes; a whole-model file keeps them under
-`model_weights`). Either gives each weighted layer's name and its arrays in
-Keras' order (kernel, bias; gamma, beta, moving mean, moving variance; ...).
+`read` tells a file's kind by its content, not its extension, and gives
+every kind in one form, `Layers`: each weighted layer's name and its arrays
+in Keras' order and layout (kernel, bias; gamma, beta, moving mean, moving
+variance; ...). The kinds:
+
+- Keras 3's `.weights.h5` (`layers/<key>/vars/0, 1, ...`, the layer's name
+  in the `vars` group's attributes) and the legacy HDF5 layout of Keras 2
+  and of the files `keras.applications` downloads (`layer_names` and per
+  layer `weight_names` attributes; a whole-model file keeps them under
+  `model_weights`), read with h5py;
+- torch state dicts (torchvision's and timm's `.pth`), from torch.save's
+  zip or from `.safetensors`, read without torch (cnn/models/torch_files.py)
+  and laid out as Keras lays out the same weights.
 
 A layer's arrays go onto the Flax variables of the layer of the same name
-(a backbone, cnn/models/backbones.py) or of the same place among the layers
-that hold weights (a Sequential of layer specs, as Keras itself loads a
-legacy file). Flax's variables of one layer are put in Keras' order by
-their names (`_ORDER`); a depthwise kernel is reshaped, as
-cnn/models/layers.py's DepthwiseConv says.
+(a backbone, cnn/models/backbones.py, through its per-source renaming) or of
+the same place among the layers that hold weights (a Sequential of layer
+specs, as Keras itself loads a legacy file). Flax's variables of one layer
+are put in Keras' order by their names (`_ORDER`); a depthwise kernel is
+reshaped, as cnn/models/layers.py's DepthwiseConv says.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 from cnn.errors import ConfigError
 import cnn.models.backbones as backbones_lib
 import cnn.models.presets as presets
+import cnn.models.torch_files as torch_files
 from cnn.models.sequential import adapt, build_model, parse_stack
 
 Layers = dict[str, list[np.ndarray]]  # layer name -> its arrays in Keras' order, in the file's order
@@ -40,14 +47,23 @@ _ORDER = ("depthwise", "pointwise", "kernel", "embedding", "scale", "alpha", "bi
           "count")
 
 
+# read()'s layouts and the source whose names and style a backbone takes for each
+SOURCES = {"keras3": "keras", "legacy": "keras", "torch": "torchvision", "safetensors": "torchvision"}
+FORMATS = ("Keras' HDF5 weight files (model.save_weights('x.weights.h5'), or the legacy .h5 of keras.applications), "
+           "torch state dicts saved by torch.save (torch >= 1.6) and .safetensors")
+
+
 def read(path: str) -> tuple[Layers, str]:
-    """The weighted layers of a Keras weight file, and its layout ('keras3' or 'legacy'); else a ConfigError."""
+    """The weighted layers of a weight file and its layout ('keras3', 'legacy', 'torch' or 'safetensors', told
+    apart by the file's content); else a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"weight file {path!r} does not exist")
-    import h5py  # noqa: PLC0415 - only reading a weight file needs it
-    if not h5py.is_hdf5(path):
-        raise ConfigError(f"weight file {path!r} is not a known weight format: cnn reads Keras' HDF5 weight files "
-                          "(model.save_weights('x.weights.h5'), or the legacy .h5 of keras.applications)")
+    kind = _kind(path)
+    if kind == "torch":
+        return torch_files.layers(torch_files.read_zip(path)), kind
+    if kind == "safetensors":
+        return torch_files.layers(torch_files.read_safetensors(path)), kind
+    import h5py  # noqa: PLC0415 - only reading a Keras weight file needs it
     with h5py.File(path, "r") as f:
         if "layer_names" not in f.attrs and "model_weights" in f:
             f = f["model_weights"]
@@ -57,6 +73,24 @@ def read(path: str) -> tuple[Layers, str]:
             return _keras3(f["layers"]), "keras3"
     raise ConfigError(f"weight file {path!r} is HDF5 but not a Keras weight file (no 'layer_names' attribute and "
                       "no 'layers' group); save it with model.save_weights")
+
+
+def _kind(path: str) -> str:
+    """'hdf5', 'torch' (torch.save's zip) or 'safetensors', from the file's first bytes; else a ConfigError."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if torch_files.is_legacy_torch(head):
+        raise ConfigError(f"weight file {path!r} is in torch's format from before torch 1.6, which cnn does not "
+                          "read: re-save it with torch>=1.6 (torch.save(torch.load(path), new_path)) or as "
+                          "safetensors")
+    if torch_files.is_torch_zip(path):
+        return "torch"
+    if torch_files.is_safetensors(head, os.path.getsize(path)):
+        return "safetensors"
+    import h5py  # noqa: PLC0415 - h5py knows where an HDF5 signature may sit (after a user block)
+    if h5py.is_hdf5(path):
+        return "hdf5"
+    raise ConfigError(f"weight file {path!r} is not a known weight format: cnn reads {FORMATS}")
 
 
 def _text(value: Any) -> str:
@@ -84,12 +118,20 @@ def _keras3(group) -> Layers:
     return layers
 
 
+def _node(tree: dict, layer: str) -> Any:
+    """The subtree of `layer` ('/' joins a nested layer's path), or None."""
+    for key in layer.split("/"):
+        tree = tree.get(key) if hasattr(tree, "get") else None
+    return tree
+
+
 def _leaves(variables: dict, layer: str) -> list[tuple[str, tuple[str, ...], Any]]:
     """(collection, path, value) of each variable of `layer`, in Keras' order."""
     found = []
     for collection, tree in variables.items():
-        if layer in tree:
-            for path, value in jax.tree_util.tree_flatten_with_path(tree[layer])[0]:
+        node = _node(tree, layer)
+        if node is not None:
+            for path, value in jax.tree_util.tree_flatten_with_path(node)[0]:
                 found.append((collection, tuple(k.key for k in path), value))
     return sorted(found, key=lambda leaf: [_ORDER.index(k) if k in _ORDER else len(_ORDER) for k in leaf[1]])
 
@@ -118,7 +160,7 @@ def assign(variables: dict, layers: Layers, pairs: Sequence[tuple[str, str]], pa
                               f"{ours!r} {len(leaves)} ({', '.join('/'.join(p) for _, p, _ in leaves)}): the "
                               "file is for another architecture")
         for i, ((collection, keys, target), array) in enumerate(zip(leaves, arrays)):
-            node = out[collection][ours]
+            node = _node(out[collection], ours)
             for key in keys[:-1]:
                 node = node[key]
             node[keys[-1]] = _fit(array, target, f"weight file {path!r}: layer {theirs!r} tensor {i} (the model's "
@@ -127,8 +169,10 @@ def assign(variables: dict, layers: Layers, pairs: Sequence[tuple[str, str]], pa
 
 
 def _weighted(variables: dict) -> list[str]:
-    """The model's layers that hold variables (in no particular order: pytrees sort their keys)."""
-    return list(dict.fromkeys(name for tree in variables.values() for name in tree))
+    """The model's layers that hold variables themselves, '/' joining a nested one's path (in no particular
+    order: pytrees sort their keys)."""
+    paths = (path for tree in variables.values() for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+    return list(dict.fromkeys("/".join(k.key for k in path[:-1]) for path in paths))
 
 
 def _pairs_by_name(model_layers: list[str], layers: Layers, rename, path: str) -> list:
@@ -154,20 +198,23 @@ def _file_classes(layers: Layers, rename, head: str) -> int | None:
 
 def pretrained(name_or_specs: str | Sequence[str], path: str, input_shape: Sequence[int] | None = None,
                num_classes: int | None = None) -> tuple[nn.Module, dict]:
-    """The model and its variables from a Keras weight file, for a notebook.
+    """The model and its variables from a weight file (any kind `read` knows), for a notebook.
 
-    `name_or_specs` is a backbone preset ('resnet50', 'mobilenet_v2(alpha=0.5)', ...) or a list of layer specs
-    the file's Keras Sequential was built from. A backbone keeps the file's head unless `num_classes` differs
-    from it: then its head is freshly initialised, to fine-tune. `input_shape` defaults to the backbone's
-    224x224x3; a list of specs needs it.
+    `name_or_specs` is a backbone preset ('resnet50', 'mobilenet_v2(alpha=0.5)', ...), built in the style of the
+    file's source (torchvision's form for a torch file), or a list of layer specs the file's Keras Sequential was
+    built from. A backbone keeps the file's head unless `num_classes` differs from it: then its head is freshly
+    initialised, to fine-tune. `input_shape` defaults to the backbone's 224x224x3; a list of specs needs it.
     """
     path = os.fspath(path)
     layers, layout = read(path)
     if isinstance(name_or_specs, str):
-        return _backbone(name_or_specs, path, layers, input_shape, num_classes)
+        return _backbone(name_or_specs, path, layers, layout, input_shape, num_classes)
     if input_shape is None:
         raise ConfigError("pretrained(specs, path) needs input_shape, e.g. (28, 28, 1): the Dense layers' weights "
                           "depend on it")
+    if SOURCES[layout] != "keras":
+        raise ConfigError(f"weight file {path!r} is a torch state dict: layer specs load Keras weight files only "
+                          "(a torch Flatten orders features as channels, height, width); load it into a backbone")
     model = build_model(list(name_or_specs))
     variables = _init(model, input_shape, shapes_only=True)
     ours = [n for n in parse_stack(tuple(model.layers))[2] if any(n in tree for tree in variables.values())]
@@ -181,37 +228,49 @@ def pretrained(name_or_specs: str | Sequence[str], path: str, input_shape: Seque
     return model, assign(variables, layers, pairs, path)
 
 
-def _init(model: nn.Module, input_shape: Sequence[int], shapes_only: bool) -> dict:
-    """The model's variables as mutable dicts: their shapes only when the file fills every one, else initialised
-    (a new head keeps its fresh values)."""
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+def _init(model: nn.Module, input_shape: Sequence[int], shapes_only: bool, fresh: Sequence[str] = ()) -> dict:
+    """The model's variables as mutable dicts: their shapes only where the file fills them, but initialised for
+    the top-level layers in `fresh` (a new head; XLA then computes those alone, not the backbone's millions of
+    random values), or everywhere unless `shapes_only`."""
+    x, key = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32), jax.random.key(0)
     init = adapt(model).init
-    variables = jax.eval_shape(init, jax.random.key(0), x) if shapes_only else \
-        jax.jit(init)(jax.random.key(0), jnp.zeros(x.shape, x.dtype))
-    return _mutable(variables)
+    if not shapes_only:
+        return _mutable(jax.jit(init)(key, jnp.zeros(x.shape, x.dtype)))
+    variables = _mutable(jax.eval_shape(init, key, x))
+    if fresh:
+        pick = lambda tree: {c: {n: tree[c][n] for n in fresh if n in tree[c]} for c in tree}
+        for collection, layers in jax.jit(lambda k, x: pick(init(k, x)))(key, jnp.zeros(x.shape, x.dtype)).items():
+            variables[collection].update(_mutable(layers))
+    return variables
 
 
 def _mutable(tree: Any) -> Any:
     return {k: _mutable(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
 
 
-def _backbone(text: str, path: str, layers: Layers, input_shape, num_classes) -> tuple[nn.Module, dict]:
+def _backbone(text: str, path: str, layers: Layers, layout: str, input_shape, num_classes) -> tuple:
+    """The backbone `text` names, built in the style of the file's source, with the file's tensors."""
     name, kwargs = presets.parse(text, "pretrained(name)")
     backbone = backbones_lib.BACKBONES.get(name)
     if backbone is None:
         raise ConfigError(f"pretrained({text!r}): {name} is a preset of layer specs; pass its specs "
                           f"(cnn.models.presets.expand) or a backbone: {', '.join(backbones_lib.BACKBONES)}")
-    rename = backbone.sources.get("keras")
-    if rename is None:
-        raise ConfigError(f"pretrained({text!r}, {path!r}): cnn reads no Keras weight file for {name} yet")
-    head = "predictions"
+    source = backbone.sources.get(SOURCES[layout])
+    if source is None:
+        raise ConfigError(f"pretrained({text!r}, {path!r}): cnn reads no {SOURCES[layout]} weight file for {name} "
+                          f"(it reads {' and '.join(backbone.sources)} files for it)")
+    if source.style is not None:
+        if kwargs.setdefault("style", source.style) != source.style:
+            raise ConfigError(f"pretrained({text!r}, {path!r}): a {SOURCES[layout]} file's weights fit "
+                              f"{name}(style={source.style!r}); drop the style override")
+    head, rename = backbone.head, source.rename
     classes = _file_classes(layers, rename, head)
     if num_classes is None and classes is None:
-        raise ConfigError(f"weight file {path!r} has no {head!r} layer (a file saved without its top): pass "
-                          "num_classes for a new head")
+        raise ConfigError(f"weight file {path!r} has no {rename(head)!r} layer (a file saved without its top): "
+                          "pass num_classes for a new head")
     module = backbone.module(num_classes=num_classes or classes, **kwargs)
     size = backbone.default_size
     new_head = num_classes not in (None, classes)
-    variables = _init(module, tuple(input_shape) if input_shape else (size, size, 3), shapes_only=not new_head)
+    variables = _init(module, tuple(input_shape) if input_shape else (size, size, 3), True, (head,) if new_head else ())
     pairs = _pairs_by_name([n for n in _weighted(variables) if not (new_head and n == head)], layers, rename, path)
     return module, assign(variables, layers, pairs, path)
