@@ -9,7 +9,9 @@ torchvision.models.NAME(num_classes=10).state_dict().items()]`); experiments/pre
 outputs with torchvision itself.
 """
 
+import argparse
 import collections
+import os
 import json
 import pathlib
 import pickle
@@ -215,3 +217,59 @@ def test_another_architecture_or_width_names_the_tensor_that_does_not_fit(resnet
     with pytest.raises(cnn.ConfigError, match=r"a torchvision file's weights fit resnet50\(style='torchvision'\); "
                                               "drop the style override"):
         cnn.models.pretrained("resnet50(style='keras')", tmp_path / "r18.pth")
+
+
+@pytest.mark.parametrize("name", sorted(STATE_DICTS))
+def test_every_tensor_of_torchvisions_state_dicts_finds_its_one_place(tmp_path, name):
+    """Each tensor of torchvision's state dict (its names and shapes) lands on exactly one variable of the same
+    values, every variable gets one: per-tensor sums of random values match one to one."""
+    rng = np.random.default_rng(1)
+    state = {key: rng.normal(size=shape).astype(dtype) for key, shape, dtype in STATE_DICTS[name]}
+    safetensors.numpy.save_file(state, tmp_path / f"{name}.safetensors")
+    module, variables = cnn.models.pretrained(name, tmp_path / f"{name}.safetensors", input_shape=(32, 32, 3))
+    assert module.style == "torchvision" and module.num_classes == 10
+    sums = lambda arrays: sorted(float(np.asarray(a, np.float64).sum()) for a in arrays)
+    np.testing.assert_allclose(sums(jax.tree_util.tree_leaves(variables)),
+                               sums(v for k, v in state.items() if not k.endswith("num_batches_tracked")), rtol=1e-6)
+
+
+def test_files_of_no_known_kind_are_one_line_errors(tmp_path):
+    cases = {"notes.pth": b"not weights at all",
+             "old.pth": b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little") + b".\x80\x02M\xe9\x03."}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:
+        zf.writestr("archive/readme.txt", "a zip, but not torch's")
+    for name in ("notes.pth", "other.zip"):
+        with pytest.raises(cnn.ConfigError, match=r"is not a known weight format: cnn reads Keras' HDF5 weight files "
+                                                  r".*torch state dicts saved by torch.save .* and .safetensors$"):
+            cnn.models.pretrained("resnet18", tmp_path / name)
+    with pytest.raises(cnn.ConfigError, match=r"in torch's format from before torch 1.6.*re-save it with torch>=1.6 "
+                                              r".* or as safetensors$"):
+        cnn.models.pretrained("resnet18", tmp_path / "old.pth")
+
+
+class _Shell:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_naming_any_other_class_is_refused_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, payload in (("shell.pth", {"conv1.weight": _Shell()}), ("model.pth", argparse.Namespace(lr=0.1))):
+        with zipfile.ZipFile(tmp_path / name, "w") as zf:
+            zf.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+        with pytest.raises(cnn.ConfigError, match=r"names (posix\.system|argparse\.Namespace), which cnn does not "
+                                                  r"load \(it runs no code from a pickle\): save the state dict alone"):
+            cnn.models.pretrained("resnet18", tmp_path / name)
+    assert not (tmp_path / "pwned").exists()
+    torch_save(tmp_path / "ints.pth", {"epoch": 3, "step": 7})
+    with pytest.raises(cnn.ConfigError, match=r"holds no state dict \(a dict of tensors, alone or under 'state_dict' "
+                                              r"or 'model'\)"):
+        cnn.models.pretrained("resnet18", tmp_path / "ints.pth")
+
+
+def test_layer_specs_load_keras_files_only(resnet18, tmp_path):
+    safetensors.numpy.save_file(resnet18[0], tmp_path / "r18.safetensors")
+    with pytest.raises(cnn.ConfigError, match="is a torch state dict: layer specs load Keras weight files only"):
+        cnn.models.pretrained(["Conv2D(64, 7)", "Flatten()", "Dense(10)"], tmp_path / "r18.safetensors", (32, 32, 3))
