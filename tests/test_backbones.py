@@ -125,6 +125,10 @@ def test_a_backbone_preset_in_a_config_checks_its_head_and_takes_overrides():
         cnn.models.build_model(presets_config("mobilenet_v2(width=2)", 3))
     with pytest.raises(cnn.ConfigError, match="is a Flax module"):
         presets.expand("resnet50", 10)
+    pytorch = cnn.models.build_model(presets_config("mobilenet_v2(style='pytorch')", 3))
+    with pytest.raises(cnn.ConfigError, match=r"^mobilenet_v2\(style='pytorch'\): style is one of 'keras', "
+                                              r"'torchvision'"):
+        cnn.models.check_head(pytorch, (32, 32, 3), 3, "auto")
 
 
 def test_weight_files_of_another_kind_or_architecture_are_one_line_errors(keras, tmp_path):
