@@ -273,3 +273,21 @@ def test_layer_specs_load_keras_files_only(resnet18, tmp_path):
     safetensors.numpy.save_file(resnet18[0], tmp_path / "r18.safetensors")
     with pytest.raises(cnn.ConfigError, match="is a torch state dict: layer specs load Keras weight files only"):
         cnn.models.pretrained(["Conv2D(64, 7)", "Flatten()", "Dense(10)"], tmp_path / "r18.safetensors", (32, 32, 3))
+
+
+def test_a_damaged_torch_zip_is_a_one_line_error(tmp_path):
+    storage = _Storage("0", np.float32)  # three values
+    for name, tensor, records in (("short.pth", _Tensor(storage, 1, (2, 5), (5, 1)), {"0": storage}),
+                                  ("missing.pth", _Tensor(storage, 0, (3,), (1,)), {})):
+        data = pickle.io.BytesIO()
+        _Pickler(data, protocol=2).dump({"fc.weight": tensor})
+        with zipfile.ZipFile(tmp_path / name, "w") as zf:
+            zf.writestr("archive/data.pkl", data.getvalue())
+            for key, values in records.items():
+                zf.writestr(f"archive/data/{key}", np.concatenate(values.chunks).tobytes())
+    with pytest.raises(cnn.ConfigError, match=r"a tensor of shape \(2, 5\) runs past its storage \(3 values\); the "
+                                              r"file is damaged$"):
+        cnn.models.pretrained("resnet18", tmp_path / "short.pth")
+    with pytest.raises(cnn.ConfigError, match=r"is a torch zip that cnn cannot read \(.*\); re-save it with "
+                                              r"torch.save\(model.state_dict\(\), path\) or as safetensors$"):
+        cnn.models.pretrained("resnet18", tmp_path / "missing.pth")

@@ -80,8 +80,8 @@ class _Unpickler(pickle.Unpickler):
             return collections.OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return self._tensor
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return lambda data, *_: data
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return lambda data, *_: data  # an nn.Parameter: its tensor
         if module == "torch" and name in _STORAGES:
             return _StorageType(name)
         raise ConfigError(f"weight file {self.path!r} names {module}.{name}, which cnn does not load (it runs no "
@@ -101,6 +101,8 @@ class _Unpickler(pickle.Unpickler):
 
     def _tensor(self, storage: np.ndarray, offset: int, size, stride, *_: Any) -> np.ndarray:
         """torch._utils._rebuild_tensor_v2: the tensor of `size` at `offset` in `storage`, steps of `stride`."""
+        if not isinstance(storage, np.ndarray):
+            raise TypeError(f"a tensor's storage is {type(storage).__name__}")
         size, stride = tuple(size), tuple(stride)
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if 0 in size:
@@ -120,7 +122,8 @@ def read_zip(path: str) -> StateDict:
         prefix = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl"))[:-8]
         try:
             obj = _Unpickler(archive, prefix, path).load()
-        except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, TypeError, ValueError) as error:
+        except (pickle.UnpicklingError, zipfile.BadZipFile, AttributeError, EOFError, IndexError, KeyError,
+                TypeError, ValueError) as error:
             if isinstance(error, ConfigError):
                 raise
             raise ConfigError(f"weight file {path!r} is a torch zip that cnn cannot read ({error}); re-save it "
