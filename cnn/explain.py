@@ -12,11 +12,14 @@ over its channels. Both come from one forward and one backward pass.
 
 The last convolution is found in any model, a spec's Sequential, a preset,
 a backbone or your own Flax module, with a Flax method interceptor on every
-`nn.Conv` call: a first trace records the calls' output shapes, the second
-adds a zero array to the chosen call's output and differentiates with
-respect to it. The interceptor sits outside the kernels' (cnn/kernels), so
-it sees the output whichever path computed it. Inputs are scaled as
-evaluation scales them (the run's recipe), in float32.
+module call: a first trace records the calls in order with their shapes;
+the map is the last convolution's output as the next modules receive it
+(after its batch norm, activation and residual sum: the rectified map the
+Grad-CAM paper weighs; see `target`). The second trace adds a zero array to
+that map and differentiates with respect to it. The interceptor sits
+outside the kernels' (cnn/kernels), so it sees the map whichever path
+computed it. Inputs are scaled as evaluation scales them (the run's
+recipe), in float32.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class Explanation:
     saliency: np.ndarray | None  # |d logit / d input|, max over channels, float32; None for token ids
     classes: np.ndarray  # (N,) int: the class each map explains (the predicted one unless class_index chose)
     probabilities: np.ndarray  # (N, classes): the model's class probabilities for the inputs
-    layer: str  # the module path of the convolution Grad-CAM looked at ('conv2d_1', 'ResidualBlock_8/Conv_1')
+    layer: str  # the module path of the convolution whose map Grad-CAM weighed ('conv2d_1', 'residual_block_8/Conv_1')
+    taken_at: str | None = None  # where the map was taken: 'the input of max_pooling2d'; None: the conv's output
 
     def part(self, index: slice | int) -> "Explanation":
         """The explanation of some inputs: `ex.part(slice(0, 2))`, or `ex.part(3)` for one (kept as a batch of 1)."""
@@ -56,56 +60,85 @@ class Explanation:
                                    probabilities=self.probabilities[index])
 
 
-@dataclasses.dataclass
-class _ConvTap:
-    """A Flax method interceptor on every `nn.Conv` call: records each call's module path and output shape, and
-    adds `delta` to the output of call number `index` (keeping that output as `activation`)."""
+@dataclasses.dataclass(frozen=True)
+class _Event:
+    """An array a module call received ('input') or returned ('output'), as the tap saw it, in time order."""
 
-    index: int = -1
+    kind: str
+    call: int  # the call's number, in the order the calls began
+    path: str  # the module's path
+    conv: bool
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class _Tap:
+    """A Flax method interceptor on every module call: records the arrays the calls receive and return (`events`),
+    and adds `delta` to one of them, `at` = ('input' | 'output', call number), keeping the sum as `activation`."""
+
+    at: tuple[str, int] = ("", -1)
     delta: jax.Array | None = None
-    paths: list[str] = dataclasses.field(default_factory=list)
-    shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+    events: list[_Event] = dataclasses.field(default_factory=list)
+    calls: int = 0
     activation: jax.Array | None = None
 
     def __call__(self, next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        n, self.calls = self.calls, self.calls + 1
+        if args and hasattr(args[0], "shape"):
+            args = (self._see("input", n, context.module, args[0]), *args[1:])
         y = next_fun(*args, **kwargs)
-        if not (isinstance(context.module, nn.Conv) and context.method_name == "__call__"):
-            return y
-        if len(self.shapes) == self.index:
-            y = y + self.delta.astype(y.dtype)
-            self.activation = y
-        self.paths.append("/".join(context.module.path))
-        self.shapes.append(tuple(y.shape))
-        return y
+        return self._see("output", n, context.module, y) if hasattr(y, "shape") else y
+
+    def _see(self, kind: str, n: int, module: nn.Module, x: jax.Array) -> jax.Array:
+        self.events.append(_Event(kind, n, "/".join(module.path), isinstance(module, nn.Conv), tuple(x.shape)))
+        if self.at == (kind, n):
+            x = self.activation = x + self.delta.astype(x.dtype)
+        return x
 
 
-def _logits(state: TrainState, x: jax.Array, tap: _ConvTap) -> jax.Array:
+def _logits(state: TrainState, x: jax.Array, tap: _Tap) -> jax.Array:
     with nn.intercept_methods(tap):  # outside the kernels' interceptor, so it sees what they computed
         return state.apply_fn(state.variables(), x, train=False, logits=True).astype(jnp.float32)
 
 
-def _conv_calls(run: TrainResult, batch_shape: tuple[int, ...]) -> _ConvTap:
-    """Every convolution call of the model on a batch of `batch_shape`, traced without computing anything."""
-    tap, recipe = _ConvTap(), _float32(run.recipe)
+def _events(run: TrainResult, batch_shape: tuple[int, ...]) -> list[_Event]:
+    """What every module call of the model receives and returns on a batch of `batch_shape`, traced without
+    computing anything."""
+    tap, recipe = _Tap(), _float32(run.recipe)
     jax.eval_shape(lambda state, x: _logits(state, recipe.inputs(x), tap), run.state,
                    jax.ShapeDtypeStruct(batch_shape, _input_dtype(batch_shape)))
-    return tap
+    return tap.events
 
 
-def _last(tap: _ConvTap) -> int:
-    """The call Grad-CAM uses: the last convolution whose output still has more than one position (a 1x1
-    convolution on pooled features, as in a squeeze-excite block, maps nothing)."""
-    spatial = [i for i, s in enumerate(tap.shapes) if math.prod(s[1:-1]) > 1]
-    if not spatial:
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The feature map Grad-CAM weighs: the last convolution's (`layer`), as the network passes it on."""
+
+    at: tuple[str, int]  # for `_Tap`
+    shape: tuple[int, ...]
+    layer: str  # the convolution's module path
+    taken_at: str | None  # 'the input of max_pooling2d', 'the output of residual_block_8'; None: the conv's own
+
+
+def target(events: list[_Event]) -> Target:
+    """The last convolution whose output has more than one position (a 1x1 convolution on pooled features, as in
+    a squeeze-excite block, maps nothing), and its map as late as the module calls show it with the same positions:
+    the last of the arrays right after its output that have them (batch norm's input and output, a pooling's
+    input, the output of the residual block around it). So the map is taken after the normalisation, activation
+    and residual sum between, as the Grad-CAM paper's rectified maps are, where a module call shows it."""
+    convs = [i for i, e in enumerate(events) if e.kind == "output" and e.conv and math.prod(e.shape[1:-1]) > 1]
+    if not convs:
         raise ConfigError("this model has no convolution layer with a spatial output, so Grad-CAM has nothing to "
                           "look at; explain a model with Conv2D or Conv1D layers")
-    return spatial[-1]
-
-
-def last_conv(run: TrainResult) -> str:
-    """The module path of the convolution `grad_cam` looks at ('conv2d_1', 'ResidualBlock_8/Conv_1')."""
-    tap = _conv_calls(run, (1, *run.results["input_shape"]))
-    return tap.paths[_last(tap)]
+    conv = events[convs[-1]]
+    last = convs[-1]
+    while last + 1 < len(events) and events[last + 1].shape[:-1] == conv.shape[:-1]:
+        last += 1
+    found = events[last]
+    return Target((found.kind, found.call), found.shape, conv.path,
+                  None if last == convs[-1] else f"the {found.kind} of {found.path}")
 
 
 def _float32(recipe: Recipe) -> Recipe:
@@ -118,18 +151,18 @@ def _input_dtype(shape: Sequence[int]) -> np.dtype:
     return np.dtype({4: np.uint8, 2: np.int32}.get(len(shape), np.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "index", "conv_shape"))
-def _maps(state: TrainState, images: jax.Array, chosen: jax.Array, recipe: Recipe, index: int,
-          conv_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("recipe", "at"))
+def _maps(state: TrainState, images: jax.Array, chosen: jax.Array, recipe: Recipe, at: Target
+          ) -> dict[str, jax.Array]:
     """Grad-CAM and saliency of a batch: one forward pass, then one backward pass from the chosen class's logit
     (`chosen` -1: the predicted class) to the last convolution's output and to the scaled input."""
     x = recipe.inputs(images)
 
     def forward(delta, x):
-        tap = _ConvTap(index, delta)
+        tap = _Tap(at.at, delta)
         return _logits(state, x, tap), tap.activation
 
-    logits, backward, activation = jax.vjp(forward, jnp.zeros(conv_shape, jnp.float32), x, has_aux=True)
+    logits, backward, activation = jax.vjp(forward, jnp.zeros(at.shape, jnp.float32), x, has_aux=True)
     probs = losses.probabilities(recipe.loss, logits)
     classes = jnp.where(chosen < 0, probs.argmax(-1), chosen)
     if logits.shape[-1] == 1:  # a sigmoid head: class 1's logit is z, class 0's is -z
@@ -174,20 +207,19 @@ def grad_cam(run: TrainResult, images: Any, class_index: int | Sequence[int] | N
     images = images.astype(_input_dtype(images.shape))
     chosen = _classes(class_index, len(images), len(run.class_names))
     size = max(1, min(batch_size, len(images)))
-    tap, recipe = _conv_calls(run, (size, *shape)), _float32(run.recipe)
-    index = _last(tap)
+    at, recipe = target(_events(run, (size, *shape))), _float32(run.recipe)
     parts = []
     for start in range(0, len(images), size):  # one batch shape, one compilation
         batch, wanted = images[start:start + size], chosen[start:start + size]
         pad = size - len(batch)
         batch = np.concatenate([batch, np.zeros((pad, *shape), batch.dtype)])
         wanted = np.concatenate([wanted, np.full(pad, -1, np.int32)])
-        maps = _maps(run.state, batch, wanted, recipe, index, tap.shapes[index])
+        maps = _maps(run.state, batch, wanted, recipe, at)
         parts.append({k: np.asarray(v)[:size - pad] for k, v in maps.items()})
     joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return Explanation(heat_maps=joined["heat_maps"], saliency=joined.get("saliency"),
                        classes=joined["classes"].astype(np.int64), probabilities=joined["probabilities"],
-                       layer=tap.paths[index])
+                       layer=at.layer, taken_at=at.taken_at)
 
 
 def _classes(class_index: int | Sequence[int] | None, count: int, classes: int) -> np.ndarray:

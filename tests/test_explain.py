@@ -25,9 +25,11 @@ SIDE = 16  # the images are SIDE x SIDE; the model sees only their top-left quad
 
 class TopLeft(nn.Module):
     """A CNN that sees only the top-left quadrant of its input: the input is masked first. The convolutions have
-    no bias, so everything outside the quadrant (and the 2 pixels their 3x3 kernels reach past it) is zero."""
+    no bias, so everything outside the quadrant (and the 2 pixels their 3x3 kernels reach past it) is zero.
+    `dropout` adds a (deterministic) Dropout module after the last convolution's ReLU."""
 
     num_classes: int = 2
+    dropout: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -35,6 +37,8 @@ class TopLeft(nn.Module):
         x = x * mask[None, :, :, None]
         x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", use_bias=False)(x))
         x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", use_bias=False)(x))
+        if self.dropout:
+            x = nn.Dropout(0.5, deterministic=True)(x)
         return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
 
 
@@ -88,20 +92,24 @@ def test_grad_cam_lights_the_region_the_model_looks_at(top_left_run):
     assert 0.0 <= ex.heat_maps.min() and ex.heat_maps.max() <= 1.0
 
 
-def test_grad_cam_equals_the_formula_on_a_model_whose_gradient_is_known(top_left_run):
-    """TopLeft's logit c is Dense(mean over positions of relu(A)): d logit_c / dA_k(p) = W[k, c] [A_k(p) > 0] / P,
-    so Grad-CAM is relu(sum_k mean_p(that) A_k), from the activations alone."""
-    run, test = top_left_run
-    images = test.images[:8]
+@pytest.mark.parametrize("dropout", [False, True], ids=["conv output", "as the next module takes it"])
+def test_grad_cam_equals_the_formula_on_a_model_whose_gradient_is_known(dropout):
+    """TopLeft's logit c is Dense(mean over positions of relu(A)). Without a module after the last convolution the
+    map is its output A, d logit_c / dA_k(p) = W[k, c] [A_k(p) > 0] / P; with Dropout after the ReLU, the map is
+    Dropout's input relu(A), with gradient W[k, c] / P. Grad-CAM is relu(sum_k mean_p(gradient) map_k)."""
+    run = _untrained(TopLeft(num_classes=2, dropout=dropout), (SIDE, SIDE, 1), num_classes=2)
+    images = np.random.default_rng(0).integers(0, 256, (4, SIDE, SIDE, 1), dtype=np.uint8)
     ex = plots.grad_cam(run, images, class_index=1)
+    assert (ex.layer, ex.taken_at) == ("Conv_1", "the output of Dropout_0" if dropout else None)
     [activation] = [a for name, a in plots.activations(run, images).items() if name == "Conv_1"]
     kernel = np.asarray(run.state.params["Dense_0"]["kernel"])[:, 1]
-    weights = ((activation > 0) * kernel).mean(axis=(1, 2)) / (SIDE * SIDE)  # (N, channels): mean over positions
-    expected = np.maximum((weights[:, None, None, :] * activation).sum(-1), 0)
-    expected = expected / np.where(expected.max(axis=(1, 2), keepdims=True) > 0,
-                                   expected.max(axis=(1, 2), keepdims=True), 1)
-    np.testing.assert_allclose(ex.heat_maps, expected, atol=1e-5)
-    np.testing.assert_array_equal(ex.classes, np.ones(8))
+    if dropout:
+        activation = np.maximum(activation, 0)
+    weights = ((activation > 0) | dropout) * kernel  # the gradient at each position, times P
+    expected = np.maximum((weights.mean(axis=(1, 2))[:, None, None, :] / SIDE ** 2 * activation).sum(-1), 0)
+    assert expected.max(axis=(1, 2)).min() > 0
+    np.testing.assert_allclose(ex.heat_maps, expected / expected.max(axis=(1, 2), keepdims=True), atol=1e-5)
+    np.testing.assert_array_equal(ex.classes, np.ones(4))
 
 
 def test_grad_cam_is_the_same_whichever_kernels_compute_the_convolutions(top_left_run):
@@ -140,7 +148,8 @@ def test_grad_cam_on_a_sequential_spec_model(digits):
     _, run, dataset = digits
     images = dataset.test.images[:5]
     ex = plots.grad_cam(run, images)
-    assert ex.layer == "conv2d_1" and ex.heat_maps.shape == ex.saliency.shape == (5, 8, 8)
+    assert (ex.layer, ex.taken_at) == ("conv2d_1", "the input of max_pooling2d")  # after the ReLU
+    assert ex.heat_maps.shape == ex.saliency.shape == (5, 8, 8)
     np.testing.assert_array_equal(ex.classes, cnn.plots.probabilities(run, images).argmax(-1))
     np.testing.assert_allclose(ex.heat_maps.max(axis=(1, 2)), 1.0, atol=1e-6)  # a trained model lights something
     fig = plots.explain(run, images[:2], explanation=ex.part(slice(0, 2)))
@@ -162,6 +171,7 @@ def test_grad_cam_on_a_residual_preset_takes_its_last_blocks_convolution():
     ex = plots.grad_cam(run, images)
     names = list(plots.activations(run, images[:1]))
     assert ex.layer == names[-1] and ex.layer.startswith("residual_block_8/")  # conv 2 of the 9th block
+    assert ex.taken_at == "the output of residual_block_8"  # after the block's batch norm, shortcut sum and ReLU
     assert ex.heat_maps.shape == ex.saliency.shape == (2, 16, 16)
     assert np.isfinite(ex.heat_maps).all() and ex.saliency.max() == pytest.approx(1.0)
 
