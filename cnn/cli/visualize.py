@@ -57,6 +57,9 @@ def explain(workdir: str, paths: list[str], class_index: int | None = None, out:
     images = [open_image(path) for path in paths]
     run = load_run(workdir)
     shape = input_shape(run)
+    if len(shape) != 3:
+        raise ConfigError(f"the run in {workdir} takes inputs shaped {shape} (series or token ids), not images; "
+                          f"explain such inputs from a notebook: cnn.plots.explain(cnn.load_run({workdir!r}), inputs)")
     arrays = []
     for path, image in zip(paths, images):  # converted as cnn predict converts them, saying how
         array, notes = convert(image, shape, run.results)
