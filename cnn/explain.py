@@ -1,11 +1,11 @@
 """Where a trained model looked: Grad-CAM over its last convolution, and gradient saliency.
 
     ex = cnn.plots.grad_cam(run, test.images[:4])        # or class_index=3 to ask about class 3
-    ex.heat_maps, ex.saliency, ex.classes, ex.probabilities, ex.layer
+    ex.heat_maps, ex.saliency, ex.classes, ex.probabilities, ex.layer, ex.taken_at
 
 Grad-CAM (Selvaraju et al., 2017): the gradients of one class's logit with
-respect to the last convolution's output, averaged over positions, weight
-that output's channels; the ReLU of the weighted sum, upsampled to the
+respect to the last convolution's feature map, averaged over positions,
+weight that map's channels; the ReLU of the weighted sum, upsampled to the
 input's size, is the heat map. Saliency (Simonyan et al., 2013) is the
 absolute gradient of the same logit with respect to the input, the largest
 over its channels. Both come from one forward and one backward pass.
@@ -49,7 +49,7 @@ class Explanation:
     saliency: np.ndarray | None  # |d logit / d input|, max over channels, float32; None for token ids
     classes: np.ndarray  # (N,) int: the class each map explains (the predicted one unless class_index chose)
     probabilities: np.ndarray  # (N, classes): the model's class probabilities for the inputs
-    layer: str  # the module path of the convolution whose map Grad-CAM weighed ('conv2d_1', 'residual_block_8/Conv_1')
+    layer: str  # the path of the convolution whose map Grad-CAM weighed ('conv2d_1', 'residual_block_8/Conv_1')
     taken_at: str | None = None  # where the map was taken: 'the input of max_pooling2d'; None: the conv's output
 
     def part(self, index: slice | int) -> "Explanation":
@@ -204,6 +204,11 @@ def grad_cam(run: TrainResult, images: Any, class_index: int | Sequence[int] | N
     if images.shape[1:] != shape:
         raise ConfigError(f"grad_cam takes inputs shaped {shape} (or a batch of them) as the run trained on, not "
                           f"{images.shape}; convert files with cnn.inference.convert")
+    if images.ndim == 4 and not np.issubdtype(images.dtype, np.integer):
+        raise ConfigError(f"grad_cam takes uint8 pixels as the dataset holds them, not {images.dtype}; convert "
+                          "floats and files with cnn.inference.convert")
+    if not len(images):
+        raise ConfigError("grad_cam got no inputs; pass at least one")
     images = images.astype(_input_dtype(images.shape))
     chosen = _classes(class_index, len(images), len(run.class_names))
     size = max(1, min(batch_size, len(images)))

@@ -49,9 +49,10 @@ def _squares(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     images = np.zeros((count, SIDE, SIDE, 1), np.uint8)
     labels = rng.integers(0, 2, count)
     half = SIDE // 2
+    others = [(0, half), (half, 0), (half, half)]
     for image, label in zip(images, labels):
-        quadrants = [(0, 0)] if label else [(0, half), (half, 0), (half, half)]
-        for top, left in (quadrants[rng.integers(len(quadrants))], [(0, half), (half, 0), (half, half)][rng.integers(3)]):
+        quadrants = [(0, 0)] if label else others
+        for top, left in (quadrants[rng.integers(len(quadrants))], others[rng.integers(3)]):
             y, x = top + rng.integers(1, half - 4), left + rng.integers(1, half - 4)
             image[y:y + 3, x:x + 3] = 255
     return images, labels.astype(np.int32)
@@ -133,6 +134,8 @@ def test_grad_cam_takes_one_image_and_a_class_per_image_and_refuses_a_bad_class(
         plots.grad_cam(run, test.images[:2], class_index=5)
     with pytest.raises(ConfigError, match=r"takes inputs shaped \(16, 16, 1\)"):
         plots.grad_cam(run, np.zeros((2, 8, 8, 1), np.uint8))
+    with pytest.raises(ConfigError, match=r"takes uint8 pixels as the dataset holds them, not float32"):
+        plots.grad_cam(run, np.zeros((2, SIDE, SIDE, 1), np.float32))
 
 
 @pytest.fixture(scope="module")
