@@ -10,6 +10,7 @@ the checkpoint.
     run = cnn.load_run("runs/mnist")                       # or cnn.train_and_evaluate(...)
     test = cnn.load_dataset(cnn.load_config("configs/mnist.py").data).test
     cnn.plots.confusion_matrix(run, test)
+    cnn.plots.explain(run, test.images[:3])                # Grad-CAM and saliency; grad_cam(...) for the arrays
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tensorboardX import SummaryWriter
 
 from cnn import data as data_lib
 from cnn import workdir as workdir_lib
+from cnn.explain import Explanation, grad_cam
 from cnn.inference import probabilities
 from cnn.progress import progress
 from cnn.train import TrainResult
@@ -401,6 +403,59 @@ def misclassified(run: TrainResult, split: data_lib.Split, probs: np.ndarray | N
     fig.suptitle(f"Misclassified: the {len(wrong)} most confident of {total:,} mistakes in {len(split):,} "
                  f"{_noun(split)}")
     return fig
+
+
+# --- Where the model looked ---------------------------------------------------
+
+
+def explain(run: TrainResult, images: np.ndarray, class_index: int | Sequence[int] | None = None,
+            explanation: Explanation | None = None, names: Sequence[str] | None = None) -> Figure:
+    """One row per input: the input, its Grad-CAM heat map over it, and its gradient saliency map (`grad_cam`).
+
+    Each row is titled with its name (`names`, e.g. file names), the class
+    explained and the model's probability for it. `explanation`, if already
+    computed for these inputs, saves computing it again.
+    """
+    ex = explanation if explanation is not None else grad_cam(run, images, class_index)
+    images = np.asarray(images).reshape(len(ex.classes), *run.results["input_shape"])
+    fig = _figure(9.0, 3.0 * len(images) + 0.4)
+    rows = np.atleast_1d(fig.subfigures(len(images), 1))
+    for i, (row, image) in enumerate(zip(rows, images)):
+        c = int(ex.classes[i])
+        name = f"{names[i]}: " if names is not None else f"{'Image' if image.ndim == 3 else 'Example'} {i + 1}: "
+        predicted = int(np.argmax(ex.probabilities[i])) == c
+        row.suptitle(f"{name}{'predicted' if predicted else 'class'} {run.class_names[c]} "
+                     f"({ex.probabilities[i, c]:.1%})", fontsize=10, fontweight="bold")
+        axes = row.subplots(1, 3)
+        _show_image(axes[0], image)
+        axes[0].set_title("input", fontsize=9)
+        _map_panel(axes[1], image, ex.heat_maps[i], "jet", f"Grad-CAM over {ex.layer}")
+        _map_panel(axes[2], image, None if ex.saliency is None else ex.saliency[i], "magma",
+                   "saliency |d logit / d input|")
+    fig.suptitle("Where the model looked (1 = most)", fontsize=11)
+    return fig
+
+
+def _map_panel(ax, image: np.ndarray, values: np.ndarray | None, cmap: str, title: str) -> None:
+    """A map in [0, 1]: over a grayscale copy of an image, or under a series' curves, or as a strip."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if values is None:
+        ax.text(0.5, 0.5, "none for token ids", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+        return
+    if values.ndim == 2:  # an image: the map over it, half transparent
+        gray = image.astype(np.float32).mean(-1)
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        shown = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, alpha=0.55 if cmap == "jet" else 0.8,
+                          interpolation="nearest")
+    else:  # a series or token ids: the map as a band along the sequence, the curves over it
+        shown = ax.imshow(values[None], cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest",
+                          extent=(-0.5, len(values) - 0.5, 0, 1))
+        if image.ndim == 2:
+            span = np.ptp(image) or 1.0
+            ax.plot((image - image.min()) / span, color="white", linewidth=0.8)
+    ax.figure.colorbar(shown, ax=ax, shrink=0.8, ticks=(0, 0.5, 1))
 
 
 # --- All of them, to files and TensorBoard ----------------------------------------------

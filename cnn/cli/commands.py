@@ -24,8 +24,8 @@ COMMANDS = {
     "train": Command("cnn.cli.main", "train a config, evaluate it and draw its pictures (python -m cnn.main)"),
     "predict": Command("cnn.cli.predict", "print the top classes of image files with a trained run (python -m "
                                           "cnn.predict)"),
-    "visualize": Command("cnn.cli.visualize", "redraw a run's pictures from its newest checkpoint (python -m "
-                                              "cnn.visualize)"),
+    "visualize": Command("cnn.cli.visualize", "redraw a run's pictures from its newest checkpoint, or show where it "
+                                              "looked in image files (--explain) (python -m cnn.visualize)"),
     "export": Command("cnn.cli.export", "write a trained model as StableHLO, SavedModel, TFLite or ONNX (python -m "
                                         "cnn.export)"),
     "sweep": Command("cnn.cli.sweep", "run or join the Optuna study of a sweep file (python -m cnn.sweep)"),
