@@ -244,3 +244,30 @@ def test_fold_mistakes_on_the_command_line_are_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --folds=1: cross-validation needs at least 2 folds (5 or 10 are usual)"]
     assert not (tmp_path / "w").exists()
+
+
+def test_a_sweep_can_optimise_the_fold_mean(tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from cnn.cli import sweep as sweep_cli
+    from cnn.sweep.space import load_sweep
+
+    def sweep_file(folds):
+        path = tmp_path / f"cv{folds}.py"
+        path.write_text(f"def get_sweep():\n    return dict(config='configs/digits.py', folds={folds}, fixed="
+                        "{'train.num_epochs': 1, 'model.layers': ('Flatten()', 'Dense(10)'), 'train.pictures': False},"
+                        " trials=[{'optimizer.learning_rate': 0.003}])\n")
+        return str(path)
+
+    with pytest.raises(ConfigError, match=r"cv1.py: folds=1 is not valid: expected an integer >= 2"):
+        load_sweep(sweep_file(1))
+    work = tmp_path / "w"
+    assert sweep_cli.main(["cnn.sweep", sweep_file(2), f"--workdir={work}"]) == 0
+    study = optuna.load_study(study_name="cv2", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(work / "journal.log"))))
+    (trial,) = study.get_trials()
+    summary = json.loads((work / "learning_rate=0.003" / "cv_results.json").read_text())
+    assert summary["folds"] == 2 and summary["complete"]
+    assert trial.value == summary["mean"]["test_accuracy"] != summary["fold_results"][0]["test_accuracy"]
+    assert trial.user_attrs["results"]["test_loss"] == summary["mean"]["test_loss"]
