@@ -225,6 +225,7 @@ def report(training: Training, record: dict) -> None:
 
 
 def report_stop(training: Training, monitor: Monitor, history: list[dict]) -> None:
+    """The line that says why the run ends before train.num_epochs."""
     best, last = monitor.best(history), history[-1]["epoch"]
     since = f"since epoch {best['epoch']} ({monitor.name} {best[monitor.name]:.4g})" if best else "at all"
     training.log(f"early stopping after epoch {last} of {training.config.train.num_epochs}: {monitor.name} has not "
