@@ -18,6 +18,10 @@ train your own Flax module (its `__call__(x, train)` returns logits):
     run = cnn.train_and_evaluate(config, "/tmp/own", model=Net(num_classes=10))
     cnn.load_run("/tmp/own", model=Net(num_classes=10))  # or config.model.module = "nets.py:Net(width=32)"
 
+cross-validate it (stratified K-fold over the training split, a run per fold):
+
+    summary = cnn.cross_validate(config, "/tmp/digits_cv", folds=5)  # mean and std of each figure
+
 train on your own arrays:
 
     dataset = cnn.from_arrays(x_train, y_train, x_test, y_test, class_names=None)
@@ -45,6 +49,7 @@ _HOMES = {
     "load_run": "cnn.run",
     "TrainResult": "cnn.train", "TrainState": "cnn.train", "checkpoint": "cnn.train", "eval_step": "cnn.train",
     "summary": "cnn.train", "train_and_evaluate": "cnn.train", "train_step": "cnn.train",
+    "cross_validate": "cnn.train.folds",
     "plots": "cnn.plots",
 }
 __all__ = sorted(_HOMES)
@@ -58,6 +63,7 @@ if TYPE_CHECKING:  # type checkers and editors do not run __getattr__
     from cnn.models import Sequential, build_model, presets
     from cnn.run import load_run
     from cnn.train import TrainResult, TrainState, checkpoint, eval_step, summary, train_and_evaluate, train_step
+    from cnn.train.folds import cross_validate
 
 
 def __getattr__(name: str):

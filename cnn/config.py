@@ -31,6 +31,10 @@ LOSS_NAMES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy")  # cnn.lo
 LOSSES = ("auto", *LOSS_NAMES)  # auto: the one the model's output fits (cnn.losses.auto)
 KERNELS = ("auto", "xla", "onednn")
 PREPROCESSING = ("caffe", "tf", "torch")  # cnn/data/images.py applies them
+# The epoch record's metrics train.monitor can name (cnn/train/monitor.py judges by them): top5_accuracy is
+# recorded for more than five classes, roc_auc and average_precision for two.
+MONITORS = ("test_accuracy", "test_loss", "macro_f1", "balanced_accuracy", "top5_accuracy", "roc_auc",
+            "average_precision", "train_accuracy", "train_loss")
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
 # data and its augmentation, the optimizer, seed, batch and micro-batch size, dtype, kernels, devices, loss,
@@ -199,6 +203,16 @@ def base_config() -> ml_collections.ConfigDict:
     # dense layer and tiling average pool it can take, 'xla' plain Flax and
     # XLA everywhere (same results up to float rounding).
     c.train.kernels = "auto"
+    # The end-of-epoch decisions (cnn/train/monitor.py): the epoch record's
+    # metric that judges epochs ('test_accuracy', 'test_loss', 'macro_f1',
+    # ... MONITORS; a loss is better lower, the others higher); keep_best
+    # keeps the best epoch's state in WORKDIR/best_checkpoint/, which
+    # prediction then uses; early stopping ends the run once the metric has
+    # not improved for this many epochs (0: off). The learning rate schedule
+    # stays the one num_epochs sets: a stopped run just ends sooner on it.
+    c.train.monitor = "test_accuracy"
+    c.train.keep_best = False
+    c.train.early_stopping_patience = 0
     return c
 
 
@@ -342,6 +356,11 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
             micro, "0 (automatic) or a divisor of train.batch_size")
     require(isinstance(t.get("pictures", True), bool), "train.pictures", t.get("pictures"), "True or False")
     require(t.get("kernels", "auto") in KERNELS, "train.kernels", t.get("kernels"), f"one of {', '.join(KERNELS)}")
+    require(t.get("monitor", "test_accuracy") in MONITORS, "train.monitor", t.get("monitor"),
+            f"a metric of the epoch records: one of {', '.join(MONITORS)}")
+    require(isinstance(t.get("keep_best", False), bool), "train.keep_best", t.get("keep_best"), "True or False")
+    int_at_least(t.get("early_stopping_patience", 0), "train.early_stopping_patience", 0,
+                 "0 (off) or a positive number of epochs")
 
 
 def _validate_optimizer(o: ml_collections.ConfigDict, num_epochs: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import flax.linen as nn
 import ml_collections
@@ -41,19 +42,26 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def load_run(workdir: str, model: nn.Module | None = None) -> TrainResult:
+def load_run(workdir: str, model: nn.Module | None = None, checkpoint: str = "auto") -> TrainResult:
     """The trained state of `workdir` (config.json and its newest checkpoint), as `train_and_evaluate` returns it.
 
     `model` is the module the run trained when config.json cannot name it
     (one made in a notebook: `load_run(workdir, model=Net(num_classes=10))`);
     by default config.model builds it. Class names and the input shape come from results.json; a run still
-    training has none yet, and then the dataset is loaded to find them.
+    training has none yet, and then the dataset is loaded to find them. `checkpoint`: 'auto' takes the best
+    epoch's state where the run kept one (train.keep_best), saying so on stderr, else the newest; 'latest' the
+    newest, 'best' the best.
     """
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoint={checkpoint!r} is not valid: expected one of {', '.join(CHECKPOINT_CHOICES)}")
     config = read_config(workdir)
+    best = checkpoint == "best" or (checkpoint == "auto" and workdir_lib.has_checkpoints(workdir, workdir_lib.BEST))
     no_checkpoint = ConfigError(f"workdir={workdir!r} has no checkpoint yet; train first (python -m cnn.main "
                                 f"--config=CONFIG --workdir={workdir}) or pass the workdir of a run that saved one")
-    directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
-    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+    if best and not workdir_lib.has_checkpoints(workdir, workdir_lib.BEST):
+        raise ConfigError(f"workdir={workdir!r} has no best checkpoint (train.keep_best was off, or no epoch has "
+                          "ended); load it with checkpoint='latest'")
+    if not workdir_lib.has_checkpoints(workdir):
         raise no_checkpoint  # before any work
     results = workdir_lib.read_json(os.path.join(workdir, workdir_lib.RESULTS)) or {}
     if not {"class_names", "input_shape"} <= results.keys():
@@ -63,14 +71,17 @@ def load_run(workdir: str, model: nn.Module | None = None) -> TrainResult:
     loss = models.check_head(model, input_shape, len(class_names), config.loss)
     # The optimizer gives the checkpoint's structure; its schedule's length does not matter here.
     tx = make_optimizer(config.optimizer, 1, config.train.num_epochs)
-    checkpoints = Checkpoints(workdir)
+    checkpoints = Checkpoints(workdir, folder=workdir_lib.BEST if best else workdir_lib.CHECKPOINTS)
     try:
         restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels))
     finally:
         checkpoints.close()
     if restored is None:  # every one was damaged, and set aside
         raise no_checkpoint
-    return TrainResult(state=restored[0], model=model, history=read_history(workdir), results=results,
+    history = read_history(workdir)
+    if best:
+        _say_best(workdir, int(restored[0].step), history, config.train.get("monitor", "test_accuracy"))
+    return TrainResult(state=restored[0], model=model, history=history, results=results,
                        class_names=class_names, recipe=Recipe.from_config(config, loss),
                        steps=read_history(workdir, workdir_lib.STEPS))
 
@@ -82,3 +93,15 @@ def read_history(workdir: str, name: str = workdir_lib.METRICS) -> list[dict]:
             return [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError):
         return []
+
+
+CHECKPOINT_CHOICES = ("auto", "best", "latest")
+
+
+def _say_best(workdir: str, step: int, history: list[dict], monitor: str) -> None:
+    """The note that prediction uses the best epoch's state, not the newest."""
+    record = next((r for r in history if r.get("step") == step), {})
+    value = f", {monitor} {record[monitor]:.4g}" if isinstance(record.get(monitor), (int, float)) else ""
+    last = f" of {history[-1]['epoch']}" if history else ""
+    print(f"note: {workdir}: using the best checkpoint (epoch {record.get('epoch', '?')}{last}{value}; "
+          f"train.keep_best), not the newest", file=sys.stderr, flush=True)

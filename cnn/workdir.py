@@ -33,6 +33,8 @@ METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
+BEST = "best_checkpoint"  # the best epoch's state, by train.monitor (train.keep_best)
+CV_RESULTS = "cv_results.json"  # the summary of a cross-validation's folds (cnn/train/folds.py)
 PLOTS = "plots"
 SKIPPED = "skipped_files.txt"  # files the data source could not read: path, a tab, the reason
 LOCK = ".lock"  # held (flock) by the run using the workdir; records its PID and host
@@ -284,9 +286,9 @@ def removed_if_refused(workdir: str) -> Iterator[None]:
         raise
 
 
-def has_checkpoints(workdir: str) -> bool:
-    """Whether WORKDIR/checkpoints holds a saved step (a folder named by its step number)."""
+def has_checkpoints(workdir: str, folder: str = CHECKPOINTS) -> bool:
+    """Whether WORKDIR/checkpoints (or `folder`) holds a saved step (a folder named by its step number)."""
     try:
-        return any(name.isdigit() for name in os.listdir(os.path.join(workdir, CHECKPOINTS)))
+        return any(name.isdigit() for name in os.listdir(os.path.join(workdir, folder)))
     except OSError:
         return False

@@ -1,7 +1,8 @@
 """`cnn train --config=configs/mnist.py --workdir=DIR`: train, evaluate, then draw the pictures.
 
 Any config field can be overridden, e.g. `--config.train.num_epochs=3`. The
-work is `cnn.train_and_evaluate`, which a notebook can call too. Exit status:
+work is `cnn.train_and_evaluate`, which a notebook can call too (with
+`--folds=K`, `cnn.cross_validate`: a run per fold, see cnn/train/folds.py). Exit status:
 0 done, 2 a mistake the message names, 3 pruned by a sweep (`cnn sweep`; the
 checkpoint is kept), 143 stopped by SIGTERM and 130 by Ctrl-C, with a
 checkpoint saved once training started (the same command resumes).
@@ -23,7 +24,7 @@ from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
 from cnn.errors import ConfigError, Preempted, Pruned, UserError
 from cnn.train import train_and_evaluate
 
-USAGE = Usage(__name__, "--config=configs/mnist.py --workdir=DIR [--config.section.field=value ...]",
+USAGE = Usage(__name__, "--config=configs/mnist.py --workdir=DIR [--folds=K] [--config.section.field=value ...]",
               overrides="Sets one field of the config, e.g. --config.train.num_epochs=3")
 
 
@@ -47,6 +48,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a 
                     "without it, JAX_DISTRIBUTED=1 or a SLURM job with several tasks reads the cluster's environment.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes-1 (with --coordinator_address).")
+flags.DEFINE_integer("folds", None, "Stratified K-fold cross-validation of the training split: one run per fold in "
+                     "WORKDIR/fold_1 ... fold_K, then the mean and std of each figure in WORKDIR/cv_results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -60,11 +63,12 @@ def main(argv: list[str]) -> None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
         runtime.set_cpu_devices(config.train.num_devices)
         runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        run = train_and_evaluate(config, FLAGS.workdir, on_epoch_end=_sweep_reporter())
-        if jax.process_index() == 0 and config.train.get("pictures", True):
-            from cnn import plots  # matplotlib adds about a second: not before the first step
+        if FLAGS.folds is not None:  # a sweep's trial then reports only the folds' mean, at the end
+            from cnn.train.folds import cross_validate
 
-            plots.write_plots(FLAGS.workdir, run, run.dataset, warn_only=True)
+            cross_validate(config, FLAGS.workdir, FLAGS.folds, on_fold_end=_draw)
+        else:
+            _draw(FLAGS.workdir, train_and_evaluate(config, FLAGS.workdir, on_epoch_end=_sweep_reporter()))
     except UserError as e:
         fail(str(e))
     except Pruned as e:  # a sweep's pruner stopped this trial at an epoch end
@@ -79,6 +83,14 @@ def main(argv: list[str]) -> None:
         stop = e.__context__ if isinstance(e.__context__, Preempted) else None
         print(str(stop) if stop else "interrupted before training started; nothing was saved", file=sys.stderr)
         sys.exit(130)
+
+
+def _draw(workdir: str, run) -> None:
+    """The run's pictures in WORKDIR/plots, unless train.pictures is False."""
+    if jax.process_index() == 0 and FLAGS.config.train.get("pictures", True):
+        from cnn import plots  # matplotlib adds about a second: not before the first step
+
+        plots.write_plots(workdir, run, run.dataset, warn_only=True)
 
 
 def _sweep_reporter():

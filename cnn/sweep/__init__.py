@@ -12,6 +12,7 @@ A sweep file (see experiments/) has `get_sweep()` returning a dict:
     trials   or a list of override dicts, each run once, e.g. from product() and zipped() below
     n_trials the study's size when --n_trials is not given (optional; a grid's size by default)
     startup_trials  trials sampled at random and never pruned before TPE and the median pruner act (default 5)
+    folds    each trial cross-validates with --folds=K and is judged by the folds' mean of the metric (optional)
 
 A space of lists is a grid (Optuna's GridSampler); with a range in it, TPE
 searches it. Each trial runs as its own `cnn.main` process in its own folder

@@ -24,7 +24,7 @@ from cnn import config as config_lib
 from cnn.errors import ConfigError
 from cnn.sweep import Overrides, _rows
 
-ENTRIES = ("config", "fixed", "metric", "goal", "space", "trials", "n_trials", "startup_trials")
+ENTRIES = ("config", "fixed", "metric", "goal", "space", "trials", "n_trials", "startup_trials", "folds")
 
 
 @dataclasses.dataclass
@@ -43,6 +43,7 @@ class Sweep:
     grid: list[Overrides] | None  # the listed trials (trials=...), None for a space
     n_trials: int | None
     startup_trials: int
+    folds: int | None = None  # each trial cross-validates (--folds=K) and is judged by the folds' mean of `metric`
 
     @property
     def is_grid_space(self) -> bool:
@@ -63,7 +64,7 @@ class Sweep:
         swept = ({"trials": self.grid} if self.grid is not None else
                  {"space": {k: json.loads(distribution_to_json(d)) for k, d in self.space.items()}})
         return {"config": self.config_name, "fixed": self.fixed, "metric": self.metric, "goal": self.goal,
-                "startup_trials": self.startup_trials, **swept}
+                "startup_trials": self.startup_trials, "folds": self.folds, **swept}
 
 
 def text(value: Any) -> Any:
@@ -152,7 +153,8 @@ def load_sweep(path: str) -> Sweep:
     name = os.path.splitext(os.path.basename(path))[0]
     return Sweep(os.path.abspath(path), name, config_path, spec["config"], base, fixed, metric, goal, space, grid,
                  _count(path, "n_trials", spec.get("n_trials"), 1),
-                 _count(path, "startup_trials", spec.get("startup_trials", 5), 0))
+                 _count(path, "startup_trials", spec.get("startup_trials", 5), 0), _count(path, "folds",
+                                                                                         spec.get("folds"), 2))
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -184,5 +186,6 @@ def trial_dir(sweep: Sweep, workdir: str, number: int, params: Overrides, grid: 
 def command(sweep: Sweep, workdir: str, params: Overrides, extra: list[str]) -> list[str]:
     """The trial's `cnn.main` command line: fixed overrides, then the trial's values, then --config flags given."""
     values = {**sweep.fixed, **params}
-    return [sys.executable, "-m", "cnn.main", f"--config={sweep.config}", f"--workdir={workdir}",
+    folds = [f"--folds={sweep.folds}"] if sweep.folds else []
+    return [sys.executable, "-m", "cnn.main", f"--config={sweep.config}", f"--workdir={workdir}", *folds,
             *(flag(k, v) for k, v in values.items()), *extra]

@@ -212,13 +212,14 @@ def finish(worker: Worker, trial: trial_lib.Running, stopping: bool, log: Callab
     took = format_seconds(time.time() - trial.started)
     state, note = TrialState.FAIL, f"exit {code}"
     if code == 0:
-        results = _numbers(trial_lib.read_results(trial.workdir))
+        results = _numbers(trial_lib.read_results(trial.workdir, worker.sweep.folds))
         if metric in results:
             trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id, number)
             worker.storage.set_trial_user_attr(trial_id, "results", results)
             state, note = TrialState.COMPLETE, f"{metric} {results[metric]:.4g}"
         else:
-            worker.fatal = (f"{worker.sweep.path}: metric {metric!r} is not in {trial.workdir}/results.json; "
+            where = workdir_lib.CV_RESULTS if worker.sweep.folds else workdir_lib.RESULTS
+            worker.fatal = (f"{worker.sweep.path}: metric {metric!r} is not in {trial.workdir}/{where}; "
                             f"use one of {', '.join(sorted(results))}")
     elif code == trial_lib.PRUNED_EXIT:
         state = TrialState.PRUNED

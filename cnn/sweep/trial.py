@@ -103,7 +103,11 @@ def release(trial: Running) -> None:
     os.close(trial.lock)
 
 
-def read_results(workdir: str) -> dict[str, Any]:
+def read_results(workdir: str, folds: int | None = None) -> dict[str, Any]:
+    """The trial's results.json; for a cross-validating trial (`folds`), the folds' means in cv_results.json."""
+    if folds:
+        summary = workdir_lib.read_json(os.path.join(workdir, workdir_lib.CV_RESULTS))
+        return summary["mean"] if isinstance(summary, dict) and summary.get("complete") else {}
     try:
         with open(os.path.join(workdir, "results.json")) as f:
             return json.load(f)

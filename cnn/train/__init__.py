@@ -4,7 +4,9 @@ Read in this order: state.py (what a step reads and the loop carries),
 steps.py (one step: part_gradients, apply_update; compile_train_step),
 optimizer.py, setup.py (from a config to a frozen plan, `Training`, and the
 first state), loop.py (`train_and_evaluate`: set-up, epochs, evaluation,
-finish). The losses a config names are in cnn/losses.py.
+finish), monitor.py (its end-of-epoch decisions: best epoch, best checkpoint,
+early stop), folds.py (`cross_validate`: a run per fold). The losses a
+config names are in cnn/losses.py.
 """
 
 from cnn.train import checkpoint

@@ -42,13 +42,14 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 class Checkpoints:
     """The checkpoints of one workdir: save, and restore the newest one that is intact."""
 
-    def __init__(self, workdir: str, keep: int = 3, owner: bool = False):
-        """`owner`: the run holding the workdir's lock, which saves; it also clears what unfinished saves left."""
+    def __init__(self, workdir: str, keep: int = 3, owner: bool = False, folder: str = workdir_lib.CHECKPOINTS):
+        """`owner`: the run holding the workdir's lock, which saves; it also clears what unfinished saves left.
+        `folder`: WORKDIR/checkpoints, or WORKDIR/best_checkpoint for the best epoch's state."""
         import orbax.checkpoint as ocp  # here: it adds about half a second to `import cnn`
 
         self._ocp = ocp
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, workdir_lib.CHECKPOINTS)
+        self.directory = os.path.join(self.workdir, folder)
         # Synchronous saves: the next train step donates the state's buffers.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=owner,
@@ -91,15 +92,16 @@ class Checkpoints:
                 OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a checkpoint needs about {need / 2**20:.1f} "
                                       f"MB, {free / 2**20:.1f} MB are free)"))
 
-    def restore(self, state) -> tuple[Any, EpochSums] | None:
-        """Returns (state, epoch_sums) from the newest intact checkpoint, or None if there is none.
+    def restore(self, state, at: int | None = None) -> tuple[Any, EpochSums] | None:
+        """Returns (state, epoch_sums) from the newest intact checkpoint (or the one of step `at`), or None if
+        there is none.
 
         `state` is a freshly created one; it gives the structure and the
         shapes the checkpoint must have. A damaged checkpoint is reported and
         moved to WORKDIR/damaged_checkpoints/, and the one before it is used.
         """
         target = _arrays(state, jax.device_put(EpochSums.zeros()))
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        for step in sorted((s for s in self._manager.all_steps() if at in (None, s)), reverse=True):
             try:
                 saved = self._manager.item_metadata(step).tree
             except Exception as e:  # unreadable metadata: damaged

@@ -8,6 +8,7 @@ Pictures and prediction are not drawn here: the caller asks for them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -25,6 +26,7 @@ from cnn import workdir as workdir_lib
 from cnn.errors import Diverged, Preempted
 from cnn.progress import Progress
 from cnn.train.metrics import MetricWriter, StepLog
+from cnn.train.monitor import Monitor
 from cnn.train.setup import Training, announce, prepare
 from cnn.train.state import EpochSums, TrainState
 from cnn.train.steps import Recipe
@@ -63,19 +65,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
         announce(training, state)
         step = int(jax.device_get(state.step))
         with MetricWriter(workdir, step, enabled=training.writes_files) as writer, \
-                runtime.stop_requests() as stop:
+                runtime.stop_requests() as stop, contextlib.closing(Monitor(training.config, workdir)) as monitor:
             steps = StepLog(writer, config.train.log_every_steps, training.steps_per_epoch, training.learning_rate,
                             training.start, step)
             startup_seconds = None  # process start to the end of the first step, compilation included
             for epoch in range(step // training.steps_per_epoch + 1, config.train.num_epochs + 1):
+                if monitor.should_stop(writer.history):  # after the last epoch, or in a rerun of a stopped run
+                    report_stop(training, monitor, writer.history)
+                    break
                 epoch_start = time.time()
                 trained = train_epoch(training, state, sums, epoch, stop, steps)
                 state, step = trained.state, epoch * training.steps_per_epoch
                 if startup_seconds is None:
                     startup_seconds = trained.first_step_end - training.start
                 record = epoch_record(training, trained, epoch, epoch_start, steps)
+                monitor.check(record)
                 writer.write(record)
                 sums = sharding.put_replicated(EpochSums.zeros(), training.mesh)
+                monitor.keep(state, sums, writer.history)  # before the newest: a resume redoes the epoch if missing
                 # After the record: a resume never redoes a logged epoch.
                 save(training, state, sums, trained.recent_losses, epoch, step)
                 report(training, record)
@@ -84,8 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dataset:
                 if stop.signal is not None and epoch < config.train.num_epochs:  # it came during the evaluation
                     raise stopped(training, stop, step)
             history, step_records = writer.history, writer.steps
-        training.checkpoints.close()
-        return finish(training, state, history, step_records, startup_seconds)
+            training.checkpoints.close()
+            return finish(training, state, monitor, history, step_records, startup_seconds)
 
 
 class EpochTrained(NamedTuple):
@@ -217,14 +224,24 @@ def report(training: Training, record: dict) -> None:
                  f"at {record['elapsed_seconds']:.1f}s")
 
 
-def finish(training: Training, state: TrainState, history: list[dict], step_records: list[dict],
+def report_stop(training: Training, monitor: Monitor, history: list[dict]) -> None:
+    """The line that says why the run ends before train.num_epochs."""
+    best, last = monitor.best(history), history[-1]["epoch"]
+    since = f"since epoch {best['epoch']} ({monitor.name} {best[monitor.name]:.4g})" if best else "at all"
+    training.log(f"early stopping after epoch {last} of {training.config.train.num_epochs}: {monitor.name} has not "
+                 f"improved for {last - (best['epoch'] if best else 0)} epochs {since} "
+                 f"(train.early_stopping_patience={monitor.patience})")
+
+
+def finish(training: Training, state: TrainState, monitor: Monitor, history: list[dict], step_records: list[dict],
            startup_seconds: float | None) -> TrainResult:
-    """Writes results.json (the last epoch's figures, and what prediction needs) and returns the TrainResult."""
+    """Writes results.json (the last epoch's figures, the best epoch's, and what prediction needs) and returns the
+    TrainResult: its state the best epoch's with train.keep_best (as cnn.load_run gives it), else the last one's."""
     last, dataset = history[-1], training.dataset
     results = {
         "dataset": dataset.name, "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
         "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
-        "epochs": training.config.train.num_epochs, "steps": int(jax.device_get(state.step)),
+        "epochs": last["epoch"], "steps": int(jax.device_get(state.step)), **monitor.results(history),
         "train_seconds": sum(r["epoch_seconds"] for r in history), "total_seconds": time.time() - training.start,
         "seed": training.config.seed, "parameters": models.layers.parameter_count(state.params),
         "startup_seconds": startup_seconds, "devices": training.mesh.size, "processes": jax.process_count(),
@@ -232,6 +249,7 @@ def finish(training: Training, state: TrainState, history: list[dict], step_reco
         "input_share": sum(r["input_seconds"] for r in history) / max(sum(r["epoch_seconds"] for r in history), 1e-9),
         **data_lib.describe(dataset),  # class names, input shape: cnn.predict then needs no dataset
     }
+    state = monitor.best_state(state)
     state = state if jax.process_count() == 1 else sharding.to_host(state)  # a host copy to draw from
     result = TrainResult(state=state, model=training.model, history=history, results=results,
                          class_names=dataset.class_names, recipe=training.recipe, dataset=dataset, steps=step_records)

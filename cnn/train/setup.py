@@ -23,6 +23,7 @@ from cnn import kernels, models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 from cnn.train.checkpoint import Checkpoints
+from cnn.train.monitor import check_recorded
 from cnn.train.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
 from cnn.train.state import EpochSums, TrainState, create_state
 from cnn.train.steps import Recipe, TrainStepFn, compile_eval_step, compile_train_step
@@ -94,6 +95,7 @@ def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, m
     settings = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
+    check_recorded(settings, dataset.num_classes)
     model = models.build_model(config.model, dataset.num_classes) if model is None else model
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
     mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
