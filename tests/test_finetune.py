@@ -11,18 +11,20 @@ MobileNetV2 file fills the `mobilenet_v2` preset through the same path.
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import h5py
 import jax
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
 import cnn
 from cnn.models import weights
-from cnn.train import setup
+from cnn.train import finetune
 from conftest import REPO
 
 BODY = ("Conv2D(16, 3, padding='same')", "BatchNormalization(momentum=0.9)", "Activation('relu')", "MaxPooling2D(2)",
@@ -101,10 +103,10 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def frozen_run(source):
-    """A warm start from the ten-digit workdir on four digits: one frozen epoch, then one of everything."""
+    """A warm start from the ten-digit workdir on four digits: three frozen epochs, then two of everything."""
     workdir = source["root"] / "frozen"
-    config = _config(source["four"], 4, model__pretrained=source["workdir"], train__freeze_epochs=1,
-                     train__num_epochs=2)
+    config = _config(source["four"], 4, model__pretrained=source["workdir"], train__freeze_epochs=3,
+                     train__num_epochs=5)
     return workdir, cnn.train_and_evaluate(config, str(workdir))
 
 
@@ -115,72 +117,84 @@ def test_the_command_line_fine_tunes_a_weight_file_with_a_new_head(source, tmp_p
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "cnn.main", f"--config={config_file}", f"--workdir={workdir}",
                            f"--config.data.path={source['four']}", f"--config.model.pretrained={source['file']}",
-                           "--config.train.freeze_epochs=1", "--config.optimizer.backbone_lr_scale=0.5"],
+                           "--config.train.freeze_epochs=2", "--config.optimizer.backbone_lr_scale=0.5",
+                           "--config.train.num_epochs=6"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model.pretrained: 8 tensors loaded from {source['file']} (keras3); left at their initial values: " \
-           f"{HEAD}/bias, {HEAD}/kernel; data.preprocessing=None" in proc.stdout, proc.stdout
+           f"{HEAD}/kernel, {HEAD}/bias; data.preprocessing=None" in proc.stdout, proc.stdout
     results = json.loads((workdir / "results.json").read_text())
     assert results["test_accuracy"] > 0.6, results  # four classes: chance is 0.25
 
 
 def test_freezing_leaves_the_backbone_bitwise_then_trains_it(source, frozen_run):
     workdir, run = frozen_run
-    steps = run.results["steps"] // 2
-    start, first, second = source["variables"], _checkpoint(workdir, steps), _checkpoint(workdir, 2 * steps)
+    steps = run.results["steps"] // 5 * 3  # the frozen epochs'
+    start, first, second = source["variables"], _checkpoint(workdir, steps), _checkpoint(workdir, steps + steps // 3)
     for collection in ("params", "batch_stats"):  # the workdir's weights, its batch-norm statistics included
         assert _equal(_without(first[collection], HEAD), _without(start[collection], HEAD)), collection
         assert not _equal(_without(second[collection], HEAD), _without(start[collection], HEAD)), collection
     assert first["params"][HEAD]["kernel"].shape == (32, 4) != start["params"][HEAD]["kernel"].shape
     assert not _equal(first["params"][HEAD], second["params"][HEAD])
-    assert run.history[0]["test_accuracy"] > 0.6 and run.results["test_accuracy"] > 0.6
+    assert run.history[2]["test_accuracy"] > 0.45 and run.results["test_accuracy"] > 0.6  # chance: 0.25
 
 
 def test_a_backbone_learning_rate_of_zero_equals_freezing(source, frozen_run, tmp_path):
     workdir, run = frozen_run
     config = _config(source["four"], 4, model__pretrained=source["workdir"], optimizer__backbone_lr_scale=0.0,
-                     train__num_epochs=1)
+                     train__num_epochs=3)
     zero = cnn.train_and_evaluate(config, str(tmp_path / "zero"))
     steps = zero.results["steps"]
-    assert steps == run.results["steps"] // 2
+    assert steps == run.results["steps"] // 5 * 3
     assert _equal(_checkpoint(tmp_path / "zero", steps), _checkpoint(workdir, steps))
 
 
-def test_a_run_stopped_while_frozen_resumes_exactly(source, frozen_run, tmp_path):
+def test_a_run_resumed_while_frozen_switches_at_the_same_step_and_ends_the_same(source, frozen_run, tmp_path):
     workdir, run = frozen_run
-    config = _config(source["four"], 4, model__pretrained=source["workdir"], train__freeze_epochs=1,
-                     train__num_epochs=2, train__checkpoint_every_steps=5)
+    config = _config(source["four"], 4, model__pretrained=source["workdir"], train__freeze_epochs=3,
+                     train__num_epochs=5, train__checkpoint_every_steps=4)
 
     def stop(record):
-        raise KeyboardInterrupt
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         cnn.train_and_evaluate(config, str(tmp_path / "resumed"), on_epoch_end=stop)
+    steps_per_epoch = run.results["steps"] // 5
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(3 * steps_per_epoch))  # resume mid-epoch, frozen
     resumed = cnn.train_and_evaluate(config, str(tmp_path / "resumed"))
-    steps = resumed.results["steps"]
-    assert _equal(_checkpoint(tmp_path / "resumed", steps), _checkpoint(workdir, steps))
+    assert _equal(_checkpoint(tmp_path / "resumed", run.results["steps"]), _checkpoint(workdir, run.results["steps"]))
+    assert [r["test_accuracy"] for r in resumed.history] == [r["test_accuracy"] for r in run.history]
 
 
-def test_a_keras_backbone_file_fills_the_preset_and_sets_its_preprocessing(source, tmp_path):
+def test_a_keras_file_without_its_top_fills_a_backbone_preset_and_sets_its_preprocessing(tmp_path):
+    """As with keras.applications' *_notop.h5 files; the state is made without compiling MobileNetV2's init (a
+    minute on 2 cores): the training path around it is the Sequential's above."""
     pytest.importorskip("tensorflow")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     keras = pytest.importorskip("keras")
     from keras.src.legacy.saving import legacy_h5_format
 
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10)
-    path = tmp_path / "mobilenet_v2.h5"
+    notop = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, include_top=False)
+    path = tmp_path / "mobilenet_v2_notop.h5"
     with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    config = _config(source["four"], 4, model__preset="mobilenet_v2(alpha=0.35)", model__layers=(),
-                     model__pretrained=str(path), data__image_size=(32, 32), train__freeze_epochs=1)
-    training, state, _ = setup.prepare(config, str(tmp_path / "run"))
-    training.lock.close()
-    assert training.config.data.preprocessing == "tf" and training.recipe.preprocessing == "tf"
-    assert np.array_equal(state.params["Conv1"]["kernel"], model.get_layer("Conv1").kernel.numpy())
-    assert np.array_equal(state.batch_stats["Conv_1_bn"]["var"], model.get_layer("Conv_1_bn").moving_variance.numpy())
-    assert state.params["predictions"]["kernel"].shape == (1280, 4)
-    assert training.pretrained.endswith("(legacy weight file); left at their initial values: predictions/bias, "
-                                        "predictions/kernel; data.preprocessing='tf' set, as these weights expect")
+        legacy_h5_format.save_weights_to_hdf5_group(f, notop)
+    config = _config(None, 4, model__preset="mobilenet_v2(alpha=0.35)", model__layers=(),
+                     model__pretrained=str(path))
+    model = cnn.models.build_model(config.model, 4)
+    shapes = jax.eval_shape(cnn.models.adapt(model).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3),
+                                                                                                   np.float32))
+    fresh = jax.tree_util.tree_map(lambda leaf: np.full(leaf.shape, 0.5, leaf.dtype), shapes)
+    state = cnn.train.TrainState.create(apply_fn=None, params=fresh["params"], tx=optax.sgd(0.1),
+                                        batch_stats=fresh["batch_stats"], dropout_rng=jax.random.key(0))
+    head = finetune.head(config, model, (32, 32, 3))
+    config, state, line = finetune.start(config, model, state, head)
+    assert head == "predictions" and config.data.preprocessing == "tf"
+    assert np.array_equal(state.params["Conv1"]["kernel"], notop.get_layer("Conv1").kernel.numpy())
+    assert np.array_equal(state.batch_stats["Conv_1_bn"]["var"], notop.get_layer("Conv_1_bn").moving_variance.numpy())
+    assert (state.params["predictions"]["kernel"] == 0.5).all()
+    assert line == f"model.pretrained: 260 tensors loaded from {path} (legacy weight file); left at their initial " \
+                   "values: predictions/kernel, predictions/bias; data.preprocessing='tf' set, as these weights expect"
 
 
 @pytest.mark.parametrize("fields, message", [
