@@ -33,9 +33,9 @@ KERNELS = ("auto", "xla", "onednn")
 PREPROCESSING = ("caffe", "tf", "torch")  # cnn/data/images.py applies them
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
-# data and its augmentation, the optimizer, seed, batch and micro-batch size, dtype, kernels, devices, loss,
-# num_epochs through the schedule), so a change there would make config.json misstate how the checkpoints were
-# made: such a rerun is refused (`changed_fields`).
+# data and its augmentation, the optimizer, seed and model.pretrained (the start), batch and micro-batch size,
+# dtype, kernels, devices, loss, num_epochs through the schedule), so a change there would make config.json misstate
+# how the checkpoints were made: such a rerun is refused (`changed_fields`).
 RERUN_MAY_CHANGE = (
     "train.pictures", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.eval_batch_size", "data.data_dir", "data.manual_dir", "data.cache_dir", "data.cache",

@@ -231,8 +231,8 @@ def test_the_command_line_says_a_missing_weight_file_in_one_line_and_exits_2(tmp
 
 def test_the_backbone_learning_rate_is_the_heads_times_the_scale_on_the_same_schedule_after_thawing():
     config = cnn.base_config()
-    config.optimizer.schedule, config.optimizer.momentum, config.optimizer.backbone_lr_scale = "warmup_cosine", 0.0, 0.25
-    config.optimizer.warmup_epochs = 1.0
+    config.optimizer.schedule, config.optimizer.warmup_epochs = "warmup_cosine", 1.0
+    config.optimizer.momentum, config.optimizer.backbone_lr_scale = 0.0, 0.25
     tx = cnn.train.make_optimizer(config.optimizer, 4, 5, head="head", freeze_epochs=2)
     params = {"head": {"w": np.ones(3, np.float32)}, "body": {"w": np.ones(3, np.float32)}}
     grads = jax.tree_util.tree_map(lambda p: np.full_like(p, 0.5), params)
