@@ -257,11 +257,12 @@ def as_layers(variables: dict) -> Layers:
 def _fill_pairs(name_or_specs, variables: dict, layers: Layers, layout: str, path: str, head: str | None) -> list:
     """(model layer, file layer) for every weighted layer of the model but a head the file lacks."""
     ours, rename = _weighted(variables), (lambda n: n)
-    if isinstance(name_or_specs, str) and layout in ("legacy", "keras3"):
+    if isinstance(name_or_specs, str):  # a backbone: the names of the file's source
         name = presets.parse(name_or_specs, "model.preset")[0]
-        rename = backbones_lib.BACKBONES[name].sources.get("keras")
+        source = "keras" if layout in ("legacy", "keras3") else layout
+        rename = backbones_lib.BACKBONES[name].sources.get(source)
         if rename is None:
-            raise ConfigError(f"weight file {path!r}: cnn reads no Keras weight file for {name} yet")
+            raise ConfigError(f"weight file {path!r}: cnn reads no {source} weight file for {name} yet")
     elif name_or_specs is not None and not isinstance(name_or_specs, str):
         ours = [n for n in parse_stack(tuple(name_or_specs))[2] if n in ours]
         if layout == "legacy":  # by place, a head past the file's end left out

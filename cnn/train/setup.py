@@ -20,9 +20,9 @@ import ml_collections
 from cnn import config as config_lib
 from cnn import data as data_lib
 from cnn import kernels, models, runtime, sharding
-import cnn.train.finetune as finetune
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
+import cnn.train.finetune as finetune
 from cnn.train.checkpoint import Checkpoints
 from cnn.train.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
 from cnn.train.state import EpochSums, TrainState, create_state
@@ -113,7 +113,7 @@ def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, m
     kernels.check(settings.kernels, config.train.compute_dtype, platform)
     steps_per_epoch = len(dataset.train) // settings.batch_size
     head = finetune.head(config, model, dataset.input_shape)
-    tx = make_optimizer(config.optimizer, steps_per_epoch, settings.num_epochs, head, settings.freeze_epochs)
+    tx = make_optimizer(config.optimizer, steps_per_epoch, settings.num_epochs, head, settings.get("freeze_epochs", 0))
     state = create_state(model, tx, dataset.input_shape, config.seed, settings.kernels, platform)
     config, state, pretrained = finetune.start(config, model, state, head)
     return config, dataset, model, loss, mesh, eval_batch_size, state, pretrained
