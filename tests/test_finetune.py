@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import h5py
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ from PIL import Image
 
 import cnn
 from cnn.models import weights
+from cnn.models.head import head_layer
 from cnn.train import finetune
 from conftest import REPO
 
@@ -244,3 +246,29 @@ def test_the_backbone_learning_rate_is_the_heads_times_the_scale_on_the_same_sch
             assert not body.any() and (head.any() or step == 0)  # the warm-up starts at 0
         else:
             np.testing.assert_allclose(body, 0.25 * head, rtol=1e-6)
+
+
+class _Net(nn.Module):
+    """Your own module: layers named by Flax, batch norm inside, the head last."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+        return nn.Dense(self.num_classes, name="classifier")(x.mean(axis=(1, 2)))
+
+
+def test_your_own_module_is_filled_by_name_with_a_new_head(tmp_path):
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    trained = _Net(num_classes=10).init(jax.random.key(1), x)
+    trained = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.25, trained)  # batch statistics too
+    _save_keras3(trained, tmp_path / "net.weights.h5")
+    model = _Net(num_classes=3)
+    fresh = model.init(jax.random.key(0), x)
+    head = head_layer(model, (8, 8, 3))
+    filled, report = weights.fill(None, fresh, str(tmp_path / "net.weights.h5"), head)
+    assert head == "classifier" and report.loaded == 6 and report.left == ["classifier/kernel", "classifier/bias"]
+    assert _equal(_without(filled["params"], head), _without(trained["params"], head))
+    assert _equal(filled["batch_stats"], trained["batch_stats"])
+    assert _equal(filled["params"][head], jax.tree_util.tree_map(np.asarray, fresh["params"][head]))
