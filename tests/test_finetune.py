@@ -139,6 +139,9 @@ def test_freezing_leaves_the_backbone_bitwise_then_trains_it(source, frozen_run)
     assert first["params"][HEAD]["kernel"].shape == (32, 4) != start["params"][HEAD]["kernel"].shape
     assert not _equal(first["params"][HEAD], second["params"][HEAD])
     assert run.history[2]["test_accuracy"] > 0.45 and run.results["test_accuracy"] > 0.6  # chance: 0.25
+    loaded = cnn.load_run(str(workdir))  # its optimizer state (the head's and the backbone's) restores too
+    final = _checkpoint(workdir, run.results["steps"])["params"]
+    assert _equal(jax.tree_util.tree_map(np.asarray, loaded.state.params), final)
 
 
 def test_a_backbone_learning_rate_of_zero_equals_freezing(source, frozen_run, tmp_path):
