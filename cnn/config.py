@@ -37,9 +37,9 @@ MONITORS = ("test_accuracy", "test_loss", "macro_f1", "balanced_accuracy", "top5
             "average_precision", "train_accuracy", "train_loss")
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
-# data and its augmentation, the optimizer, seed, batch and micro-batch size, dtype, kernels, devices, loss,
-# num_epochs through the schedule), so a change there would make config.json misstate how the checkpoints were
-# made: such a rerun is refused (`changed_fields`).
+# data and its augmentation, the optimizer, seed and model.pretrained (the start), batch and micro-batch size,
+# dtype, kernels, devices, loss, num_epochs through the schedule), so a change there would make config.json misstate
+# how the checkpoints were made: such a rerun is refused (`changed_fields`).
 RERUN_MAY_CHANGE = (
     "train.pictures", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.eval_batch_size", "data.data_dir", "data.manual_dir", "data.cache_dir", "data.cache",
@@ -147,6 +147,14 @@ def base_config() -> ml_collections.ConfigDict:
     # cnn/models/module.py). Set `layers = ()` when using one. A run records
     # a file's absolute path in its config.json.
     c.model.module = config_dict.placeholder(str)
+    # Start from trained weights instead of random ones: a weight file (a
+    # Keras .h5 of the same architecture, e.g. a keras.applications file for
+    # model.preset='resnet50'), or a cnn workdir (its newest checkpoint's
+    # parameters and batch statistics). The head is left at its initial
+    # values when its shape differs (another class count). A backbone
+    # preset's file also sets data.preprocessing when that is None. Only the
+    # start: a rerun with checkpoints resumes from them (docs/finetuning.md).
+    c.model.pretrained = config_dict.placeholder(str)
     # 'auto': sigmoid binary cross-entropy for one output unit, softmax
     # cross-entropy otherwise.
     c.loss = "auto"
@@ -167,9 +175,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Restarts at or after train.num_epochs are left out, so a shortened run
     # (--config.train.num_epochs=1) keeps the cycles that fit.
     c.optimizer.restart_epochs = ()
+    # With model.pretrained: the learning rate of every layer but the head,
+    # relative to the head's (0 freezes them, as train.freeze_epochs does).
+    c.optimizer.backbone_lr_scale = 1.0
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 10
+    # With model.pretrained: train only the head for this many epochs (the
+    # rest of the model in inference mode, its weights and batch-norm
+    # statistics unchanged), then everything.
+    c.train.freeze_epochs = 0
     c.train.batch_size = 128
     c.train.eval_batch_size = 1000
     # Checkpoints: every this many steps (0: only at epoch ends) and at the
@@ -340,6 +355,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_data(config.data)
     if config.model.get("num_classes") is not None:
         int_at_least(config.model.num_classes, "model.num_classes")
+    _validate_finetuning(config)
+
+
+def _validate_finetuning(config: ml_collections.ConfigDict) -> None:
+    """model.pretrained, train.freeze_epochs and optimizer.backbone_lr_scale; the file itself is read at set-up."""
+    pretrained = config.model.get("pretrained")
+    require(pretrained is None or (isinstance(pretrained, str) and pretrained != ""), "model.pretrained", pretrained,
+            "a weight file or a cnn workdir, or None")
+    if pretrained is not None and not os.path.exists(os.path.expanduser(pretrained)):
+        raise ConfigError(f"model.pretrained={pretrained!r} does not exist; give a weight file (a Keras .h5 such as "
+                          "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5) or the workdir of a cnn run")
+    freeze, scale = config.train.get("freeze_epochs", 0), config.optimizer.get("backbone_lr_scale", 1.0)
+    int_at_least(freeze, "train.freeze_epochs", 0, "0 (no freezing) or a number of epochs")
+    _number(scale, "optimizer.backbone_lr_scale", 0, float("inf"), "a number >= 0 (0 freezes the backbone)")
+    for field, value, default in (("train.freeze_epochs", freeze, 0), ("optimizer.backbone_lr_scale", scale, 1.0)):
+        if value != default and pretrained is None:
+            raise ConfigError(f"{field}={value!r} needs a pretrained backbone, and model.pretrained is None; set "
+                              f"model.pretrained to a weight file or a cnn workdir, or {field}={default!r}")
 
 
 def _validate_train(t: ml_collections.ConfigDict) -> None:

@@ -19,6 +19,7 @@ from cnn import models
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 from cnn.train import Recipe, TrainResult, create_state, make_optimizer
+from cnn.train import finetune
 from cnn.train.checkpoint import Checkpoints
 
 
@@ -70,7 +71,8 @@ def load_run(workdir: str, model: nn.Module | None = None, checkpoint: str = "au
     model = models.build_model(config.model, len(class_names)) if model is None else model
     loss = models.check_head(model, input_shape, len(class_names), config.loss)
     # The optimizer gives the checkpoint's structure; its schedule's length does not matter here.
-    tx = make_optimizer(config.optimizer, 1, config.train.num_epochs)
+    head = finetune.head(config, model, input_shape)  # a fine-tuning run's optimizer treats its head apart
+    tx = make_optimizer(config.optimizer, 1, config.train.num_epochs, head, config.train.get("freeze_epochs", 0))
     checkpoints = Checkpoints(workdir, folder=workdir_lib.BEST if best else workdir_lib.CHECKPOINTS)
     try:
         restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels))

@@ -54,6 +54,10 @@ def test_config_trains_on_mock_data(name, tmp_path):
     config = cnn.load_config(str(CONFIGS / f"{name}.py"))
     if config.data.name in cnn.config.OWN_DATA:
         config.data.path = _own_data(config.data.name, tmp_path / "data")
+    if name == "finetune":  # its weight file is not here (tests/test_finetune.py fine-tunes from files): the data
+        config.model.preset, config.model.pretrained = "flax_cnn(widths=(4,), dense=8)", None  # path, a tiny model
+        config.data.image_size = (32, 32)
+        config.train.freeze_epochs, config.optimizer.backbone_lr_scale = 0, 1.0
     cnn.config.validate(config)
     config.train.num_epochs = 1
     config.train.batch_size = 8

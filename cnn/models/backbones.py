@@ -396,3 +396,15 @@ def fields(name: str) -> list[dataclasses.Field]:
 def signature(name: str) -> str:
     """How the preset is written with its overrides, e.g. 'mobilenet_v2(alpha=1.0)'."""
     return f"{name}(" + ", ".join(f"{f.name}={f.default!r}" for f in fields(name)) + ")"
+
+
+# The input scaling (data.preprocessing) each Keras application's weights were trained with; EfficientNetB0 scales
+# its inputs itself. Weights from torchvision (and timm) expect 'torch'.
+KERAS_PREPROCESSING: dict[str, str | None] = {"resnet50": "caffe", "mobilenet_v2": "tf", "efficientnet_b0": None}
+
+
+def preprocessing(name: str, layout: str) -> str | None:
+    """The data.preprocessing mode a backbone's weights from a file of `layout` (weights.read's) expect."""
+    if layout in ("legacy", "keras3"):
+        return KERAS_PREPROCESSING.get(name)
+    return "torch"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -274,3 +274,81 @@ def _backbone(text: str, path: str, layers: Layers, layout: str, input_shape, nu
     variables = _init(module, tuple(input_shape) if input_shape else (size, size, 3), True, (head,) if new_head else ())
     pairs = _pairs_by_name([n for n in _weighted(variables) if not (new_head and n == head)], layers, rename, path)
     return module, assign(variables, layers, pairs, path)
+
+
+class Filled(NamedTuple):
+    """What `fill` put in: the tensors loaded from the file, the variables left at their initial values
+    ('predictions/kernel', ...: normally the head), and the file's layout."""
+
+    loaded: int
+    left: list[str]
+    layout: str
+
+
+def fill(name_or_specs: str | Sequence[str] | None, variables: dict, path: str, head: str | None = None,
+         source: tuple[Layers, str] | None = None) -> tuple[dict, Filled]:
+    """An initialised model's `variables` with a weight file's tensors put in, and what was loaded.
+
+    `name_or_specs` says how the file's layers are found: a backbone preset
+    (its per-source names), a Sequential's layer specs (a legacy file's
+    layers by place, as Keras loads them, else by name), or None for your own
+    module (by name). The `head` layer alone may be missing from the file or
+    differ in shape (another class count): it then keeps its initial values.
+    Any other layer that is missing or does not fit is a ConfigError naming
+    it. `source` is the file's (layers, layout) when already read (a cnn
+    workdir's checkpoint); otherwise `read(path)` reads it.
+    """
+    path = os.fspath(path)
+    layers, layout = source or read(path)
+    pairs = _fill_pairs(name_or_specs, variables, layers, layout, path, head)
+    kept = [(ours, theirs) for ours, theirs in pairs if ours != head or _fits(variables, layers, ours, theirs)]
+    done = dict(kept)
+    left = [f"{name}/{'/'.join(keys)}" for name in _weighted(variables) if name not in done
+            for _, keys, _ in _leaves(variables, name)]
+    return assign(variables, layers, kept, path), Filled(sum(len(layers[t]) for _, t in kept), left, layout)
+
+
+def as_layers(variables: dict) -> Layers:
+    """A model's own variables as a weight file's layers (a cnn checkpoint, for `fill`'s `source`)."""
+    return {name: [np.asarray(v) for _, _, v in _leaves(variables, name)] for name in _weighted(variables)}
+
+
+def _fill_pairs(name_or_specs, variables: dict, layers: Layers, layout: str, path: str, head: str | None) -> list:
+    """(model layer, file layer) for every weighted layer of the model but a head the file lacks."""
+    ours, rename = _weighted(variables), (lambda n: n)
+    if isinstance(name_or_specs, str):  # a backbone: the names of the file's source
+        name, kwargs = presets.parse(name_or_specs, "model.preset")
+        backbone, source = backbones_lib.BACKBONES[name], SOURCES.get(layout, layout)
+        how = backbone.sources.get(source)
+        if how is None:
+            raise ConfigError(f"weight file {path!r}: cnn reads no {source} weight file for {name} (it reads "
+                              f"{' and '.join(backbone.sources)} files for it)")
+        style = kwargs.get("style", getattr(backbone.module, "style", None))
+        if how.style is not None and style != how.style:
+            raise ConfigError(f"weight file {path!r} holds {source} weights, which fit {name}(style={how.style!r}), "
+                              f"not style={style!r}: set model.preset=\"{name}(style={how.style!r})\"")
+        rename = how.rename
+    elif name_or_specs is not None and not isinstance(name_or_specs, str):
+        ours = [n for n in parse_stack(tuple(name_or_specs))[2] if n in ours]
+        if layout == "legacy":  # by place, a head past the file's end left out
+            if head == ours[-1] and len(layers) == len(ours) - 1:
+                ours = ours[:-1]
+            if len(layers) != len(ours):
+                raise ConfigError(f"weight file {path!r} has {len(layers)} layers with weights, the model "
+                                  f"{len(ours)}: the file is for another model")
+            return list(zip(ours, layers))
+    if head is not None and not any(k == rename(head) or re.fullmatch(re.escape(rename(head)) + r"_\d+", k)
+                                    for k in layers):
+        ours = [n for n in ours if n != head]
+    return _pairs_by_name(ours, layers, rename, path)
+
+
+def _fits(variables: dict, layers: Layers, ours: str, theirs: str) -> bool:
+    """Whether the file's arrays of a layer have the model layer's count and shapes (a depthwise kernel's
+    reshaping aside)."""
+    leaves, arrays = _leaves(variables, ours), layers[theirs]
+    try:
+        return len(leaves) == len(arrays) and all(_fit(a, t, theirs) is not None
+                                                  for (_, _, t), a in zip(leaves, arrays))
+    except ConfigError:
+        return False

@@ -120,6 +120,15 @@ class Checkpoints:
             return restored, EpochSums(**arrays["epoch_sums"])
         return None
 
+    def newest_variables(self) -> dict | None:
+        """The newest checkpoint's params and batch_stats as saved, with no model to give their structure (a warm
+        start of another run: cnn.train.finetune); None if there is no checkpoint."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        arrays = self._manager.restore(step)
+        return {"params": arrays["params"], "batch_stats": arrays["batch_stats"]}
+
     def _check_model(self, step: int, saved: dict, target: dict) -> None:
         """Refuses a checkpoint made by a different model, naming the shapes that differ."""
         saved_shapes = {**_shapes(saved.get("params", {})), **_shapes(saved.get("batch_stats", {}))}

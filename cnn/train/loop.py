@@ -133,7 +133,7 @@ def train_epoch(training: Training, state: TrainState, sums: EpochSums, epoch: i
             chunk = next(chunks)
             chunk_start = sharding.put_replicated(np.int32(steps_before + batch), training.mesh)
             input_seconds += time.time() - began
-        state, sums, loss = training.train_fn(state, sums, chunk, chunk_start)
+        state, sums, loss = training.step_fn(epoch)(state, sums, chunk, chunk_start)
         if first_step_end is None:
             jax.block_until_ready(loss)
             first_step_end = time.time()

@@ -7,14 +7,45 @@ import ml_collections
 import optax
 
 from cnn.errors import ConfigError
+import cnn.models.head as head_lib
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int
-                   ) -> optax.GradientTransformation:
-    """SGD, Adam or AdamW, with a constant rate or warmup-cosine cycles (one per span between restarts)."""
+def make_optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int, head: str | None = None,
+                   freeze_epochs: int = 0) -> optax.GradientTransformation:
+    """SGD, Adam or AdamW, with a constant rate or warmup-cosine cycles (one per span between restarts).
+
+    With a `head` (the layer cnn.models.head names; a fine-tuning run) the
+    rest of the model, the backbone, gets its own copy of the optimizer
+    (optax.multi_transform): its whole update (momentum, Adam's moments and
+    weight decay included) scaled by `opt.backbone_lr_scale`, which is the
+    same as scaling its learning rate; and for the first `freeze_epochs`
+    epochs a zero update with its state left as it was, so frozen weights and
+    their momentum do not move. The optimizer's own step count decides the
+    phase, so a resumed run switches at the same step. A scale of 0 freezes
+    the backbone throughout.
+    """
+    scale = opt.get("backbone_lr_scale", 1.0)
+    if head is None or (scale == 1.0 and not freeze_epochs):
+        return _optimizer(opt, steps_per_epoch, num_epochs)
+    freeze_steps = freeze_epochs * steps_per_epoch
+    if scale == 0:
+        backbone = optax.set_to_zero()
+    else:  # its schedule is read at the global step, though its own count starts when it thaws
+        backbone = optax.chain(_optimizer(opt, steps_per_epoch, num_epochs, shift=freeze_steps), optax.scale(scale))
+        if freeze_steps:
+            backbone = optax.transforms.conditionally_mask(backbone, lambda count: count >= freeze_steps)
+    return optax.multi_transform({"head": _optimizer(opt, steps_per_epoch, num_epochs), "backbone": backbone},
+                                 lambda params: head_lib.labels(params, head))
+
+
+def _optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int, shift: int = 0
+               ) -> optax.GradientTransformation:
+    """make_optimizer's transformation for all parameters alike; its schedule read `shift` updates later."""
     # A constant rate stays a number: a schedule would add a step count to the optimizer state (and checkpoints).
     lr = learning_rate_schedule(opt, steps_per_epoch, num_epochs) if opt.schedule == "warmup_cosine" \
         else opt.learning_rate
+    if shift and callable(lr):
+        lr = lambda count, schedule=lr: schedule(count + shift)
     if opt.name == "adamw":
         return optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
     tx = optax.adam(lr, b1=opt.b1, b2=opt.b2) if opt.name == "adam" else optax.sgd(

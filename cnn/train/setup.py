@@ -22,6 +22,7 @@ from cnn import data as data_lib
 from cnn import kernels, models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
+import cnn.train.finetune as finetune
 from cnn.train.checkpoint import Checkpoints
 from cnn.train.monitor import check_recorded
 from cnn.train.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
@@ -49,10 +50,17 @@ class Training:
     eval_batch_size: int
     parts: int  # compiled calls per training step (train.micro_batch_size)
     train_fn: TrainStepFn  # compile_train_step's: (state, sums, chunk, chunk_start) -> (state, sums, loss)
+    frozen_fn: TrainStepFn | None  # the same while train.freeze_epochs keeps the backbone frozen; None if it never is
     eval_fn: Callable[[TrainState, dict], dict]  # compile_eval_step's: (state, batch) -> sums over the batch
     learning_rate: Callable[[int], float]  # the rate of update `count` (0: the first), computed on the host
     start: float  # when the process started (wall clock): logged times count from it
     lock: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)  # the workdir's, held
+    pretrained: str = ""  # the start-up line of a run from model.pretrained (cnn/train/finetune.py)
+
+    def step_fn(self, epoch: int) -> TrainStepFn:
+        """The compiled step of `epoch`: the frozen one for the first train.freeze_epochs epochs. The epoch, and so
+        the step count, decides, as it does in the optimizer: a run resumed mid-way switches at the same step."""
+        return self.frozen_fn if epoch <= self.config.train.get("freeze_epochs", 0) else self.train_fn
 
     def log(self, *args, **kwargs) -> None:
         """print(), flushed, in the process that writes files; nothing in the others."""
@@ -76,7 +84,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     writes_files = jax.process_index() == 0
     if writes_files:
         workdir_lib.refuse_if_in_use(workdir)  # before minutes of data loading
-    config, dataset, model, loss, mesh, eval_batch_size, state = _plan(config, dataset, model)
+    config, dataset, model, loss, mesh, eval_batch_size, state, pretrained = _plan(config, dataset, model)
     with workdir_lib.removed_if_refused(workdir) if writes_files else contextlib.nullcontext(), \
             contextlib.ExitStack() as lock:  # the lock is released here if setting up fails
         if writes_files:  # one lock per run, however many processes
@@ -85,13 +93,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
             check_same_config(workdir, config)
         training, state, sums = _build(config, workdir, dataset, model, loss, mesh, eval_batch_size, state,
                                        writes_files, start)
-        training = dataclasses.replace(training, lock=lock.pop_all())
+        training = dataclasses.replace(training, lock=lock.pop_all(), pretrained=pretrained)
     return training, state, sums
 
 
 def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, model: nn.Module | None) -> tuple:
     """Everything that can be refused without touching the workdir: the data, the model against it, the mesh
-    against the batch sizes, and the fresh state. `config` comes back with compute_dtype='auto' resolved."""
+    against the batch sizes, and the fresh state (with model.pretrained's weights; and its start-up line). `config`
+    comes back with compute_dtype='auto' and the pretrained weights' data.preprocessing resolved."""
     settings = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
@@ -105,9 +114,11 @@ def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, m
         config.train.compute_dtype = kernels.compute_dtype(settings.compute_dtype, settings.kernels, platform)
     kernels.check(settings.kernels, config.train.compute_dtype, platform)
     steps_per_epoch = len(dataset.train) // settings.batch_size
-    tx = make_optimizer(config.optimizer, steps_per_epoch, settings.num_epochs)
+    head = finetune.head(config, model, dataset.input_shape)
+    tx = make_optimizer(config.optimizer, steps_per_epoch, settings.num_epochs, head, settings.get("freeze_epochs", 0))
     state = create_state(model, tx, dataset.input_shape, config.seed, settings.kernels, platform)
-    return config, dataset, model, loss, mesh, eval_batch_size, state
+    config, state, pretrained = finetune.start(config, model, state, head)
+    return config, dataset, model, loss, mesh, eval_batch_size, state, pretrained
 
 
 def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -139,12 +150,15 @@ def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Da
         settings.batch_size, mesh, kernels.whole_batch(settings.kernels, settings.compute_dtype, platform))
     sharding.check_batch("train.micro_batch_size", micro_batch_size, mesh)
     recipe = Recipe.from_config(config, loss)
+    frozen = dataclasses.replace(recipe, frozen=True)
     parts = settings.batch_size // micro_batch_size
     training = Training(
         config=config, workdir=workdir, writes_files=writes_files, dataset=dataset, model=model, recipe=recipe,
         mesh=mesh, checkpoints=checkpoints, resumed=restored is not None, steps_per_epoch=steps_per_epoch,
         steps_per_chunk=data_lib.chunk_steps(dataset.train, settings.batch_size, steps_per_epoch),
-        eval_batch_size=eval_batch_size, parts=parts, train_fn=compile_train_step(mesh, parts, recipe),
+        eval_batch_size=eval_batch_size, parts=parts,
+        train_fn=compile_train_step(mesh, parts, frozen if finetune.frozen_throughout(config) else recipe),
+        frozen_fn=compile_train_step(mesh, parts, frozen) if settings.get("freeze_epochs", 0) else None,
         eval_fn=compile_eval_step(mesh, recipe), start=start,
         learning_rate=functools.partial(host_learning_rate,
                                         learning_rate_schedule(config.optimizer, steps_per_epoch, settings.num_epochs)))
@@ -182,6 +196,8 @@ def announce(training: Training, state: TrainState) -> None:
                  f"{mesh.size} {platform} device(s){processes}{parts}; loss {training.recipe.loss}{dtype}{onednn}"
                  + (f"; inputs scaled as {training.recipe.preprocessing!r} weights expect (data.preprocessing)"
                     if training.recipe.preprocessing else ""))
+    if training.pretrained and not training.resumed:
+        training.log(training.pretrained)
     if training.resumed:
         step = int(jax.device_get(state.step))
         training.log(f"resuming from the checkpoint at step {step} (epoch {step // training.steps_per_epoch + 1}, "

@@ -41,6 +41,10 @@ class Recipe:
     std: tuple[float, ...] | None = None
     augmentation: Augmentation = Augmentation()
     preprocessing: str | None = None  # data.preprocessing: a Keras preprocess_input mode instead of mean/std
+    # The backbone is frozen (train.freeze_epochs, optimizer.backbone_lr_scale=0): training runs the model in
+    # inference mode, batch norm on its moving statistics (and leaving them) and no dropout, as Keras's
+    # transfer-learning guide runs a frozen base model; the optimizer leaves the backbone's weights.
+    frozen: bool = False
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, loss: str) -> "Recipe":
@@ -101,7 +105,7 @@ def part_gradients(state: TrainState, batch: dict[str, jax.Array], batch_stats: 
 
     def loss_fn(params):
         variables = recipe.cast({"params": params, **({"batch_stats": batch_stats} if batch_stats else {})})
-        logits, updates = state.apply_fn(variables, x, train=True, logits=True, mutable=["batch_stats"],
+        logits, updates = state.apply_fn(variables, x, train=not recipe.frozen, logits=True, mutable=["batch_stats"],
                                          rngs={"dropout": rng})
         per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
         return per_example.mean(), (correct.mean(), updates)
