@@ -65,7 +65,8 @@ def load_run(workdir: str, model: nn.Module | None = None) -> TrainResult:
     tx = make_optimizer(config.optimizer, 1, config.train.num_epochs)
     checkpoints = Checkpoints(workdir)
     try:
-        restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels))
+        restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels,
+                                                    ema_decay=config.train.get("ema_decay", 0.0)))
     finally:
         checkpoints.close()
     if restored is None:  # every one was damaged, and set aside
