@@ -49,7 +49,7 @@ class TrainState(train_state.TrainState):
         new = super().apply_gradients(grads=grads, **kwargs)
         if self.ema_params is None:
             return new
-        t = self.step.astype(jnp.float32)
+        t = jnp.asarray(self.step, jnp.float32)
         decay = jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, self.ema_params, new.params)
         return new.replace(ema_params=ema)
