@@ -7,7 +7,7 @@ over the seeds) and its difference from the base recipe, with the CPU and
 the date; the table is also appended to docs/benchmarks/<date>-<cpu>.md
 (`--no_record` skips that). About half an hour on two cores.
 
-    python experiments/recipes.py --manual_dir=../shared/datasets/fashion_mnist
+    python experiments/recipes.py --manual_dir=DIR
     python experiments/recipes.py --manual_dir=DIR --epochs 1 --seeds 1 --tricks base,mixup --train_subset 2000
 
 `--manual_dir` is a folder holding Fashion-MNIST's four IDX archives (read
