@@ -396,9 +396,10 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     require(isinstance(t.get("pictures", True), bool), "train.pictures", t.get("pictures"), "True or False")
     require(t.get("kernels", "auto") in KERNELS, "train.kernels", t.get("kernels"), f"one of {', '.join(KERNELS)}")
     weights = t.get("class_weights")
-    require(weights is None or weights == "balanced" or (isinstance(weights, (tuple, list)) and len(weights) > 0 and all(
-        isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)),
-        "train.class_weights", weights, "None, 'balanced' or a tuple of one weight >= 0 per class")
+    listed = isinstance(weights, (tuple, list)) and len(weights) > 0 and all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)
+    require(weights is None or weights == "balanced" or listed, "train.class_weights", weights,
+            "None, 'balanced' or a tuple of one weight >= 0 per class")
     _number(t.get("ema_decay", 0.0), "train.ema_decay", 0, 1, "a number in [0, 1) such as 0.999 (0: off)")
 
 

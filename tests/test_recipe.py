@@ -329,7 +329,8 @@ def test_recipe_fields_are_checked_in_one_line_and_change_what_a_step_computes()
             ({"train__ema_decay": 1.0}, "train.ema_decay=1.0 is not valid"),
             ({"optimizer__clip_norm": -1.0}, "optimizer.clip_norm=-1.0 is not valid"),
             ({"optimizer__name": "adamax"}, "optimizer.name='adamax' is not valid"),
-            ({"optimizer__boundaries_epochs": (2,)}, "optimizer.boundaries_epochs=(2,) needs optimizer.schedule='step'"),
+            ({"optimizer__boundaries_epochs": (2,)},
+             "optimizer.boundaries_epochs=(2,) needs optimizer.schedule='step'"),
             ({"optimizer__decay_factor": 0.0}, "optimizer.decay_factor=0.0 is not valid")]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
             config_lib.validate(_digits(**fields))
