@@ -23,8 +23,9 @@ from cnn.errors import ConfigError, int_at_least, is_int, require
 __all__ = ["ConfigError", "RERUN_MAY_CHANGE", "base_config", "call_file", "changed_fields", "check_fields", "file_error",
            "load_config", "run_file", "unknown_field", "validate"]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "warmup_cosine")
+# optax's optimizers of these names (muon from optax.contrib); cnn/train/optimizer.py builds them.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "lamb", "lion", "rmsprop", "adagrad", "adafactor", "muon")
+SCHEDULES = ("constant", "warmup_cosine", "step", "one_cycle", "linear", "exponential")
 COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 PAD_MODES = ("constant", "reflect")
 LOSS_NAMES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy")  # cnn.losses.LOSSES: what each one computes
@@ -111,6 +112,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_padding = 0
     c.data.pad_mode = "constant"
     c.data.flip = False
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019), inside the
+    # compiled step after the crop and flip: each example is blended with
+    # (mixup), or has a random box pasted from (cutmix), its partner in the
+    # batch reversed, with its own ratio drawn from Beta(alpha, alpha); its
+    # target becomes the same blend of the two one-hot labels. 0.0: off. With
+    # both on, each step uses one of them, chosen at random (as timm does).
+    c.data.mixup_alpha = 0.0
+    c.data.cutmix_alpha = 0.0
     # Text sets: words kept in the vocabulary (built from the training split;
     # ids 0 and 1 are padding and unknown words), and the ids per text (longer
     # texts are cut, shorter padded; None: 256). max_length is also the
@@ -158,17 +167,30 @@ def base_config() -> ml_collections.ConfigDict:
     # 'auto': sigmoid binary cross-entropy for one output unit, softmax
     # cross-entropy otherwise.
     c.loss = "auto"
+    # Label smoothing for training: the target of class k becomes
+    # (1 - s) * onehot + s / classes (a one-unit sigmoid head counts two
+    # classes, so its target moves toward 0.5). 0.0: off.
+    c.loss_label_smoothing = 0.0
 
     c.optimizer = ml_collections.ConfigDict()
+    # One of OPTIMIZERS above: optax's function of that name.
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 0.1
     c.optimizer.momentum = 0.9  # sgd only; 0 disables momentum
     c.optimizer.nesterov = False  # sgd only
-    c.optimizer.b1 = 0.9  # adam and adamw
-    c.optimizer.b2 = 0.999  # adam and adamw
-    c.optimizer.weight_decay = 0.0  # decoupled for adamw, added to grads else
+    c.optimizer.b1 = 0.9  # adam, adamw and nadam
+    c.optimizer.b2 = 0.999  # adam, adamw and nadam
+    # Decoupled for the optimizers that take weight_decay (adamw, lamb, lion,
+    # muon), added to the gradients for the others.
+    c.optimizer.weight_decay = 0.0
+    # 'constant', 'warmup_cosine' (warmup_epochs up, cosine down, restarts
+    # at restart_epochs), 'step' (times decay_factor at boundaries_epochs),
+    # 'one_cycle' (optax's cosine one-cycle: from learning_rate/25 up to
+    # learning_rate over warmup_epochs, or 30% of the run if 0, then down
+    # to learning_rate/2.5e5), 'linear' (down to 0 at the end of the run) or
+    # 'exponential' (times decay_factor per epoch).
     c.optimizer.schedule = "constant"
-    c.optimizer.warmup_epochs = 0.0  # warmup_cosine only
+    c.optimizer.warmup_epochs = 0.0  # warmup_cosine and one_cycle
     # warmup_cosine only: epochs at which the schedule starts a new warmup
     # and cosine cycle (warm restarts, Loshchilov & Hutter 2017), e.g. (1,)
     # for a one-epoch cycle that anneals early, then one to train.num_epochs.
@@ -178,6 +200,19 @@ def base_config() -> ml_collections.ConfigDict:
     # With model.pretrained: the learning rate of every layer but the head,
     # relative to the head's (0 freezes them, as train.freeze_epochs does).
     c.optimizer.backbone_lr_scale = 1.0
+    # 'step' only: epochs at which the rate is multiplied by decay_factor,
+    # e.g. (30, 60). 'exponential' multiplies it by decay_factor per epoch,
+    # continuously (so 0.9 there, not 0.1).
+    c.optimizer.boundaries_epochs = ()
+    c.optimizer.decay_factor = 0.1
+    # Clip the gradients to this global norm before the optimizer (0: off).
+    c.optimizer.clip_norm = 0.0
+    # More keyword arguments of the optax optimizer, checked against its
+    # signature, e.g. {'eps': 1e-6} for adam or {'b2': 0.98} for lion;
+    # learning_rate and weight_decay come from the fields above, and so do
+    # momentum and nesterov for sgd, b1 and b2 for adam, adamw and nadam.
+    # From the command line: --config.optimizer.args="{'b2': 0.98}".
+    c.optimizer.args = ml_collections.ConfigDict()
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 10
@@ -228,6 +263,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.monitor = "test_accuracy"
     c.train.keep_best = False
     c.train.early_stopping_patience = 0
+    # Weights of the classes in the training loss: None (all 1), 'balanced'
+    # (n_samples / (n_classes * count of the class) over the training labels,
+    # as scikit-learn's compute_class_weight) or one number per class. Each
+    # example's loss is multiplied by its class's weight and the batch's loss
+    # is their sum divided by the batch size (Keras's class_weight does the
+    # same); test_loss stays unweighted.
+    c.train.class_weights = config_dict.placeholder(object)
+    # Exponential moving average of the parameters, updated after every step
+    # with decay min(ema_decay, (1 + t) / (10 + t)) at update t (warming up
+    # as TensorFlow's and timm's do); evaluation, prediction, pictures and
+    # exports use the average. Batch-norm statistics are the trained ones.
+    # 0: off.
+    c.train.ema_decay = 0.0
     return c
 
 
@@ -312,11 +360,15 @@ def check_fields(config: ml_collections.ConfigDict, keys: Iterable[str], where: 
             raise ConfigError(f"{where}{key}: {problem}")
 
 
+# Fields whose value is a free-form dict: compared whole, so a key set in one config and not the other counts.
+_DICT_FIELDS = ("optimizer.args",)
+
+
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     """{'train.batch_size': 128, ...} from a nested dict, as JSON has it (tuples are lists)."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in _DICT_FIELDS:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -350,6 +402,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every scalar field; layer specs and presets are checked by cnn.models, datasets where loaded."""
     require(is_int(config.seed), "seed", config.seed, "an integer")
     require(config.loss in LOSSES, "loss", config.loss, f"one of {', '.join(LOSSES)}")
+    _number(config.get("loss_label_smoothing", 0.0), "loss_label_smoothing", 0, 1, "a number in [0, 1) such as 0.1")
     _validate_train(config.train)
     _validate_optimizer(config.optimizer, config.train.num_epochs)
     _validate_data(config.data)
@@ -394,6 +447,12 @@ def _validate_train(t: ml_collections.ConfigDict) -> None:
     require(isinstance(t.get("keep_best", False), bool), "train.keep_best", t.get("keep_best"), "True or False")
     int_at_least(t.get("early_stopping_patience", 0), "train.early_stopping_patience", 0,
                  "0 (off) or a positive number of epochs")
+    weights = t.get("class_weights")
+    listed = isinstance(weights, (tuple, list)) and len(weights) > 0 and all(
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights)
+    require(weights is None or weights == "balanced" or listed, "train.class_weights", weights,
+            "None, 'balanced' or a tuple of one weight >= 0 per class")
+    _number(t.get("ema_decay", 0.0), "train.ema_decay", 0, 1, "a number in [0, 1) such as 0.999 (0: off)")
 
 
 def _validate_optimizer(o: ml_collections.ConfigDict, num_epochs: int) -> None:
@@ -414,6 +473,39 @@ def _validate_optimizer(o: ml_collections.ConfigDict, num_epochs: int) -> None:
     if restarts and o.schedule != "warmup_cosine":
         raise ConfigError(f"optimizer.restart_epochs={tuple(restarts)} needs optimizer.schedule='warmup_cosine' "
                           f"(now {o.schedule!r}); set it, or set restart_epochs=()")
+    _validate_recipe_optimizer(o)
+
+
+# The fields each optimizer reads besides learning_rate and weight_decay (cnn/train/optimizer.py); the others take
+# their hyperparameters from optimizer.args.
+OPTIMIZER_FIELDS = {"sgd": ("momentum", "nesterov"), "adam": ("b1", "b2"), "adamw": ("b1", "b2"), "nadam": ("b1", "b2")}
+
+
+def _validate_recipe_optimizer(o: ml_collections.ConfigDict) -> None:
+    """The fields of optax's wider optimizer set and schedules: clip_norm, args, boundaries_epochs, decay_factor."""
+    _number(o.get("clip_norm", 0.0), "optimizer.clip_norm", 0, float("inf"), "a number >= 0 (0: off)")
+    factor = o.get("decay_factor", 0.1)
+    require(isinstance(factor, numbers.Real) and not isinstance(factor, bool) and 0 < factor < float("inf"),
+            "optimizer.decay_factor", factor, "a positive number such as 0.1 ('step') or 0.9 ('exponential')")
+    bounds = o.get("boundaries_epochs", ())
+    require(isinstance(bounds, (tuple, list)) and all(
+        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 < e < float("inf") for e in bounds)
+        and list(bounds) == sorted(set(bounds)), "optimizer.boundaries_epochs", bounds,
+        "increasing positive epochs such as (30, 60), or ()")
+    if bounds and o.schedule != "step":
+        raise ConfigError(f"optimizer.boundaries_epochs={tuple(bounds)} needs optimizer.schedule='step' (now "
+                          f"{o.schedule!r}); set it, or set boundaries_epochs=()")
+    args = o.get("args", {})
+    require(hasattr(args, "keys") and all(isinstance(k, str) for k in args.keys()), "optimizer.args", args,
+            "a dict of keyword arguments of the optax optimizer, such as {'eps': 1e-6}")
+    defaults = base_config().optimizer
+    for field in ("momentum", "nesterov", "b1", "b2"):  # sgd, adam and adamw ignore the others' fields, as before
+        if o.name not in ("sgd", "adam", "adamw") and o[field] != defaults[field] \
+                and field not in OPTIMIZER_FIELDS.get(o.name, ()):
+            readers = [name for name, fields in OPTIMIZER_FIELDS.items() if field in fields]
+            raise ConfigError(f"optimizer.{field}={o[field]!r} is read by {', '.join(readers)} only; for "
+                              f"optimizer.name={o.name!r} pass it in optimizer.args (e.g. optimizer.args="
+                              f"{{{field!r}: {o[field]!r}}}) if optax.{o.name} takes it")
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:
@@ -444,6 +536,8 @@ def _validate_data(d: ml_collections.ConfigDict) -> None:
     int_at_least(d.crop_padding, "data.crop_padding", 0, "0 (no random crop) or a positive integer")
     require(d.pad_mode in PAD_MODES, "data.pad_mode", d.pad_mode, f"one of {', '.join(PAD_MODES)}")
     require(isinstance(d.flip, bool), "data.flip", d.flip, "True or False")
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        _number(d.get(field, 0.0), f"data.{field}", 0, float("inf"), "a number >= 0 such as 0.2 (0: off)")
     int_at_least(d.vocab_size, "data.vocab_size", 3, "an integer >= 3 (ids 0 and 1 are padding and unknown words)")
     if d.max_length is not None:
         int_at_least(d.max_length, "data.max_length", 1, "a positive integer, or None")

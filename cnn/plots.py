@@ -174,8 +174,9 @@ def filters(run: TrainResult, max_filters: int = 64) -> Figure:
         fig.suptitle("this model has no convolution layer")
         return fig
     name = "/".join(convs[0])
-    kernel = np.asarray(jax.device_get(functools.reduce(lambda tree, key: tree[key], convs[0], run.state.params)
-                                       ["kernel"]), np.float32)
+    params = run.state.variables()["params"]  # the moving average, when the run kept one: what it predicts with
+    kernel = np.asarray(jax.device_get(functools.reduce(lambda tree, key: tree[key], convs[0], params)["kernel"]),
+                        np.float32)
     if kernel.ndim == 3:  # Conv1D: (taps, in, filters)
         return _filter_rows(name, kernel)
     count = kernel.shape[-1]

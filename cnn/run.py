@@ -75,7 +75,8 @@ def load_run(workdir: str, model: nn.Module | None = None, checkpoint: str = "au
     tx = make_optimizer(config.optimizer, 1, config.train.num_epochs, head, config.train.get("freeze_epochs", 0))
     checkpoints = Checkpoints(workdir, folder=workdir_lib.BEST if best else workdir_lib.CHECKPOINTS)
     try:
-        restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels))
+        restored = checkpoints.restore(create_state(model, tx, input_shape, config.seed, config.train.kernels,
+                                                    ema_decay=config.train.get("ema_decay", 0.0)))
     finally:
         checkpoints.close()
     if restored is None:  # every one was damaged, and set aside

@@ -31,7 +31,7 @@ def test_digits_with_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--config.data.name=eurosat/rgbb"], "data.name='eurosat/rgbb': BuilderConfig rgbb not found"),
-    (["--config.optimizer.name=rmsprop"], "optimizer.name='rmsprop' is not valid: expected one of sgd, adam, adamw"),
+    (["--config.optimizer.name=adamax"], "optimizer.name='adamax' is not valid: expected one of sgd, adam, adamw, nadam,"),
     (["--config.train.batch_size=5000"], "train.batch_size=5000 is larger than the digits training split (1437"),
     (["--config.model.layers=('Conv2D(8, 3)', 'MaxPooling2D(30)', 'Flatten()', 'Dense(10)')"],
      "model.layers[1]='MaxPooling2D(30)': MaxPooling2D has a window of (30, 30)"),

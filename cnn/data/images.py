@@ -73,24 +73,94 @@ def augment(images: jax.Array, rng: jax.Array, crop_padding: int = 0, flip: bool
     return images
 
 
+def mix(inputs: jax.Array, labels: jax.Array, rng: jax.Array, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0
+        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Mixup or CutMix of a float batch: (mixed inputs, (partner labels, ratio per example)).
+
+    Example i's partner is example n-1-i (the batch reversed, as timm does),
+    and its ratio r_i, its own label's share of the target, is drawn from
+    Beta(alpha, alpha). Mixup blends the inputs: r_i * x_i + (1 - r_i) *
+    x_partner. CutMix pastes a box of the partner covering about 1 - r_i of
+    the image, at a random centre and clipped at the borders; r_i becomes the
+    share left uncovered. With both alphas > 0 one of the two is chosen per
+    call (per step), each with probability 0.5.
+    """
+    n = inputs.shape[0]
+    partners, partner_labels = inputs[::-1], labels[::-1]
+    choose_rng, mixup_rng, cutmix_rng = jax.random.split(rng, 3)
+    mixed = []
+    if mixup_alpha:
+        ratio = jax.random.beta(mixup_rng, mixup_alpha, mixup_alpha, (n,))
+        r = ratio.reshape((n,) + (1,) * (inputs.ndim - 1)).astype(inputs.dtype)
+        mixed.append((r * inputs + (1 - r) * partners, ratio))
+    if cutmix_alpha:
+        mixed.append(_cutmix(inputs, partners, cutmix_rng, cutmix_alpha))
+    (x, ratio), *other = mixed
+    if other:
+        use_cutmix = jax.random.bernoulli(choose_rng)
+        x, ratio = jax.tree_util.tree_map(lambda a, b: jnp.where(use_cutmix, b, a), (x, ratio), other[0])
+    return x, (partner_labels, ratio)
+
+
+def _cutmix(images: jax.Array, partners: jax.Array, rng: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """CutMix of an NHWC batch with its partners, a box per example (timm's rand_bbox, per example)."""
+    n, height, width = images.shape[:3]
+    ratio_rng, y_rng, x_rng = jax.random.split(rng, 3)
+    cut = jnp.sqrt(1.0 - jax.random.beta(ratio_rng, alpha, alpha, (n,)))
+    half_h, half_w = (cut * height).astype(jnp.int32) // 2, (cut * width).astype(jnp.int32) // 2
+    cy, cx = jax.random.randint(y_rng, (n,), 0, height), jax.random.randint(x_rng, (n,), 0, width)
+    top, bottom = jnp.clip(cy - half_h, 0, height), jnp.clip(cy + half_h, 0, height)
+    left, right = jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width)
+    rows, cols = jnp.arange(height), jnp.arange(width)
+    in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < right[:, None])
+    box = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+    covered = ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
+    return jnp.where(box, partners, images), 1.0 - covered
+
+
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """The training augmentation a config asks for (data.crop_padding, data.flip, data.pad_mode)."""
+    """The training augmentation a config asks for: crop and flip of the uint8 images (data.crop_padding,
+    data.flip, data.pad_mode), then mixup or cutmix of the scaled inputs (data.mixup_alpha, data.cutmix_alpha)."""
 
     crop_padding: int = 0
     flip: bool = False
     pad_mode: str = "constant"
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
     @classmethod
     def from_config(cls, data: ml_collections.ConfigDict) -> "Augmentation":
-        return cls(int(data.crop_padding), bool(data.flip), str(data.pad_mode))
+        return cls(int(data.crop_padding), bool(data.flip), str(data.pad_mode),
+                   float(data.get("mixup_alpha", 0.0)), float(data.get("cutmix_alpha", 0.0)))  # .get: older runs
 
     @property
     def active(self) -> bool:
         return bool(self.crop_padding or self.flip)
 
+    @property
+    def mixes(self) -> bool:
+        return bool(self.mixup_alpha or self.cutmix_alpha)
+
     def __call__(self, images: jax.Array, rng: jax.Array) -> jax.Array:
         return augment(images, rng, self.crop_padding, self.flip, self.pad_mode) if self.active else images
+
+    def mix(self, inputs: jax.Array, labels: jax.Array, rng: jax.Array
+            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """`mix` of the scaled inputs if mixup or cutmix is on; else the inputs unchanged and no mix."""
+        if not self.mixes:
+            return inputs, None
+        return mix(inputs, labels, rng, self.mixup_alpha, self.cutmix_alpha)
+
+    def check(self, dtype: np.dtype, ndim: int) -> None:
+        """Refuses mixing that the inputs cannot take: mixup of token ids, cutmix of anything but images."""
+        if self.mixup_alpha and np.issubdtype(dtype, np.integer) and dtype != np.uint8:
+            raise ConfigError(f"data.mixup_alpha={self.mixup_alpha}: token ids cannot be blended; set it to 0.0 "
+                              "for text data")
+        if self.cutmix_alpha and not (dtype == np.uint8 and ndim == 4):
+            raise ConfigError(f"data.cutmix_alpha={self.cutmix_alpha}: CutMix pastes boxes of images, and these "
+                              "inputs are not images; set it to 0.0 (data.mixup_alpha works for series)")
 
 
 def to_channels(images: np.ndarray, channels: int) -> np.ndarray:

@@ -5,7 +5,8 @@ so a process killed mid-save never leaves a checkpoint that looks valid; a
 save that fails (a full disk) raises before the older checkpoints are
 rotated out, so the newest good one stays.
 A checkpoint holds every array a step depends on (parameters, optimizer
-state, batch statistics, step, dropout key) plus the running sums of the
+state, batch statistics, step, dropout key, the parameters' moving average
+if one is kept) plus the running sums of the
 current epoch's metrics, so a resumed run continues bit for bit.
 """
 
@@ -29,9 +30,12 @@ from cnn.train.state import EpochSums
 
 
 def _arrays(state, epoch_sums: EpochSums) -> dict[str, Any]:
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "dropout_rng": jax.random.key_data(state.dropout_rng),
-            "epoch_sums": epoch_sums._asdict()}
+    arrays = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+              "opt_state": state.opt_state, "dropout_rng": jax.random.key_data(state.dropout_rng),
+              "epoch_sums": epoch_sums._asdict()}
+    if state.ema_params is not None:  # train.ema_decay > 0: the moving average resumes exactly too
+        arrays["ema_params"] = state.ema_params
+    return arrays
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -116,7 +120,8 @@ class Checkpoints:
                 continue
             restored = state.replace(step=arrays["step"], params=arrays["params"],
                                      batch_stats=arrays["batch_stats"], opt_state=arrays["opt_state"],
-                                     dropout_rng=jax.random.wrap_key_data(arrays["dropout_rng"]))
+                                     dropout_rng=jax.random.wrap_key_data(arrays["dropout_rng"]),
+                                     ema_params=arrays.get("ema_params"))
             return restored, EpochSums(**arrays["epoch_sums"])
         return None
 
@@ -130,7 +135,12 @@ class Checkpoints:
         return {"params": arrays["params"], "batch_stats": arrays["batch_stats"]}
 
     def _check_model(self, step: int, saved: dict, target: dict) -> None:
-        """Refuses a checkpoint made by a different model, naming the shapes that differ."""
+        """Refuses a checkpoint made by a different model, naming the shapes that differ (or with or without a
+        moving average of the parameters where the config asks otherwise)."""
+        if ("ema_params" in saved) != ("ema_params" in target):
+            raise ConfigError(f"train.ema_decay: the checkpoint at step {step} in {self.directory} was made "
+                              f"{'with' if 'ema_params' in saved else 'without'} a moving average of the parameters; "
+                              "use the train.ema_decay that made it, or a new --workdir")
         saved_shapes = {**_shapes(saved.get("params", {})), **_shapes(saved.get("batch_stats", {}))}
         wanted = {**_shapes(target["params"]), **_shapes(target["batch_stats"])}
         if saved_shapes == wanted:

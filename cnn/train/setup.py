@@ -19,7 +19,7 @@ import ml_collections
 
 from cnn import config as config_lib
 from cnn import data as data_lib
-from cnn import kernels, models, runtime, sharding
+from cnn import kernels, losses, models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 import cnn.train.finetune as finetune
@@ -84,23 +84,24 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     writes_files = jax.process_index() == 0
     if writes_files:
         workdir_lib.refuse_if_in_use(workdir)  # before minutes of data loading
-    config, dataset, model, loss, mesh, eval_batch_size, state, pretrained = _plan(config, dataset, model)
+    config, dataset, model, recipe, mesh, eval_batch_size, state, pretrained = _plan(config, dataset, model)
     with workdir_lib.removed_if_refused(workdir) if writes_files else contextlib.nullcontext(), \
             contextlib.ExitStack() as lock:  # the lock is released here if setting up fails
         if writes_files:  # one lock per run, however many processes
             workdir_lib.check_writable(workdir)
             lock.enter_context(workdir_lib.hold(workdir))
             check_same_config(workdir, config)
-        training, state, sums = _build(config, workdir, dataset, model, loss, mesh, eval_batch_size, state,
+        training, state, sums = _build(config, workdir, dataset, model, recipe, mesh, eval_batch_size, state,
                                        writes_files, start)
         training = dataclasses.replace(training, lock=lock.pop_all(), pretrained=pretrained)
     return training, state, sums
 
 
 def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, model: nn.Module | None) -> tuple:
-    """Everything that can be refused without touching the workdir: the data, the model against it, the mesh
-    against the batch sizes, and the fresh state (with model.pretrained's weights; and its start-up line). `config`
-    comes back with compute_dtype='auto' and the pretrained weights' data.preprocessing resolved."""
+    """Everything that can be refused without touching the workdir: the data, the model against it, the recipe
+    (class weights, mixing) against the data, the mesh against the batch sizes, and the fresh state (with
+    model.pretrained's weights; and its start-up line). `config` comes back with compute_dtype='auto' and the
+    pretrained weights' data.preprocessing resolved."""
     settings = config.train
     dataset = data_lib.load_dataset(config.data, config.seed) if dataset is None else \
         data_lib.conform(dataset, config.data)
@@ -113,12 +114,17 @@ def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, m
         config = config.copy_and_resolve_references()
         config.train.compute_dtype = kernels.compute_dtype(settings.compute_dtype, settings.kernels, platform)
     kernels.check(settings.kernels, config.train.compute_dtype, platform)
+    class_weights = losses.resolve_class_weights(settings.get("class_weights"), dataset.train.labels,
+                                                 dataset.num_classes)
+    Recipe.from_config(config, loss).augmentation.check(dataset.train.images.dtype, dataset.train.images.ndim)
     steps_per_epoch = len(dataset.train) // settings.batch_size
     head = finetune.head(config, model, dataset.input_shape)
     tx = make_optimizer(config.optimizer, steps_per_epoch, settings.num_epochs, head, settings.get("freeze_epochs", 0))
-    state = create_state(model, tx, dataset.input_shape, config.seed, settings.kernels, platform)
+    state = create_state(model, tx, dataset.input_shape, config.seed, settings.kernels, platform,
+                         settings.get("ema_decay", 0.0))
     config, state, pretrained = finetune.start(config, model, state, head)
-    return config, dataset, model, loss, mesh, eval_batch_size, state, pretrained
+    recipe = Recipe.from_config(config, loss, class_weights)  # after start: it may set data.preprocessing
+    return config, dataset, model, recipe, mesh, eval_batch_size, state, pretrained
 
 
 def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -135,7 +141,7 @@ def check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Dataset, model: models.Sequential,
-           loss: str, mesh: jax.sharding.Mesh, eval_batch_size: int, state: TrainState, writes_files: bool,
+           recipe: Recipe, mesh: jax.sharding.Mesh, eval_batch_size: int, state: TrainState, writes_files: bool,
            start: float) -> tuple[Training, TrainState, EpochSums]:
     """The plan with its compiled steps, and the first state and sums: from the workdir's newest intact checkpoint
     if it has one."""
@@ -149,7 +155,6 @@ def _build(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.Da
     micro_batch_size = settings.micro_batch_size or sharding.micro_batch_size(
         settings.batch_size, mesh, kernels.whole_batch(settings.kernels, settings.compute_dtype, platform))
     sharding.check_batch("train.micro_batch_size", micro_batch_size, mesh)
-    recipe = Recipe.from_config(config, loss)
     frozen = dataclasses.replace(recipe, frozen=True)
     parts = settings.batch_size // micro_batch_size
     training = Training(

@@ -11,13 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
 from cnn import kernels, models
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, optimizer) plus batch-norm statistics and the dropout key.
+    """Flax's TrainState (step, params, optimizer) plus batch-norm statistics, the dropout key and, with
+    train.ema_decay > 0, the exponential moving average of the parameters.
 
     `apply_fn` is the model's apply with the kernels training chose
     (cnn/kernels); how a step treats its batch (augmentation, scaling,
@@ -26,23 +28,44 @@ class TrainState(train_state.TrainState):
 
     batch_stats: Any
     dropout_rng: jax.Array
+    ema_params: Any = None  # None: no average kept (train.ema_decay=0)
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
     def variables(self, params: Any = None) -> dict:
-        """The variables `apply_fn` takes: these parameters (the state's own by default) and the batch statistics."""
-        out = {"params": self.params if params is None else params}
+        """The variables `apply_fn` takes: these parameters, by default the state's for inference (the moving
+        average when one is kept, else the trained ones), and the batch statistics. Evaluation, prediction,
+        pictures and exports all read the state's parameters through here."""
+        if params is None:
+            params = self.params if self.ema_params is None else self.ema_params
+        out = {"params": params}
         if self.batch_stats:
             out["batch_stats"] = self.batch_stats
         return out
 
+    def apply_gradients(self, *, grads: Any, **kwargs) -> "TrainState":
+        """Flax's update, then the moving average's: ema = d * ema + (1 - d) * params with the new parameters and
+        d = min(ema_decay, (1 + t) / (10 + t)) at update t (0 first), so early averages are not stuck near the
+        initial weights (TensorFlow's ExponentialMovingAverage with num_updates, timm's EMA warmup)."""
+        new = super().apply_gradients(grads=grads, **kwargs)
+        if self.ema_params is None:
+            return new
+        t = jnp.asarray(self.step, jnp.float32)
+        decay = jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, self.ema_params, new.params)
+        return new.replace(ema_params=ema)
+
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], seed: int,
-                 kernel_choice: str = "auto", platform: str | None = None) -> TrainState:
-    """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed."""
+                 kernel_choice: str = "auto", platform: str | None = None, ema_decay: float = 0.0) -> TrainState:
+    """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed; with
+    `ema_decay` > 0, a moving average starting at the initial parameters."""
     init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
     apply = kernels.apply_fn(models.adapt(model), kernel_choice, platform)  # a user's module under cnn's call
     variables = jax.jit(apply.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
+    ema = jax.tree_util.tree_map(jnp.copy, variables["params"]) if ema_decay else None  # its own buffers: donated
     return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng,
+                             ema_params=ema, ema_decay=float(ema_decay))
 
 
 class EpochSums(NamedTuple):

@@ -24,13 +24,14 @@ import numpy as np
 
 from cnn import losses, sharding
 from cnn.data.images import Augmentation, preprocess
-from cnn.losses import compute_loss
+from cnn.losses import compute_loss, training_loss
 from cnn.train.state import EpochSums, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How a step treats a batch besides running the model: augmentation, input scaling, compute dtype, loss.
+    """How a step treats a batch besides running the model: augmentation (mixing included), input scaling, compute
+    dtype, loss (with its label smoothing and class weights).
 
     Static (hashable): it is part of each compiled step, so another recipe compiles another step.
     """
@@ -45,19 +46,37 @@ class Recipe:
     # inference mode, batch norm on its moving statistics (and leaving them) and no dropout, as Keras's
     # transfer-learning guide runs a frozen base model; the optimizer leaves the backbone's weights.
     frozen: bool = False
+    label_smoothing: float = 0.0  # loss_label_smoothing
+    class_weights: tuple[float, ...] | None = None  # train.class_weights, one per class (losses.resolve_class_weights)
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, loss: str) -> "Recipe":
-        """The recipe of `config` (data.mean/std or data.preprocessing, augmentation, train.compute_dtype) with the
-        loss `check_head` chose."""
+    def from_config(cls, config: ml_collections.ConfigDict, loss: str,
+                    class_weights: tuple[float, ...] | None = None) -> "Recipe":
+        """The recipe of `config` (data.mean/std or data.preprocessing, augmentation, train.compute_dtype,
+        loss_label_smoothing) with the loss `check_head` chose and the resolved class weights."""
         data = config.data
         return cls(loss=loss, compute_dtype=config.train.compute_dtype,
                    mean=None if data.mean is None else tuple(data.mean),
                    std=None if data.std is None else tuple(data.std), augmentation=Augmentation.from_config(data),
-                   preprocessing=data.get("preprocessing"))  # absent from workdirs made before the field
+                   preprocessing=data.get("preprocessing"),  # absent from workdirs made before the field
+                   label_smoothing=float(config.get("loss_label_smoothing", 0.0)), class_weights=class_weights)
 
     def inputs(self, images: jax.Array) -> jax.Array:
         return preprocess(images, self.mean, self.std, self.preprocessing).astype(self.compute_dtype)
+
+    def train_inputs(self, batch: dict[str, jax.Array], rng: jax.Array
+                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """A training batch's inputs, cropped and flipped, scaled, then mixed (mixup or cutmix, before the cast to
+        the compute dtype); and the mix, (partner labels, ratios), that the loss's targets need (None: no mixing)."""
+        images = self.augmentation(batch["image"], jax.random.fold_in(rng, 1))
+        x, mix = self.augmentation.mix(preprocess(images, self.mean, self.std, self.preprocessing), batch["label"],
+                                       jax.random.fold_in(rng, 2))
+        return x.astype(self.compute_dtype), mix
+
+    def loss_and_accuracy(self, logits: jax.Array, labels: jax.Array, mix: tuple[jax.Array, jax.Array] | None
+                          ) -> tuple[jax.Array, jax.Array]:
+        """The batch's training loss and accuracy (losses.training_loss)."""
+        return training_loss(self.loss, logits, labels, mix, self.label_smoothing, self.class_weights)
 
     def cast(self, variables: dict) -> dict:
         """Parameters in the compute dtype (mixed precision; a no-op in float32).
@@ -101,14 +120,14 @@ def part_gradients(state: TrainState, batch: dict[str, jax.Array], batch_stats: 
             lambda a: jax.lax.dynamic_index_in_dim(a.reshape(-1, parts, *a.shape[1:]), part, axis=1, keepdims=False),
             batch)
         rng = jax.random.fold_in(rng, part + 2)
-    x = recipe.inputs(recipe.augmentation(batch["image"], jax.random.fold_in(rng, 1)))
+    x, mix = recipe.train_inputs(batch, rng)
 
     def loss_fn(params):
         variables = recipe.cast({"params": params, **({"batch_stats": batch_stats} if batch_stats else {})})
         logits, updates = state.apply_fn(variables, x, train=not recipe.frozen, logits=True, mutable=["batch_stats"],
                                          rngs={"dropout": rng})
-        per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
-        return per_example.mean(), (correct.mean(), updates)
+        loss, accuracy = recipe.loss_and_accuracy(logits, batch["label"], mix)
+        return loss, (accuracy, updates)
 
     (loss, (accuracy, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return Gradients(grads, updates.get("batch_stats", batch_stats), {"loss": loss, "accuracy": accuracy})
