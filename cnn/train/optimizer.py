@@ -66,6 +66,11 @@ def _optimizer(opt: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs:
     return optimizer_for(opt, lr)
 
 
+def optax_function(name: str) -> Callable[..., optax.GradientTransformation]:
+    """optax's optimizer `name` (muon lives in optax.contrib in the optax versions cnn supports)."""
+    return getattr(optax, name, None) or getattr(optax.contrib, name)
+
+
 def optimizer_for(opt: ml_collections.ConfigDict, learning_rate: float | optax.Schedule
                   ) -> optax.GradientTransformation:
     """optax's `opt.name` at `learning_rate` with the config's hyperparameters: the fields that optimizer reads
