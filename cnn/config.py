@@ -31,6 +31,7 @@ LOSS_NAMES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy")  # cnn.lo
 LOSSES = ("auto", *LOSS_NAMES)  # auto: the one the model's output fits (cnn.losses.auto)
 KERNELS = ("auto", "xla", "onednn")
 PREPROCESSING = ("caffe", "tf", "torch")  # cnn/data/images.py applies them
+TTA = ("flip",)  # eval.tta: cnn/train/tta.py makes the views
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
 # data and its augmentation, the optimizer, seed, batch and micro-batch size, dtype, kernels, devices, loss,
@@ -39,7 +40,7 @@ PREPROCESSING = ("caffe", "tf", "torch")  # cnn/data/images.py applies them
 RERUN_MAY_CHANGE = (
     "train.pictures", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.eval_batch_size", "data.data_dir", "data.manual_dir", "data.cache_dir", "data.cache",
-    "data.max_memory_gb", "data.strict",
+    "data.max_memory_gb", "data.strict", "eval.tta",
 )
 
 
@@ -199,6 +200,13 @@ def base_config() -> ml_collections.ConfigDict:
     # dense layer and tiling average pool it can take, 'xla' plain Flax and
     # XLA everywhere (same results up to float rounding).
     c.train.kernels = "auto"
+
+    c.eval = ml_collections.ConfigDict()
+    # Test-time augmentation: None, or 'flip', which averages the class
+    # probabilities of each image and its left-right mirror. It applies to
+    # the test evaluation (metrics.jsonl, results.json) and to prediction and
+    # exports of the run; images only.
+    c.eval.tta = config_dict.placeholder(str)
     return c
 
 
@@ -324,6 +332,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_train(config.train)
     _validate_optimizer(config.optimizer, config.train.num_epochs)
     _validate_data(config.data)
+    tta = config.eval.tta if "eval" in config else None
+    require(tta is None or tta in TTA, "eval.tta", tta, f"None or one of {', '.join(map(repr, TTA))}")
     if config.model.get("num_classes") is not None:
         int_at_least(config.model.num_classes, "model.num_classes")
 
