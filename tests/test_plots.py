@@ -17,7 +17,7 @@ from PIL import Image
 from cnn import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PICTURES = ("learning_curves", "filters", "feature_maps", "confusion_matrix", "misclassified")
+PICTURES = ("learning_curves", "filters", "feature_maps", "confusion_matrix", "misclassified", "per_class_recall")
 
 
 @pytest.fixture
