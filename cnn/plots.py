@@ -417,11 +417,10 @@ def per_class_recall(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
     names = list(metrics["per_class"])
     recall = [metrics["per_class"][n]["recall"] for n in names]
     n, longest = len(names), max(len(c) for c in names)
-    fig = _figure(min(max(6.0, 0.42 * n + 2.0), 16.0), 4.5 + (0.06 * min(longest, 30) if n <= 40 else 0))
+    fig = _figure(min(max(7.0, 0.42 * n + 2.0), 16.0), 4.5 + (0.06 * min(longest, 30) if n <= 40 else 0))
     ax = fig.subplots()
     bars = ax.bar(range(n), recall, color="tab:blue")
-    ax.axhline(metrics["balanced_accuracy"], color="tab:orange", linestyle="--",
-               label=f"mean (balanced accuracy) {metrics['balanced_accuracy']:.2%}")
+    ax.axhline(metrics["balanced_accuracy"], color="tab:orange", linestyle="--")
     if n <= 40:
         ax.set_xticks(range(n), names, rotation=45 if longest > 2 else 0, ha="right" if longest > 2 else "center",
                       rotation_mode="anchor", fontsize=10 if n <= 20 else 7)
@@ -431,8 +430,9 @@ def per_class_recall(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("true class" + ("" if n <= 40 else " (index into class_names in results.json)"))
     ax.set_ylabel("recall")
-    ax.legend(loc="lower right")
-    ax.set_title(f"Recall per class, {title}" + (" (over each bar: the class's examples)" if n <= 25 else ""))
+    ax.set_title(f"Recall per class, {title}\ndashed: mean recall (balanced accuracy) "
+                 f"{metrics['balanced_accuracy']:.2%}" + ("; over the bars: examples" if n <= 25 else ""),
+                 fontsize=10)
     return fig
 
 
