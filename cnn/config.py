@@ -40,7 +40,7 @@ TTA = ("flip",)  # eval.tta: cnn/train/tta.py makes the views
 RERUN_MAY_CHANGE = (
     "train.pictures", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.eval_batch_size", "data.data_dir", "data.manual_dir", "data.cache_dir", "data.cache",
-    "data.max_memory_gb", "data.strict", "eval.tta",
+    "data.max_memory_gb", "data.strict",
 )
 
 

@@ -417,13 +417,13 @@ def per_class_recall(run: TrainResult, split: data_lib.Split, probs: np.ndarray 
     names = list(metrics["per_class"])
     recall = [metrics["per_class"][n]["recall"] for n in names]
     n, longest = len(names), max(len(c) for c in names)
-    fig = _figure(min(max(7.0, 0.42 * n + 2.0), 16.0), 4.5 + (0.06 * min(longest, 30) if n <= 40 else 0))
+    fig = _figure(min(max(7.0, 0.42 * n + 2.0), 16.0), 4.5 + (0.08 * min(longest, 30) if n <= 40 else 0))
     ax = fig.subplots()
     bars = ax.bar(range(n), recall, color="tab:blue")
     ax.axhline(metrics["balanced_accuracy"], color="tab:orange", linestyle="--")
     if n <= 40:
-        ax.set_xticks(range(n), names, rotation=45 if longest > 2 else 0, ha="right" if longest > 2 else "center",
-                      rotation_mode="anchor", fontsize=10 if n <= 20 else 7)
+        ax.set_xticks(range(n), names, rotation=90 if longest > 2 else 0,  # upright names would overlap
+                      fontsize=10 if n <= 20 else 7)
     if n <= 25:
         ax.bar_label(bars, [f"{metrics['per_class'][c]['support']:,}" for c in names], fontsize=8, padding=2)
     ax.set_ylim(0, 1.12)
