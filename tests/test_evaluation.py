@@ -16,6 +16,7 @@ from cnn import data as data_lib
 from cnn import config as config_lib
 from cnn import losses, plots, sharding
 from cnn.inference import probabilities
+from cnn.inference.export import exportable
 from cnn.train import Recipe, TrainResult, create_state, evaluation
 from cnn.train.steps import compile_eval_step
 
@@ -168,9 +169,10 @@ def test_flip_tta_averages_the_mirrors_probabilities_in_evaluation_and_predictio
         float(-np.log(mean[np.arange(len(test)), test.labels]).mean()), rel=1e-4)
     assert abs(run.results["test_loss"] - _evaluate(run.state, plain.recipe, test)["loss"]) > 1e-3
 
-    loaded = cnn.load_run(str(tmp_path))  # prediction (and exports: the same class_probabilities) average too
+    loaded = cnn.load_run(str(tmp_path))  # prediction and exports average too
     assert loaded.recipe.tta == "flip"
     np.testing.assert_allclose(probabilities(loaded, test.images), mean, atol=1e-5)
+    np.testing.assert_allclose(exportable(loaded).bound()(test.images), mean, atol=1e-5)  # what exports trace
 
 
 def test_flip_tta_is_refused_on_series_and_unknown_names(tmp_path):
