@@ -219,7 +219,8 @@ def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Cal
 def class_probabilities(apply_fn: Callable[..., jax.Array], variables: dict, x: jax.Array, recipe: Recipe = Recipe()
                         ) -> jax.Array:
     """Class probabilities (N, classes) in float32 from raw inputs (uint8 pixels, ids, series), as evaluation computes
-    them: the recipe's scaling, the model's logits (averaged over eval.tta's views), then softmax (or sigmoid, for one-logit binary heads)."""
+    them: the recipe's scaling, the model's logits (averaged over eval.tta's views), then softmax (or sigmoid, for
+    one-logit binary heads)."""
     return losses.probabilities(recipe.loss, recipe.logits(apply_fn, variables, x))
 
 
