@@ -36,6 +36,7 @@ PREPROCESSING = ("caffe", "tf", "torch")  # cnn/data/images.py applies them
 # recorded for more than five classes, roc_auc and average_precision for two.
 MONITORS = ("test_accuracy", "test_loss", "macro_f1", "balanced_accuracy", "top5_accuracy", "roc_auc",
             "average_precision", "train_accuracy", "train_loss")
+TTA = ("flip",)  # eval.tta: cnn/train/tta.py makes the views
 # The fields a rerun on a workdir that holds checkpoints may change: how often the run logs, saves and draws,
 # how it evaluates and where it finds its data. Every other field changes what a step computes (the model, the
 # data and its augmentation, the optimizer, seed and model.pretrained (the start), batch and micro-batch size,
@@ -276,6 +277,13 @@ def base_config() -> ml_collections.ConfigDict:
     # exports use the average. Batch-norm statistics are the trained ones.
     # 0: off.
     c.train.ema_decay = 0.0
+
+    c.eval = ml_collections.ConfigDict()
+    # Test-time augmentation: None, or 'flip', which averages the class
+    # probabilities of each image and its left-right mirror. It applies to
+    # the test evaluation (metrics.jsonl, results.json) and to prediction and
+    # exports of the run; images only.
+    c.eval.tta = config_dict.placeholder(str)
     return c
 
 
@@ -406,6 +414,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_train(config.train)
     _validate_optimizer(config.optimizer, config.train.num_epochs)
     _validate_data(config.data)
+    tta = config.eval.tta if "eval" in config else None
+    require(tta is None or tta in TTA, "eval.tta", tta, f"None or one of {', '.join(map(repr, TTA))}")
     if config.model.get("num_classes") is not None:
         int_at_least(config.model.num_classes, "model.num_classes")
     _validate_finetuning(config)

@@ -96,6 +96,14 @@ def compute_loss(loss: str, logits: jax.Array, labels: jax.Array) -> tuple[jax.A
     return LOSSES[loss].per_example(logits.astype(jnp.float32), labels)
 
 
+def predicted_class(logits: jax.Array) -> jax.Array:
+    """The class each row of logits predicts, as the losses count a prediction correct: the largest logit, or for a
+    one-logit (sigmoid) head class 1 where the logit is positive. int32, [batch]."""
+    if logits.shape[-1] == 1:
+        return (logits[:, 0] > 0).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def probabilities(loss: str, logits: jax.Array) -> jax.Array:
     """Class probabilities, [batch, classes], from the model's logits, in float32."""
     return LOSSES[loss].probabilities(logits.astype(jnp.float32))

@@ -1,4 +1,5 @@
-"""Pictures of a trained model: learning curves, filters, feature maps, confusion matrix, mistakes.
+"""Pictures of a trained model: learning curves, filters, feature maps, confusion matrix, mistakes, per-class recall,
+and for two classes the ROC and precision-recall curves.
 
 Each function returns a `matplotlib.figure.Figure` made without pyplot, so
 it works headless (no display, no global state) and shows inline in a
@@ -38,6 +39,7 @@ from cnn.explain import Explanation, grad_cam
 from cnn.inference import probabilities
 from cnn.progress import progress
 from cnn.train import TrainResult
+from cnn.train.evaluation import Predictions, class_metrics
 
 class PlotFigure(Figure):
     """A Figure that a notebook shows inline even when pyplot was never imported."""
@@ -457,6 +459,74 @@ def _map_panel(ax, image: np.ndarray, values: np.ndarray | None, cmap: str, titl
             span = np.ptp(image) or 1.0
             ax.plot((image - image.min()) / span, color="white", linewidth=0.8)
     ax.figure.colorbar(shown, ax=ax, shrink=0.8, ticks=(0, 0.5, 1))
+# --- Per-class metrics and binary curves ---------------------------------------
+
+
+def per_class_recall(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None,
+                     title: str = "test split") -> Figure:
+    """Each class's recall on `split` as a bar (the fraction of its examples predicted right), with its count, and
+    their mean, the balanced accuracy, as a line: where a rare class is missed, accuracy hides it and this shows it."""
+    probs = _probs(run, split, probs)
+    metrics = class_metrics(Predictions(split.labels, probs.argmax(-1), probs), run.class_names)
+    names = list(metrics["per_class"])
+    recall = [metrics["per_class"][n]["recall"] for n in names]
+    n, longest = len(names), max(len(c) for c in names)
+    fig = _figure(min(max(7.0, 0.42 * n + 2.0), 16.0), 4.5 + (0.08 * min(longest, 30) if n <= 40 else 0))
+    ax = fig.subplots()
+    bars = ax.bar(range(n), recall, color="tab:blue")
+    ax.axhline(metrics["balanced_accuracy"], color="tab:orange", linestyle="--")
+    if n <= 40:
+        ax.set_xticks(range(n), names, rotation=90 if longest > 2 else 0,  # upright names would overlap
+                      fontsize=10 if n <= 20 else 7)
+    if n <= 25:
+        ax.bar_label(bars, [f"{metrics['per_class'][c]['support']:,}" for c in names], fontsize=8, padding=2)
+    ax.set_ylim(0, 1.12)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel("true class" + ("" if n <= 40 else " (index into class_names in results.json)"))
+    ax.set_ylabel("recall")
+    ax.set_title(f"Recall per class, {title}\ndashed: mean recall (balanced accuracy) "
+                 f"{metrics['balanced_accuracy']:.2%}" + ("; over the bars: examples" if n <= 25 else ""),
+                 fontsize=10)
+    return fig
+
+
+def roc_curve(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None) -> Figure:
+    """A two-class run's ROC curve on `split`: true against false positive rate as the threshold on class 1's
+    probability moves (scikit-learn's roc_curve), with its area."""
+    from sklearn import metrics
+
+    probs = _probs(run, split, probs)
+    fpr, tpr, _ = metrics.roc_curve(split.labels, probs[:, 1])
+    fig = _figure(5.5, 5.2)
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, color="tab:blue", label=f"AUC {metrics.roc_auc_score(split.labels, probs[:, 1]):.4f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.set_xlabel(f"false positive rate (of {run.class_names[0]!s})")
+    ax.set_ylabel(f"true positive rate (recall of {run.class_names[1]!s})")
+    ax.legend(loc="lower right")
+    ax.set_title(f"ROC curve, {len(split):,} test {_noun(split)}")
+    return fig
+
+
+def precision_recall_curve(run: TrainResult, split: data_lib.Split, probs: np.ndarray | None = None) -> Figure:
+    """A two-class run's precision-recall curve for class 1 on `split` (scikit-learn's precision_recall_curve), with
+    its average precision and the share of class 1, what a classifier that guesses would score."""
+    from sklearn import metrics
+
+    probs = _probs(run, split, probs)
+    precision, recall, _ = metrics.precision_recall_curve(split.labels, probs[:, 1])
+    fig = _figure(5.5, 5.2)
+    ax = fig.subplots()
+    ap = metrics.average_precision_score(split.labels, probs[:, 1])
+    ax.step(recall, precision, where="post", color="tab:blue", label=f"average precision {ap:.4f}")
+    share = float(np.mean(split.labels == 1))
+    ax.axhline(share, color="grey", linestyle=":", label=f"chance ({share:.1%} are {run.class_names[1]!s})")
+    ax.set_xlabel(f"recall of {run.class_names[1]!s}")
+    ax.set_ylabel("precision")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower left")
+    ax.set_title(f"Precision-recall curve, {len(split):,} test {_noun(split)}")
+    return fig
 
 
 # --- All of them, to files and TensorBoard ----------------------------------------------
@@ -494,6 +564,10 @@ def write_plots(workdir: str, run: TrainResult, dataset: data_lib.Dataset, num_i
         figures["feature_maps"] = lambda: feature_maps(run, test.images[sample], test.labels[sample], probs=probs[sample])
     figures["confusion_matrix"] = lambda: confusion_matrix(run, test, probs)
     figures["misclassified"] = lambda: misclassified(run, test, probs)
+    figures["per_class_recall"] = lambda: per_class_recall(run, test, probs)
+    if len(run.class_names) == 2 and len(np.unique(test.labels)) == 2:  # both curves need both classes
+        figures["roc_curve"] = lambda: roc_curve(run, test, probs)
+        figures["precision_recall_curve"] = lambda: precision_recall_curve(run, test, probs)
 
     paths = []
     step = int(jax.device_get(run.state.step))

@@ -34,7 +34,9 @@ def run(workdir, *extra, wait=True, expect=0):
 
 def trajectory(workdir):
     with open(workdir / "metrics.jsonl") as f:
-        return np.array([[r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"]]
+        # The per-class metrics too: each device's (and process's) predictions must meet their own labels.
+        return np.array([[r["train_loss"], r["train_accuracy"], r["test_loss"], r["test_accuracy"], r["macro_f1"],
+                          r["balanced_accuracy"], r["top5_accuracy"], *(c["recall"] for c in r["per_class"].values())]
                          for r in map(json.loads, f)])
 
 

@@ -211,7 +211,8 @@ def test_digit_folders_train_and_predict_from_the_command_line(tmp_path):
     assert said == [f"skipped 2 files that could not be read; {workdir / 'skipped_files.txt'} lists them with the "
                     "reasons"], said
     assert sorted(os.listdir(workdir / "plots")) == ["confusion_matrix.png", "feature_maps.png", "filters.png",
-                                                      "learning_curves.png", "misclassified.png"]
+                                                      "learning_curves.png", "misclassified.png",
+                                                      "per_class_recall.png"]
 
     seven = next((root / "seven").glob("*.png"))
     done = subprocess.run([sys.executable, "-m", "cnn.predict", f"--workdir={workdir}", str(seven)], cwd=REPO,

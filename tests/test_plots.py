@@ -17,7 +17,7 @@ from PIL import Image
 from cnn import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PICTURES = ("learning_curves", "filters", "feature_maps", "confusion_matrix", "misclassified")
+PICTURES = ("learning_curves", "filters", "feature_maps", "confusion_matrix", "misclassified", "per_class_recall")
 
 
 @pytest.fixture
@@ -147,7 +147,11 @@ def test_figures_are_titled_labelled_and_do_not_overlap(trained):
     kernels = plots.filters(run)
     assert sum(1 for a in kernels.axes if a.get_title().isdigit()) == 32  # + the colour bar
 
-    for fig in (curves, matrix, mistakes, maps, kernels):
+    recall = plots.per_class_recall(named, test)
+    assert [t.get_text() for t in recall.axes[0].get_xticklabels()] == names
+    assert f"{run.results['balanced_accuracy']:.2%}" in recall.axes[0].get_title()
+
+    for fig in (curves, matrix, mistakes, maps, kernels, recall):
         assert not _overlaps(fig), _overlaps(fig)[:3]
 
 

@@ -142,6 +142,7 @@ def describe(run: TrainResult, model: Model, format: str, source) -> dict[str, A
         "preprocessing": _preprocessing(run, model),
         "compute_dtype": "float32",
         "trained_compute_dtype": run.recipe.compute_dtype,
+        "tta": run.recipe.tta,  # eval.tta: 'flip' averages each image's and its mirror's probabilities, inside the file
         "cnn_version": version,
         "workdir": os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None,
     }

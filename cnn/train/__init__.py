@@ -10,7 +10,8 @@ config names are in cnn/losses.py.
 """
 
 from cnn.train import checkpoint
-from cnn.train.loop import TrainResult, evaluate, train_and_evaluate
+from cnn.train.evaluation import evaluate
+from cnn.train.loop import TrainResult, train_and_evaluate
 from cnn.train.optimizer import make_optimizer
 from cnn.train.setup import Training, prepare, summary
 from cnn.train.state import EpochSums, TrainState, create_state

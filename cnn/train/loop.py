@@ -25,6 +25,7 @@ from cnn import models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import Diverged, Preempted
 from cnn.progress import Progress
+import cnn.train.evaluation as evaluation
 from cnn.train.metrics import MetricWriter, StepLog
 from cnn.train.monitor import Monitor
 from cnn.train.setup import Training, announce, prepare
@@ -163,12 +164,12 @@ def epoch_record(training: Training, trained: EpochTrained, epoch: int, epoch_st
         check_finite(training, trained.recent_losses, epoch, step)  # raises Diverged naming the step
     train_seconds = time.time() - epoch_start
     steps.write(step, epoch, sums)  # the epoch's last window
-    test = evaluate(trained.state, training.dataset.test, training.eval_batch_size, training.eval_fn,
-                    sharding.batch_sharding(training.mesh))
+    test = evaluation.evaluate(trained.state, training.dataset.test, training.eval_batch_size, training.eval_fn,
+                               sharding.batch_sharding(training.mesh), training.dataset.class_names)
     return {"epoch": epoch, "step": step,
             "train_loss": float(sums.loss) / training.steps_per_epoch,
             "train_accuracy": float(sums.accuracy) / training.steps_per_epoch,
-            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"], "test_accuracy": test["accuracy"], **test["metrics"],
             "epoch_seconds": time.time() - epoch_start,
             "images_per_second": trained.steps_run * training.config.train.batch_size / train_seconds,
             "input_seconds": trained.input_seconds,
@@ -204,18 +205,6 @@ def save(training: Training, state: TrainState, sums: EpochSums, recent_losses: 
     training.checkpoints.save(state, sums)
 
 
-def evaluate(state: TrainState, split: data_lib.Split, batch_size: int, eval_fn, batch_sharding
-             ) -> dict[str, float]:
-    """Loss and accuracy over every example of `split`, in padded batches of one shape."""
-    index, mask = data_lib.eval_index(len(split), batch_size)
-    totals = None
-    for i in range(len(index)):
-        out = eval_fn(state, sharding.put_batch(data_lib.host_batch(split, index[i], mask[i]), batch_sharding))
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    totals = sharding.to_host(totals)
-    return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
-
-
 def report(training: Training, record: dict) -> None:
     training.log(f"epoch {record['epoch']:>3}/{training.config.train.num_epochs}  train loss "
                  f"{record['train_loss']:.4f} acc {record['train_accuracy']:.2%}  test loss {record['test_loss']:.4f} "
@@ -248,6 +237,7 @@ def finish(training: Training, state: TrainState, monitor: Monitor, history: lis
         "input_path": dataset.input_path,  # 'memory', or 'streamed' from disk (larger than data.max_memory_gb)
         "input_share": sum(r["input_seconds"] for r in history) / max(sum(r["epoch_seconds"] for r in history), 1e-9),
         **data_lib.describe(dataset),  # class names, input shape: cnn.predict then needs no dataset
+        **{key: last[key] for key in evaluation.METRICS if key in last},  # the test split's per-class metrics
     }
     state = monitor.best_state(state)
     state = state if jax.process_count() == 1 else sharding.to_host(state)  # a host copy to draw from
@@ -256,6 +246,8 @@ def finish(training: Training, state: TrainState, monitor: Monitor, history: lis
     if training.writes_files:
         path = os.path.join(training.workdir, workdir_lib.RESULTS)
         workdir_lib.write_json(path, results)
+        if "per_class" in results:
+            training.log(evaluation.per_class_table(results["per_class"]))
         training.log(f"test accuracy {results['test_accuracy']:.2%} after {results['epochs']} epochs "
                      f"({results['train_seconds']:.1f}s training); results in {path}")
     return result

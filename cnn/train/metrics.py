@@ -12,7 +12,12 @@ from collections.abc import Callable
 import numpy as np
 
 from cnn import workdir as workdir_lib
+from cnn.train.evaluation import SCALARS
 from cnn.train.state import EpochSums
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
 
 # TensorBoard tags of the step records' fields; the epoch records' train means go to train/epoch_*.
 STEP_TAGS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "learning_rate": "learning_rate"}
@@ -69,10 +74,12 @@ class MetricWriter:
         self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
     def write(self, record: dict) -> None:
-        """An epoch record: `train_loss` goes to TensorBoard as train/epoch_loss, `test_loss` as test/loss."""
+        """An epoch record: `train_loss` goes to TensorBoard as train/epoch_loss, `test_loss` as test/loss, the test
+        split's metrics as test/macro_f1 and so on; `per_class` (nested) and undefined (None) values stay out of it."""
         self._write(record, self.history, 0, {
             key: key.replace("_", "/epoch_" if key.startswith("train_") else "/", 1)
-            if key.startswith(("train_", "test_")) else key for key in record if key not in ("epoch", "step")})
+            if key.startswith(("train_", "test_")) else f"test/{key}" if key in SCALARS else key
+            for key, value in record.items() if key not in ("epoch", "step") and _is_scalar(value)})
 
     def write_steps(self, record: dict) -> None:
         """A step record: its window's means and learning rate go to TensorBoard (STEP_TAGS)."""

@@ -50,8 +50,8 @@ class Monitor:
 
     def check(self, record: dict) -> None:
         """Refuses a record without the monitored metric (before it is written: nothing of the epoch is saved)."""
-        value = record.get(self.name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        value = record.get(self.name, "")  # None is recorded where a metric is undefined (roc_auc of one class)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             numeric = sorted(k for k, v in record.items() if isinstance(v, float))
             raise ConfigError(f"train.monitor={self.name!r} is not in this run's epoch records (they hold "
                               f"{', '.join(numeric)}); monitor one of those, in a new --workdir")

@@ -23,6 +23,7 @@ from cnn import kernels, losses, models, runtime, sharding
 from cnn import workdir as workdir_lib
 from cnn.errors import ConfigError
 import cnn.train.finetune as finetune
+import cnn.train.tta as tta
 from cnn.train.checkpoint import Checkpoints
 from cnn.train.monitor import check_recorded
 from cnn.train.optimizer import host_learning_rate, learning_rate_schedule, make_optimizer
@@ -108,6 +109,7 @@ def _plan(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None, m
     check_recorded(settings, dataset.num_classes)
     model = models.build_model(config.model, dataset.num_classes) if model is None else model
     loss = models.check_head(model, dataset.input_shape, dataset.num_classes, config.loss)
+    tta.check(tta.configured(config), dataset)
     mesh, eval_batch_size = _mesh(config, len(dataset.train), len(dataset.test))
     platform = mesh.devices.flat[0].platform
     if settings.compute_dtype == "auto":  # config.json and the recipe record the dtype this run computes in

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from cnn import losses, sharding
+import cnn.train.tta as tta_lib
 from cnn.data.images import Augmentation, preprocess
 from cnn.losses import compute_loss, training_loss
 from cnn.train.state import EpochSums, TrainState
@@ -48,6 +49,7 @@ class Recipe:
     frozen: bool = False
     label_smoothing: float = 0.0  # loss_label_smoothing
     class_weights: tuple[float, ...] | None = None  # train.class_weights, one per class (losses.resolve_class_weights)
+    tta: str | None = None  # eval.tta: the views whose probabilities evaluation and prediction average
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, loss: str,
@@ -59,7 +61,8 @@ class Recipe:
                    mean=None if data.mean is None else tuple(data.mean),
                    std=None if data.std is None else tuple(data.std), augmentation=Augmentation.from_config(data),
                    preprocessing=data.get("preprocessing"),  # absent from workdirs made before the field
-                   label_smoothing=float(config.get("loss_label_smoothing", 0.0)), class_weights=class_weights)
+                   label_smoothing=float(config.get("loss_label_smoothing", 0.0)), class_weights=class_weights,
+                   tta=tta_lib.configured(config))
 
     def inputs(self, images: jax.Array) -> jax.Array:
         return preprocess(images, self.mean, self.std, self.preprocessing).astype(self.compute_dtype)
@@ -77,6 +80,15 @@ class Recipe:
                           ) -> tuple[jax.Array, jax.Array]:
         """The batch's training loss and accuracy (losses.training_loss)."""
         return training_loss(self.loss, logits, labels, mix, self.label_smoothing, self.class_weights)
+
+    def logits(self, apply_fn: Callable[..., jax.Array], variables: dict, x: jax.Array) -> jax.Array:
+        """The model's logits in evaluation mode for raw inputs `x`; with `tta`, the logits whose probabilities are
+        the mean of the views' (cnn/train/tta.py). Evaluation and prediction both come through here."""
+        variables = self.cast(variables)
+        if self.tta is None:
+            return apply_fn(variables, self.inputs(x), train=False, logits=True)
+        return tta_lib.combine([apply_fn(variables, self.inputs(view), train=False, logits=True)
+                                for view in tta_lib.views(self.tta, x)])
 
     def cast(self, variables: dict) -> dict:
         """Parameters in the compute dtype (mixed precision; a no-op in float32).
@@ -212,11 +224,13 @@ def compile_train_step(mesh: jax.sharding.Mesh, parts: int = 1, recipe: Recipe =
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], recipe: Recipe = Recipe()) -> dict[str, jax.Array]:
-    """Sums of loss and correct predictions over the batch's real (mask 1) examples."""
-    logits = state.apply_fn(recipe.cast(state.variables()), recipe.inputs(batch["image"]), train=False, logits=True)
+    """Sums of loss and correct predictions over the batch's real (mask 1) examples, and every example's class
+    probabilities and predicted class (padding's too: the host drops them; cnn/train/evaluation.py)."""
+    logits = recipe.logits(state.apply_fn, state.variables(), batch["image"])
     per_example, correct = compute_loss(recipe.loss, logits, batch["label"])
     mask = batch["mask"].astype(jnp.float32)
-    return {"loss": (per_example * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+    return {"loss": (per_example * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum(),
+            "probabilities": losses.probabilities(recipe.loss, logits), "predicted": losses.predicted_class(logits)}
 
 
 def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Callable[[TrainState, dict], dict]:
@@ -228,9 +242,9 @@ def compile_eval_step(mesh: jax.sharding.Mesh, recipe: Recipe = Recipe()) -> Cal
 def class_probabilities(apply_fn: Callable[..., jax.Array], variables: dict, x: jax.Array, recipe: Recipe = Recipe()
                         ) -> jax.Array:
     """Class probabilities (N, classes) in float32 from raw inputs (uint8 pixels, ids, series), as evaluation computes
-    them: the recipe's scaling, the model's logits, then softmax (or sigmoid, for one-logit binary heads)."""
-    logits = apply_fn(recipe.cast(variables), recipe.inputs(x), train=False, logits=True)
-    return losses.probabilities(recipe.loss, logits)
+    them: the recipe's scaling, the model's logits (averaged over eval.tta's views), then softmax (or sigmoid, for
+    one-logit binary heads)."""
+    return losses.probabilities(recipe.loss, recipe.logits(apply_fn, variables, x))
 
 
 def probabilities_fn(recipe: Recipe) -> Callable[[TrainState, jax.Array], jax.Array]:
