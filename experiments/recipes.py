@@ -18,7 +18,9 @@ of each test image and its mirror); a checkout without that field skips it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -79,6 +81,31 @@ def run_one(fields: dict, seed: int, epochs: int | None, manual_dir: str, datase
     return cnn.train_and_evaluate(config, workdir, dataset=dataset).results["test_accuracy"]
 
 
+def run_all(chosen: dict[str, dict], args: argparse.Namespace, dataset, workdir: str
+            ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Every recipe's accuracies over the seeds and its mean seconds per run. Each finished run is a line of
+    WORKDIR/runs.jsonl, so a rerun with the same --workdir skips it (the whole benchmark is long on a CPU)."""
+    path, done = os.path.join(workdir, "runs.jsonl"), {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {(r["recipe"], r["seed"]): r for r in map(json.loads, f)}
+    accuracies, seconds = {}, {}
+    for name, fields in chosen.items():
+        for seed in range(args.seeds):
+            if (name, seed) not in done:
+                start = time.time()
+                accuracy = run_one(fields, seed, args.epochs, args.manual_dir, dataset,
+                                   os.path.join(workdir, f"{name}-{seed}"))
+                done[name, seed] = {"recipe": name, "seed": seed, "accuracy": accuracy,
+                                    "seconds": time.time() - start}
+                with open(path, "a") as f:
+                    f.write(json.dumps(done[name, seed]) + "\n")
+            print(f"{name} seed {seed}: {done[name, seed]['accuracy']:.2%}", flush=True)
+        accuracies[name] = [done[name, seed]["accuracy"] for seed in range(args.seeds)]
+        seconds[name] = statistics.mean(done[name, seed]["seconds"] for seed in range(args.seeds))
+    return accuracies, seconds
+
+
 def table(accuracies: dict[str, list[float]], seconds: dict[str, float]) -> str:
     """The markdown table: test accuracy mean ± std (population std over the seeds), difference from 'base'."""
     base = statistics.mean(accuracies["base"]) if "base" in accuracies else None
@@ -103,6 +130,8 @@ def main() -> None:
     parser.add_argument("--train_subset", type=int, default=None, help="train on the first N examples (a quick try)")
     parser.add_argument("--no_record", action="store_true", help="print only; by default the table is also "
                         "appended to docs/benchmarks/<date>-<cpu>.md")
+    parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder); a rerun "
+                        "with the same folder skips the runs already finished")
     args = parser.parse_args()
     names = args.tricks.split(",")
     unknown = [n for n in names if n not in TRICKS and n != "all"]
@@ -114,13 +143,10 @@ def main() -> None:
     if args.train_subset:
         dataset = dataclasses.replace(dataset, train=data_lib.Split(dataset.train.images[:args.train_subset],
                                                                     dataset.train.labels[:args.train_subset]))
-    chosen, accuracies, seconds = recipes(names), {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, fields in chosen.items():
-            start = time.time()
-            accuracies[name] = [run_one(fields, seed, args.epochs, args.manual_dir, dataset,
-                                        os.path.join(tmp, f"{name}-{seed}")) for seed in range(args.seeds)]
-            seconds[name] = (time.time() - start) / args.seeds
+    chosen = recipes(names)
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        accuracies, seconds = run_all(chosen, args, dataset, workdir)
     with recording(not args.no_record):
         print(f"recipes: Fashion-MNIST ({len(dataset.train)} training examples), configs/fashion_mnist.py for "
               f"{args.epochs or config.train.num_epochs} epochs, {args.seeds} seed(s); {cpu_model()}; "
