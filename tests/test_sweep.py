@@ -126,7 +126,7 @@ def test_sweep_files_become_optuna_spaces():
 @pytest.mark.parametrize("body, flags, message", [
     (None, [], "sweep file '{tmp}/missing.py' does not exist"),
     ("space={'seed': [0]}, n_trials=1 // 0", [], "{tmp}/s.py, line 5: ZeroDivisionError: integer division or modulo"),
-    ("space={'optimizer.lr': [0.1]}", [], "override optimizer.lr: optimizer has no field 'lr'; its fields: b1, b2"),
+    ("space={'optimizer.lr': [0.1]}", [], "override optimizer.lr: optimizer has no field 'lr'; its fields: args, b1, b2"),
     ("fixed={'train.epochs': 1}, space={'seed': [0]}", [], "override train.epochs: train has no field 'epochs'"),
     ("space={'seed': [0]}, trials=[{'seed': 1}]", [], "one of 'space' (to search) or 'trials' (to run each)"),
     ("space={'seed': 3}", [], "space['seed']=3 is not a list of values or a range"),
