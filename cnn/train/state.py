@@ -37,12 +37,21 @@ class TrainState(train_state.TrainState):
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], seed: int,
                  kernel_choice: str = "auto", platform: str | None = None) -> TrainState:
-    """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed."""
-    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed.
+
+    One compiled program makes all of it, so the compilation cache serves a
+    rerun; run eagerly, the keys and each optimizer array were an XLA program
+    apiece, compiled anew in every process (half a second of start-up).
+    """
     apply = kernels.apply_fn(models.adapt(model), kernel_choice, platform)  # a user's module under cnn's call
-    variables = jax.jit(apply.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
-    return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+
+    def fresh() -> TrainState:
+        init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+        variables = apply.init(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
+        return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
+                                 batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+
+    return jax.jit(fresh)()
 
 
 class EpochSums(NamedTuple):
