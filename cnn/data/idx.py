@@ -46,10 +46,11 @@ def load(data: ml_collections.ConfigDict, seed: int = 0) -> Dataset:
     (`seed` is unused: these sets come with their test split)."""
     if not data.get("manual_dir"):
         return tfds_lib.load_tfds(data)
-    paths = [_archive(data, name) for pair in ARCHIVES.values() for name in pair]
+    paths = [_find_archive(data, name) for pair in ARCHIVES.values() for name in pair]
     settings = {"name": data.name, "train_split": data.train_split, "test_split": data.test_split}
-    key = {**settings, "archives": [_stamp(path) for path in paths]}
-    folder = cache_lib.entry_folder(data, "idx", data.manual_dir, settings) if data.cache else None
+    key = {**settings, "archives": [_stamp(path) for path in paths if path]}
+    # One missing: decoding names it, after any file in the folder that TFDS's checksums refuse.
+    folder = cache_lib.entry_folder(data, "idx", data.manual_dir, settings) if data.cache and all(paths) else None
     entry, _ = cache_lib.cached(folder, key, lambda: _decode(data))
     a = entry.arrays
     return Dataset(data.name, Split(a["train_images"], a["train_labels"]), Split(a["test_images"], a["test_labels"]),
@@ -87,12 +88,19 @@ def _read_split(data: ml_collections.ConfigDict, split: str, num_classes: int) -
     return Split(images[order][..., None], labels[order].astype(np.int32))
 
 
+def _find_archive(data: ml_collections.ConfigDict, name: str) -> str | None:
+    """The path of archive `name` in data.manual_dir, gzipped or not; None if neither is there."""
+    folder = data.manual_dir
+    return next((path for path in (os.path.join(folder, name), os.path.join(folder, name.removesuffix(".gz")))
+                 if os.path.isfile(path)), None)
+
+
 def _archive(data: ml_collections.ConfigDict, name: str) -> str:
     """The path of archive `name` in data.manual_dir, gzipped or not; a ConfigError naming it if neither is there."""
+    path = _find_archive(data, name)
+    if path is not None:
+        return path
     folder = data.manual_dir
-    for path in (os.path.join(folder, name), os.path.join(folder, name.removesuffix(".gz"))):
-        if os.path.isfile(path):
-            return path
     every = ", ".join(file for pair in ARCHIVES.values() for file in pair)
     raise ConfigError(f"data.manual_dir: {os.path.join(folder, name)} does not exist; copy {data.name}'s four "
                       f"original archives there ({every}), or leave data.manual_dir unset to load it through TFDS")
