@@ -3,7 +3,12 @@ the end of epoch 1 and ends near 99.45% after 6 epochs (timings:
 docs/performance.md).
 
 A small batch-norm CNN (conv 16, conv 32, dense 128), so that an epoch is
-short on a CPU; batch norm lets Adam take large steps (1e-2) from the start.
+short on a CPU; batch norm lets Adam take large steps (1e-2) from the start,
+and Adam's shorter moment averages (b1=0.7, b2=0.9, as tuomaso/train_mnist_fast
+found) follow the fast-changing gradients of that first epoch: over seeds
+0-2 epoch 1 reached 99.14, 99.26, 99.11% against 99.10, 99.12, 99.04% with
+0.9/0.999, and 6 epochs ended at 99.47% (Intel Xeon with AMX, bf16 through
+oneDNN, 2026-12-06; one-epoch runs of this config with config.seed=0, 1, 2).
 The schedule restarts once (warm restarts): a one-epoch warmup and cosine
 cycle that anneals early, so the first evaluation is already past 99%, then
 a five-epoch cycle for the final accuracy. Average pooling, because XLA:CPU
@@ -35,6 +40,7 @@ def get_config():
     )
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-2
+    config.optimizer.b1, config.optimizer.b2 = 0.7, 0.9  # shorter moment averages: a surer epoch 1
     config.optimizer.schedule = "warmup_cosine"
     config.optimizer.warmup_epochs = 0.2
     config.optimizer.restart_epochs = (1,)

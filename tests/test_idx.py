@@ -138,3 +138,39 @@ def test_mnist_archives_load_without_importing_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "(60000, 28, 28, 1) (10000, 28, 28, 1) int32 True 60000 False", out.stderr
     assert out.stderr == "", out.stderr  # nothing to say: no preparation, no decoding progress, no warnings
+
+
+def test_a_second_load_reads_the_cache_without_tfds(archives, monkeypatch, tmp_path):
+    """The decoded splits and class names come back from the cache: TFDS's description is not asked again."""
+    folder, arrays = archives
+    first = cnn.load_dataset(kmnist(folder, train_split="train[:20%]+test[-3:]"))
+    assert list((tmp_path / "cnn_cache" / "idx").iterdir())  # CNN_CACHE_DIR (conftest)
+
+    def no_tfds(data):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(idx.tfds_lib, "tfds_builder", no_tfds)
+    second = cnn.load_dataset(kmnist(folder, train_split="train[:20%]+test[-3:]"))
+    assert second.class_names == first.class_names and second.class_names[:2] == ["o", "ki"]
+    for a, b in ((first.train, second.train), (first.test, second.test)):
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert b.images.dtype == np.uint8 and b.labels.dtype == np.int32
+
+
+def test_a_changed_archive_or_split_is_decoded_again(archives, capfd):
+    folder, arrays = archives
+    cnn.load_dataset(kmnist(folder))
+    capfd.readouterr()
+    images = np.flip(arrays["train"][0], axis=2)  # same size, other bytes
+    write_idx(folder / FILES["train"][0], images)
+    dataset = cnn.load_dataset(kmnist(folder))
+    np.testing.assert_array_equal(dataset.train.images[..., 0], images[tfds_order("train", 30)])
+    assert "the data changed since it was cached" in capfd.readouterr().err
+    assert len(cnn.load_dataset(kmnist(folder, train_split="train[:10]")).train) == 10
+
+
+def test_without_the_cache_nothing_is_written(archives, tmp_path):
+    folder, _ = archives
+    cnn.load_dataset(kmnist(folder, cache=False))
+    assert not (tmp_path / "cnn_cache").exists()

@@ -194,3 +194,16 @@ def test_onednn_bf16_without_bf16_kernels_is_one_line_and_auto_computes_in_float
     assert proc.returncode == 0, proc.stderr
     line = next(l for l in proc.stdout.splitlines() if l.startswith("digits:"))
     assert "bfloat16" not in line and "oneDNN" not in line
+
+
+@needs_onednn
+@pytest.mark.parametrize("preset", [None, "active"])
+def test_onednn_threads_wait_passively_unless_the_environment_says(preset):
+    """libgomp reads OMP_WAIT_POLICY when the extension loads it: passive by default, a user's own value kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os; from cnn.kernels import onednn; assert onednn.available(); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == (preset or "PASSIVE"), out.stderr

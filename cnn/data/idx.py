@@ -10,10 +10,13 @@ mean to TFDS. Only TFDS's description of the set is used (class names, the
 archives' SHA-256 checksums, the order its preparation writes), which needs
 no TensorFlow either.
 
-Reading takes under a second (about 50 MB decoded), so nothing is cached,
-and a set this small is always held in memory (data.max_memory_gb does not
-apply). The archives win over a copy TFDS has prepared in data.data_dir:
-they hold the same arrays. Without data.manual_dir these sets load through
+The decoded splits and class names are kept in the decoded-array cache
+(cnn/data/cache.py), keyed by each archive's path, size and modification
+time: decoding, ordering and TFDS's description take most of a second, and
+a later run reads the cached arrays in a few hundredths without importing
+TFDS, which is much of a warm start-up's budget. A set this small is always
+held in memory (data.max_memory_gb does not apply). The archives win over a
+copy TFDS has prepared in data.data_dir: they hold the same arrays. Without data.manual_dir these sets load through
 TFDS (cnn/data/tfds.py), downloading and preparing them once.
 """
 
@@ -27,6 +30,7 @@ import zlib
 import ml_collections
 import numpy as np
 
+import cnn.data.cache as cache_lib
 import cnn.data.tfds as tfds_lib
 from cnn.data.dataset import Dataset, Split
 from cnn.errors import ConfigError
@@ -38,16 +42,35 @@ IMAGE_SHAPE = (28, 28)
 
 
 def load(data: ml_collections.ConfigDict, seed: int = 0) -> Dataset:
-    """Both splits from the archives in data.manual_dir, else through TFDS (`seed` is unused: these sets come
-    with their test split)."""
+    """Both splits from the archives in data.manual_dir (decoded once, then from the cache), else through TFDS
+    (`seed` is unused: these sets come with their test split)."""
     if not data.get("manual_dir"):
         return tfds_lib.load_tfds(data)
+    paths = [_find_archive(data, name) for pair in ARCHIVES.values() for name in pair]
+    settings = {"name": data.name, "train_split": data.train_split, "test_split": data.test_split}
+    key = {**settings, "archives": [_stamp(path) for path in paths if path]}
+    # One missing: decoding names it, after any file in the folder that TFDS's checksums refuse.
+    folder = cache_lib.entry_folder(data, "idx", data.manual_dir, settings) if data.cache and all(paths) else None
+    entry, _ = cache_lib.cached(folder, key, lambda: _decode(data))
+    a = entry.arrays
+    return Dataset(data.name, Split(a["train_images"], a["train_labels"]), Split(a["test_images"], a["test_labels"]),
+                   list(entry.info["class_names"]))
+
+
+def _stamp(path: str) -> list:
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _decode(data: ml_collections.ConfigDict) -> cache_lib.Entry:
+    """The configured splits read from the archives, checked against TFDS's description of the set."""
     builder = tfds_lib.tfds_builder(data)
     tfds_lib.check_manual_files(builder, data)  # a .gz of another set, or cut short
     class_names = list(builder.info.features["label"].names)
     rows = {split: _read_split(data, split, len(class_names)) for split in ARCHIVES}
     train, test = (_select(rows, data[field], field, data.name) for field in ("train_split", "test_split"))
-    return Dataset(data.name, train, test, class_names)
+    return cache_lib.Entry({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
+                            "test_labels": test.labels}, {"class_names": class_names})
 
 
 def _read_split(data: ml_collections.ConfigDict, split: str, num_classes: int) -> Split:
@@ -65,12 +88,19 @@ def _read_split(data: ml_collections.ConfigDict, split: str, num_classes: int) -
     return Split(images[order][..., None], labels[order].astype(np.int32))
 
 
+def _find_archive(data: ml_collections.ConfigDict, name: str) -> str | None:
+    """The path of archive `name` in data.manual_dir, gzipped or not; None if neither is there."""
+    folder = data.manual_dir
+    return next((path for path in (os.path.join(folder, name), os.path.join(folder, name.removesuffix(".gz")))
+                 if os.path.isfile(path)), None)
+
+
 def _archive(data: ml_collections.ConfigDict, name: str) -> str:
     """The path of archive `name` in data.manual_dir, gzipped or not; a ConfigError naming it if neither is there."""
+    path = _find_archive(data, name)
+    if path is not None:
+        return path
     folder = data.manual_dir
-    for path in (os.path.join(folder, name), os.path.join(folder, name.removesuffix(".gz"))):
-        if os.path.isfile(path):
-            return path
     every = ", ".join(file for pair in ARCHIVES.values() for file in pair)
     raise ConfigError(f"data.manual_dir: {os.path.join(folder, name)} does not exist; copy {data.name}'s four "
                       f"original archives there ({every}), or leave data.manual_dir unset to load it through TFDS")

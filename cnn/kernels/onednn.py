@@ -47,7 +47,15 @@ def _preload_onednn() -> None:
     An editable install leaves the extension in the source tree, so no rpath
     relative to it can reach the venv; loading the library globally first
     satisfies the extension's dependency wherever it lives.
+
+    Its OpenMP threads wait passively (OMP_WAIT_POLICY, unless the environment
+    sets it; libgomp reads it when this loads it): spinning, they took the
+    cores XLA's own threads needed, and on a 2-core machine shared with other
+    work the first step, where oneDNN times its candidate kernels, took 9-22 s
+    against about 1 s, and an epoch ran at 1,300-1,800 images/s against
+    2,200-2,700 (docs/performance.md).
     """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         path = os.path.join(prefix, "lib", "libdnnl.so.3")
         if os.path.exists(path):

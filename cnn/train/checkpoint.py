@@ -49,20 +49,31 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int = 3, owner: bool = False, folder: str = workdir_lib.CHECKPOINTS):
         """`owner`: the run holding the workdir's lock, which saves; it also clears what unfinished saves left.
         `folder`: WORKDIR/checkpoints, or WORKDIR/best_checkpoint for the best epoch's state."""
-        import orbax.checkpoint as ocp  # here: it adds about half a second to `import cnn`
-
-        self._ocp = ocp
         self.workdir = os.path.abspath(workdir)
+        self.folder = folder
         self.directory = os.path.join(self.workdir, folder)
-        # Synchronous saves: the next train step donates the state's buffers.
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=owner,
-            temporary_path_class=_faulty_rename() if owner and workdir_lib.faults_at(workdir_lib.CHECKPOINTS)
-            else None)
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=ocp.StandardCheckpointHandler(),
-                                              options=options)
+        self._keep, self._owner, self._manager_made = keep, owner, None
+
+    @property
+    def _manager(self):
+        """Orbax's manager, made at first use: a fresh run needs none before its first save, and importing orbax
+        takes a tenth of a second or more of start-up."""
+        if self._manager_made is None:
+            import orbax.checkpoint as ocp
+
+            self._ocp = ocp
+            # Synchronous saves: the next train step donates the state's buffers.
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep, enable_async_checkpointing=False, cleanup_tmp_directories=self._owner,
+                temporary_path_class=_faulty_rename() if self._owner and workdir_lib.faults_at(
+                    workdir_lib.CHECKPOINTS) else None)
+            self._manager_made = ocp.CheckpointManager(self.directory, item_handlers=ocp.StandardCheckpointHandler(),
+                                                       options=options)
+        return self._manager_made
 
     def latest_step(self) -> int | None:
+        if self._manager_made is None and not workdir_lib.has_checkpoints(self.workdir, self.folder):
+            return None
         return self._manager.latest_step()
 
     def save(self, state, epoch_sums: EpochSums) -> None:
@@ -104,6 +115,8 @@ class Checkpoints:
         shapes the checkpoint must have. A damaged checkpoint is reported and
         moved to WORKDIR/damaged_checkpoints/, and the one before it is used.
         """
+        if not workdir_lib.has_checkpoints(self.workdir, self.folder):
+            return None
         target = _arrays(state, jax.device_put(EpochSums.zeros()))
         for step in sorted((s for s in self._manager.all_steps() if at in (None, s)), reverse=True):
             try:
@@ -167,7 +180,8 @@ class Checkpoints:
         self._manager.reload()
 
     def close(self) -> None:
-        self._manager.close()
+        if self._manager_made is not None:
+            self._manager.close()
 
 
 _SAVE_OVERHEAD = 256 * 1024  # bytes of a checkpoint beyond its arrays: metadata files, each a block or more

@@ -58,14 +58,25 @@ class TrainState(train_state.TrainState):
 def create_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], seed: int,
                  kernel_choice: str = "auto", platform: str | None = None, ema_decay: float = 0.0) -> TrainState:
     """A fresh state: parameters initialised from `seed`, and a dropout key split from the same seed; with
-    `ema_decay` > 0, a moving average starting at the initial parameters."""
-    init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+    `ema_decay` > 0, a moving average starting at the initial parameters.
+
+    One compiled program makes all of it, so the compilation cache serves a
+    rerun; run eagerly, the keys and each optimizer array were an XLA program
+    apiece, compiled anew in every process (half a second of start-up).
+    """
     apply = kernels.apply_fn(models.adapt(model), kernel_choice, platform)  # a user's module under cnn's call
-    variables = jax.jit(apply.init)(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
-    ema = jax.tree_util.tree_map(jnp.copy, variables["params"]) if ema_decay else None  # its own buffers: donated
-    return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng,
-                             ema_params=ema, ema_decay=float(ema_decay))
+
+    def fresh() -> TrainState:
+        init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+        variables = apply.init(init_rng, jnp.zeros((1, *input_shape), jnp.float32))
+        return TrainState.create(apply_fn=apply, params=variables["params"], tx=tx,
+                                 batch_stats=variables.get("batch_stats", {}), dropout_rng=dropout_rng)
+
+    state = jax.jit(fresh)()
+    if not ema_decay:
+        return state
+    ema = jax.tree_util.tree_map(jnp.copy, state.params)  # its own buffers: the step donates both
+    return state.replace(ema_params=ema, ema_decay=float(ema_decay))
 
 
 class EpochSums(NamedTuple):
