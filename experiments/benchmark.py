@@ -133,14 +133,20 @@ def jax_trainer(model_name: str, batch_size: int, num_devices: int, compute_dtyp
     carry = {"state": jax.device_put(state, replicated),
              "sums": jax.device_put(train.EpochSums.zeros(), replicated)}
 
-    def run(steps: int) -> None:
-        # As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step.
+    def run(steps: int, wait_each: bool = False) -> float:
+        """As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step; returns
+        the seconds the host took to dispatch the steps (with `wait_each`, waiting for each one too)."""
         rows = rng.integers(0, len(split), (steps, batch_size))
-        chunk = data_lib.stage_chunk(split, rows, steps, chunk_sharding)
+        chunk = jax.block_until_ready(data_lib.stage_chunk(split, rows, steps, chunk_sharding))
         start = sharding.put_replicated(np.int32(carry["state"].step), mesh)
+        began = time.perf_counter()
         for _ in range(steps):
             carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], chunk, start)
+            if wait_each:
+                jax.block_until_ready(loss)
+        dispatched = time.perf_counter() - began
         jax.block_until_ready(loss)
+        return dispatched
 
     onednn = " through oneDNN" if kernels_lib.onednn_in_force(kernels, compute_dtype, platform) else ""
     device = f"{mesh.size} x {jax.devices()[0].device_kind}{onednn}, kernels={kernels}" + (
@@ -289,6 +295,29 @@ def throughput_worker(args) -> None:
         run(args.steps)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
     print(json.dumps({"device": device, "blocks": rates, "first_block": first}))
+
+
+def step_time(args) -> None:
+    """cnn's step split into host dispatch and device compute: the seconds the host takes to dispatch a block of
+    steps (the device runs them asynchronously), the block's seconds until its last step is done, and a step's
+    seconds when the host waits for each one. Dispatch near the total means the host is the bottleneck (a small
+    model on a GPU); on a CPU the two overlap on the same cores."""
+    for dtype in args.dtypes:
+        run, device = jax_trainer(args.model, args.batch_size, args.num_devices, dtype, args.micro_batch_size,
+                                  args.kernels)
+        run(args.steps)  # compiles
+        dispatch, total, waited = [], [], []
+        for _ in range(args.blocks):
+            start = time.perf_counter()
+            dispatch.append(run(args.steps) / args.steps)
+            total.append((time.perf_counter() - start) / args.steps)
+            start = time.perf_counter()
+            run(args.steps, wait_each=True)
+            waited.append((time.perf_counter() - start) / args.steps)
+        median = lambda xs: statistics.median(xs) * 1e3
+        print(f"{args.model} {dtype}, batch {args.batch_size} ({device}): a step {median(total):.2f} ms in a block "
+              f"({args.batch_size / statistics.median(total):,.0f} images/s), of which the host dispatching "
+              f"{median(dispatch):.2f} ms; {median(waited):.2f} ms waiting for each step")
 
 
 def worker_command(args, name: str) -> list[str]:
@@ -625,7 +654,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     both = sub.add_parser("targets", help="throughput and time_to_accuracy in one run, each ratio against its target")
-    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), both):
+    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), sub.add_parser("step_time"), both):
         t.add_argument("--model", choices=list(MODELS), default="flax_cnn",
                        help="the model trained, cnn's and PyTorch's (MODELS); flax_cnn is the Flax MNIST CNN")
         t.add_argument("--batch_size", type=int, default=0, help="0: the model's own (MODELS)")
@@ -645,6 +674,8 @@ def main() -> None:
     sub.choices["throughput_worker"].add_argument("--recipe", help="torch_recipe's JSON, for a PyTorch variant")
     both.add_argument("--rounds", type=int, default=1, help="processes per throughput variant, and runs per recipe")
     sub.choices["throughput"].add_argument("--rounds", type=int, default=1, help="processes per variant")
+    sub.choices["step_time"].add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                                          help="cnn's train.compute_dtype, each in turn")
     a = sub.add_parser("time_to_accuracy")
     a.add_argument("--rounds", type=int, default=1, help="runs of each recipe, in alternating order; the median")
     for t in (sub.choices["throughput"], both):
@@ -676,7 +707,7 @@ def main() -> None:
                            help="print only; by default what is printed is also appended to "
                            "docs/benchmarks/<date>-<cpu>.md when the benchmark finishes")
     args = parser.parse_args()
-    if args.benchmark.startswith("throughput") or args.benchmark == "targets":
+    if args.benchmark in ("throughput", "throughput_worker", "step_time", "targets"):
         for field in ("batch_size", "steps", "blocks"):  # 0: the model's own
             setattr(args, field, getattr(args, field) or MODELS[args.model][field])
         if args.micro_batch_size < 0 or (args.micro_batch_size and args.batch_size % args.micro_batch_size):
@@ -688,7 +719,8 @@ def main() -> None:
     try:
         with recording(not getattr(args, "no_record", True)):
             {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy,
-             "targets": targets, "own_data": own_data, "logging": step_logging}[args.benchmark](args)
+             "targets": targets, "own_data": own_data, "logging": step_logging,
+             "step_time": step_time}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 
