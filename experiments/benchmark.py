@@ -1,20 +1,29 @@
 """Benchmarks for the performance targets, each against a peer measured in the same run.
 
-    python experiments/benchmark.py throughput        # cnn's train step vs PyTorch's fast paths, same model and batch
+    python experiments/benchmark.py throughput --model M  # cnn's train step vs PyTorch's fast paths, same model
+    python experiments/benchmark.py step_time --model M   # cnn's step: host dispatch against device compute
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax recipe and PyTorch, process start
     python experiments/benchmark.py targets           # both of the above in one run, each ratio against its target
     python experiments/benchmark.py own_data          # MNIST as 70,000 PNGs in class folders vs the TFDS path
     python experiments/benchmark.py logging           # the training loop with step records vs without
 
-`throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
-avg-pool, dense 256, dense 10; SGD with momentum, global batch 128) in each
-of `VARIANTS`, each in a fresh process one after another: cnn's own
-compiled step as training runs it by default (the kernels, host devices and
-micro-batches `train.kernels='auto'` and the defaults choose; `--num_devices`
-and `--micro_batch_size` change those) in float32 and in bfloat16, and
-PyTorch (`pip install -e '.[bench]'`) eager, channels_last, bf16 autocast,
-torch.compile, and torch.compile with bf16 autocast. It prints the median
-block of each and the ratio of cnn's best to PyTorch's best.
+`throughput --model M` trains one of `MODELS` in each of `VARIANTS`, each in
+a fresh process one after another: `flax_cnn` (the classic Flax MNIST CNN,
+configs/flax_cnn.py, batch 128), `resnet20` (configs/resnet20.py: 32x32x3,
+batch 128, SGD with weight decay, crop and flip), `resnet50` and
+`mobilenet_v2` (the backbone presets, 224x224x3, batch 32, SGD with
+momentum). cnn runs its own compiled step as training runs it by default
+(the kernels, host devices and micro-batches `train.kernels='auto'` and the
+defaults choose; `--kernels`, `--num_devices` and `--micro_batch_size`
+change those) in float32 and bfloat16; PyTorch runs the same architecture
+(torchvision's for the backbones, small modules for the others; `pip install
+-e '.[bench]'`, or `--torch_python` naming another environment's Python)
+eager, channels_last, bf16 autocast, torch.compile, and torch.compile with
+bf16 autocast. The bf16 variants run by default only on a CPU with bf16
+instructions (AVX512-BF16 or AMX; elsewhere both frameworks emulate bf16).
+It prints the CPU, the median block of each and the ratio of cnn's best to
+PyTorch's best. `step_time --model M` splits cnn's step into the host's
+dispatch and the device's compute (experiments/gpu_check.sh runs it on GPUs).
 `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
 metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
 final accuracy, start-up time, data-loading share and peak memory. The peers
