@@ -1,20 +1,29 @@
 """Benchmarks for the performance targets, each against a peer measured in the same run.
 
-    python experiments/benchmark.py throughput        # cnn's train step vs PyTorch's fast paths, same model and batch
+    python experiments/benchmark.py throughput --model M  # cnn's train step vs PyTorch's fast paths, same model
+    python experiments/benchmark.py step_time --model M   # cnn's step: host dispatch against device compute
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax recipe and PyTorch, process start
     python experiments/benchmark.py targets           # both of the above in one run, each ratio against its target
     python experiments/benchmark.py own_data          # MNIST as 70,000 PNGs in class folders vs the TFDS path
     python experiments/benchmark.py logging           # the training loop with step records vs without
 
-`throughput` trains the classic Flax MNIST CNN (conv 32, avg-pool, conv 64,
-avg-pool, dense 256, dense 10; SGD with momentum, global batch 128) in each
-of `VARIANTS`, each in a fresh process one after another: cnn's own
-compiled step as training runs it by default (the kernels, host devices and
-micro-batches `train.kernels='auto'` and the defaults choose; `--num_devices`
-and `--micro_batch_size` change those) in float32 and in bfloat16, and
-PyTorch (`pip install -e '.[bench]'`) eager, channels_last, bf16 autocast,
-torch.compile, and torch.compile with bf16 autocast. It prints the median
-block of each and the ratio of cnn's best to PyTorch's best.
+`throughput --model M` trains one of `MODELS` in each of `VARIANTS`, each in
+a fresh process one after another: `flax_cnn` (the classic Flax MNIST CNN,
+configs/flax_cnn.py, batch 128), `resnet20` (configs/resnet20.py: 32x32x3,
+batch 128, SGD with weight decay, crop and flip), `resnet50` and
+`mobilenet_v2` (the backbone presets, 224x224x3, batch 32, SGD with
+momentum). cnn runs its own compiled step as training runs it by default
+(the kernels, host devices and micro-batches `train.kernels='auto'` and the
+defaults choose; `--kernels`, `--num_devices` and `--micro_batch_size`
+change those) in float32 and bfloat16; PyTorch runs the same architecture
+(torchvision's for the backbones, small modules for the others; `pip install
+-e '.[bench]'`, or `--torch_python` naming another environment's Python)
+eager, channels_last, bf16 autocast, torch.compile, and torch.compile with
+bf16 autocast. The bf16 variants run by default only on a CPU with bf16
+instructions (AVX512-BF16 or AMX; elsewhere both frameworks emulate bf16).
+It prints the CPU, the median block of each and the ratio of cnn's best to
+PyTorch's best. `step_time --model M` splits cnn's step into the host's
+dispatch and the device's compute (experiments/gpu_check.sh runs it on GPUs).
 `time_to_accuracy` runs `python -m cnn.main` as a user would and reads
 metrics.jsonl and results.json: when test accuracy first reached 99.0%, the
 final accuracy, start-up time, data-loading share and peak memory. The peers
@@ -62,88 +71,186 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAX_CNN = (
-    "Conv2D(32, 3, activation='relu', padding='same')", "AveragePooling2D(2)",
-    "Conv2D(64, 3, activation='relu', padding='same')", "AveragePooling2D(2)",
-    "Flatten()", "Dense(256, activation='relu')", "Dense(10)",
-)
+# The models `throughput` trains: the config training would use (a file in configs/, or a backbone preset over
+# the base config), the input shape, the default batch, and steps per timed block and blocks per process (the
+# 224x224 backbones take seconds a step on 2 cores).
+MODELS = {
+    "flax_cnn": {"config": "configs/flax_cnn.py", "input_shape": (28, 28, 1), "num_classes": 10, "batch_size": 128,
+                 "steps": 40, "blocks": 7},
+    "resnet20": {"config": "configs/resnet20.py", "input_shape": (32, 32, 3), "num_classes": 10, "batch_size": 128,
+                 "steps": 8, "blocks": 5},
+    "resnet50": {"config": "resnet50", "input_shape": (224, 224, 3), "num_classes": 1000, "batch_size": 32,
+                 "steps": 2, "blocks": 3},
+    "mobilenet_v2": {"config": "mobilenet_v2", "input_shape": (224, 224, 3), "num_classes": 1000, "batch_size": 32,
+                     "steps": 2, "blocks": 3},
+}
 
 
-def jax_trainer(batch_size: int, num_devices: int, compute_dtype: str, micro_batch_size: int = 0):
-    """A closure running `steps` of cnn's real training step (the one train_and_evaluate compiles)."""
+def model_config(name: str):
+    """The config cnn trains `name` with: configs/*.py as a user runs it, or a backbone preset with SGD."""
+    from cnn import config as config_lib
+
+    source = MODELS[name]["config"]
+    if source.endswith(".py"):
+        config = config_lib.load_config(os.path.join(REPO, source))
+    else:
+        config = config_lib.base_config()
+        config.model.layers, config.model.preset = (), source
+    config.model.num_classes = MODELS[name]["num_classes"]
+    return config
+
+
+def torch_recipe(name: str) -> dict:
+    """What the PyTorch peer needs of cnn's config for `name` (its worker may run in a venv without cnn)."""
+    config = model_config(name)
+    o, d = config.optimizer, config.data
+    return {"model": name, "input_shape": MODELS[name]["input_shape"], "num_classes": MODELS[name]["num_classes"],
+            "lr": o.learning_rate, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay,
+            "crop_padding": int(d.crop_padding), "flip": bool(d.flip),
+            "mean": d.mean and list(d.mean), "std": d.std and list(d.std)}
+
+
+def jax_trainer(model_name: str, batch_size: int, num_devices: int, compute_dtype: str, micro_batch_size: int = 0,
+                kernels: str = "auto"):
+    """A closure running `steps` of cnn's real training step for `model_name` (the step train_and_evaluate
+    compiles: the config's optimizer, augmentation and normalisation, the kernels and micro-batches it chooses)."""
     from cnn import runtime
 
     runtime.set_cpu_devices(num_devices)
     import jax
 
-    from cnn import config as config_lib, data as data_lib, kernels, models, sharding, train
+    from cnn import data as data_lib, kernels as kernels_lib, models, sharding, train
 
-    config = config_lib.base_config()
-    config.model.layers = FLAX_CNN
-    config.train.compute_dtype = compute_dtype
+    config = model_config(model_name)
+    config.train.compute_dtype, config.train.kernels = compute_dtype, kernels
+    spec = MODELS[model_name]
     mesh = sharding.make_mesh(num_devices)
-    model = models.build_model(config.model)
-    state = train.create_state(model, train.make_optimizer(config.optimizer, 100, 1), (28, 28, 1), 0,
-                               config.train.kernels, mesh.devices.flat[0].platform)
-    replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
     platform = mesh.devices.flat[0].platform
+    model = models.build_model(config.model)
+    tx = train.make_optimizer(config.optimizer, 100, config.train.num_epochs)
+    state = train.create_state(model, tx, spec["input_shape"], 0, kernels, platform)
+    replicated, chunk_sharding = sharding.replicated(mesh), sharding.chunk_sharding(mesh)
     micro_batch_size = micro_batch_size or sharding.micro_batch_size(  # as cnn/train/setup.py chooses it
-        batch_size, mesh, kernels.whole_batch(config.train.kernels, compute_dtype, platform))
+        batch_size, mesh, kernels_lib.whole_batch(kernels, compute_dtype, platform))
     sharding.check_batch("--micro_batch_size", micro_batch_size, mesh)
     recipe = train.Recipe.from_config(config, "softmax_cross_entropy")
     step = train.compile_train_step(mesh, batch_size // micro_batch_size, recipe)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (1024, 28, 28, 1), dtype=np.uint8)
-    split = data_lib.Split(images, rng.integers(0, 10, 1024).astype(np.int32))
+    count = max(4 * batch_size, 256)
+    images = rng.integers(0, 256, (count, *spec["input_shape"]), dtype=np.uint8)
+    split = data_lib.Split(images, rng.integers(0, spec["num_classes"], count).astype(np.int32))
     carry = {"state": jax.device_put(state, replicated),
              "sums": jax.device_put(train.EpochSums.zeros(), replicated)}
 
-    def run(steps: int) -> None:
-        # As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step.
+    def run(steps: int, wait_each: bool = False) -> float:
+        """As in train_and_evaluate: the block's batches staged on the devices, then one dispatch per step; returns
+        the seconds the host took to dispatch the steps (with `wait_each`, waiting for each one too)."""
         rows = rng.integers(0, len(split), (steps, batch_size))
-        chunk = data_lib.stage_chunk(split, rows, steps, chunk_sharding)
+        chunk = jax.block_until_ready(data_lib.stage_chunk(split, rows, steps, chunk_sharding))
         start = sharding.put_replicated(np.int32(carry["state"].step), mesh)
+        began = time.perf_counter()
         for _ in range(steps):
             carry["state"], carry["sums"], loss = step(carry["state"], carry["sums"], chunk, start)
+            if wait_each:
+                jax.block_until_ready(loss)
+        dispatched = time.perf_counter() - began
         jax.block_until_ready(loss)
+        return dispatched
 
-    onednn = " through oneDNN" if kernels.onednn_in_force(config.train.kernels, compute_dtype, platform) else ""
-    device = f"{mesh.size} x {jax.devices()[0].device_kind}{onednn}" + (
+    onednn = " through oneDNN" if kernels_lib.onednn_in_force(kernels, compute_dtype, platform) else ""
+    device = f"{mesh.size} x {jax.devices()[0].device_kind}{onednn}, kernels={kernels}" + (
         f", {batch_size // micro_batch_size} parts of {micro_batch_size}" if micro_batch_size < batch_size else "")
     return run, device
 
 
-def torch_trainer(batch_size: int, device: str, channels_last: bool = False, bf16: bool = False,
-                  compile: bool = False):
-    """The same model, batch and optimizer in PyTorch, with one of its fast paths (`pip install -e '.[bench]'`)."""
-    import torch
+def torch_model(name: str, num_classes: int):
+    """The PyTorch peer of cnn's model `name`: torchvision's backbones, small modules for the others."""
     import torch.nn.functional as F
     from torch import nn
 
-    class CNN(nn.Module):
+    class FlaxCNN(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
-            self.dense1, self.dense2 = nn.Linear(64 * 7 * 7, 256), nn.Linear(256, 10)
+            self.dense1, self.dense2 = nn.Linear(64 * 7 * 7, 256), nn.Linear(256, num_classes)
 
         def forward(self, x):
             x = F.avg_pool2d(F.relu(self.conv1(x)), 2)
             x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
             return self.dense2(F.relu(self.dense1(x.flatten(1))))
 
+    class Block(nn.Module):  # cnn.models.layers.ResidualBlock with shortcut='pad' (option A)
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn1, self.bn2, self.stride, self.extra = nn.BatchNorm2d(cout), nn.BatchNorm2d(cout), stride, cout - cin
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            if self.extra:
+                shortcut = F.pad(shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+            return F.relu(y + shortcut)
+
+    class ResNet20(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+            blocks, cin = [], 16
+            for stage, width in enumerate((16, 32, 64)):
+                for block in range(3):
+                    blocks.append(Block(cin, width, 2 if stage and not block else 1))
+                    cin = width
+            self.blocks, self.head = nn.Sequential(*blocks), nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+    if name in ("resnet50", "mobilenet_v2"):
+        import torchvision
+
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+    return {"flax_cnn": FlaxCNN, "resnet20": ResNet20}[name]()
+
+
+def torch_trainer(recipe: dict, batch_size: int, device: str, channels_last: bool = False, bf16: bool = False,
+                  compile: bool = False):
+    """cnn's model, batch, optimizer and augmentation (`recipe`, from `torch_recipe`) in PyTorch, with one of its
+    fast paths (`pip install torch torchvision`, or `--torch_python` naming another environment's Python)."""
+    import torch
+    import torch.nn.functional as F
+
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = CNN().to(device, memory_format=layout)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model = torch_model(recipe["model"], recipe["num_classes"]).to(device, memory_format=layout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
+                                nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
     forward = torch.compile(model) if compile else model
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     rng = np.random.default_rng(0)
-    images = torch.tensor(rng.integers(0, 256, (8, batch_size, 1, 28, 28), dtype=np.uint8))
-    labels = torch.tensor(rng.integers(0, 10, (8, batch_size)))
+    height, width, channels = recipe["input_shape"]
+    images = torch.tensor(rng.integers(0, 256, (4, batch_size, channels, height, width), dtype=np.uint8))
+    labels = torch.tensor(rng.integers(0, recipe["num_classes"], (4, batch_size)))
+    mean = torch.tensor(recipe["mean"] or [0.0], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(recipe["std"] or [1.0], device=device).view(1, -1, 1, 1)
+
+    def inputs(batch):  # uint8 from the host; crop, flip and scaling on the device, as cnn's step does them
+        x = batch.to(device)
+        n, p = x.shape[0], recipe["crop_padding"]
+        if p:
+            x = F.pad(x, (p, p, p, p))
+            dy, dx = (torch.randint(0, 2 * p + 1, (n, 1), device=device) for _ in range(2))
+            rows = (dy + torch.arange(height, device=device))[:, None, :, None]
+            cols = (dx + torch.arange(width, device=device))[:, None, None, :]
+            x = x[torch.arange(n, device=device)[:, None, None, None], torch.arange(channels, device=device)[
+                None, :, None, None], rows, cols]
+        if recipe["flip"]:
+            x = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        return ((x.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
 
     def run(steps: int) -> None:
-        for i in range(steps):  # uint8 batch from the host, scaled on the device, as cnn does
-            x = (images[i % 8].to(device).float() / 255.0).contiguous(memory_format=layout)
-            y = labels[i % 8].to(device)
+        for i in range(steps):
+            x, y = inputs(images[i % 4]), labels[i % 4].to(device)
             optimizer.zero_grad()
             with autocast:
                 loss = F.cross_entropy(forward(x), y)
@@ -167,45 +274,89 @@ VARIANTS = {
 }
 
 
+def has_bf16_units() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16); without them both frameworks emulate bf16,
+    slowly, so `throughput` leaves the bf16 variants out by default."""
+    return bool(set(cpu_info()["units"].split()) & {"avx512_bf16", "amx_bf16"})
+
+
+def default_variants() -> list[str]:
+    return [name for name in VARIANTS if has_bf16_units() or not ("bf16" in name or "bfloat16" in name)]
+
+
 def throughput_worker(args) -> None:
     """One variant in this process: a warm-up block (compilation), then timed blocks; prints one JSON line."""
     kind, options = VARIANTS[args.variant]
     if kind == "cnn":
-        run, device = jax_trainer(args.batch_size, args.num_devices, options["compute_dtype"], args.micro_batch_size)
+        run, device = jax_trainer(args.model, args.batch_size, args.num_devices, options["compute_dtype"],
+                                  args.micro_batch_size, args.kernels)
     else:
         import torch
 
-        run, device = torch_trainer(args.batch_size, "cuda" if torch.cuda.is_available() else "cpu", **options)
+        run, device = torch_trainer(json.loads(args.recipe), args.batch_size,
+                                    "cuda" if torch.cuda.is_available() else "cpu", **options)
+    start = time.perf_counter()
     run(args.steps)
+    first = time.perf_counter() - start
     rates = []
     for _ in range(args.blocks):
         start = time.perf_counter()
         run(args.steps)
         rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
-    print(json.dumps({"device": device, "blocks": rates}))
+    print(json.dumps({"device": device, "blocks": rates, "first_block": first}))
+
+
+def step_time(args) -> None:
+    """cnn's step split into host dispatch and device compute: the seconds the host takes to dispatch a block of
+    steps (the device runs them asynchronously), the block's seconds until its last step is done, and a step's
+    seconds when the host waits for each one. Dispatch near the total means the host is the bottleneck (a small
+    model on a GPU); on a CPU the two overlap on the same cores."""
+    for dtype in args.dtypes:
+        run, device = jax_trainer(args.model, args.batch_size, args.num_devices, dtype, args.micro_batch_size,
+                                  args.kernels)
+        run(args.steps)  # compiles
+        dispatch, total, waited = [], [], []
+        for _ in range(args.blocks):
+            start = time.perf_counter()
+            dispatch.append(run(args.steps) / args.steps)
+            total.append((time.perf_counter() - start) / args.steps)
+            start = time.perf_counter()
+            run(args.steps, wait_each=True)
+            waited.append((time.perf_counter() - start) / args.steps)
+        median = lambda xs: statistics.median(xs) * 1e3
+        print(f"{args.model} {dtype}, batch {args.batch_size} ({device}): a step {median(total):.2f} ms in a block "
+              f"({args.batch_size / statistics.median(total):,.0f} images/s), of which the host dispatching "
+              f"{median(dispatch):.2f} ms; {median(waited):.2f} ms waiting for each step")
+
+
+def worker_command(args, name: str) -> list[str]:
+    """The command running variant `name` in a fresh process: PyTorch's with `--torch_python`."""
+    torch = VARIANTS[name][0] == "torch"
+    extra = [f"--recipe={json.dumps(torch_recipe(args.model))}"] if torch else []
+    return [args.torch_python if torch else sys.executable, os.path.abspath(__file__), "throughput_worker",
+            f"--variant={name}", f"--model={args.model}", f"--batch_size={args.batch_size}",
+            f"--num_devices={args.num_devices}", f"--micro_batch_size={args.micro_batch_size}",
+            f"--kernels={args.kernels}", f"--steps={args.steps}", f"--blocks={args.blocks}", *extra]
 
 
 def throughput(args) -> float | None:
     """Each variant in a fresh process, one after another, `--rounds` times; the median block of each."""
-    rates: dict[str, list[float]] = {name: [] for name in args.variants}
-    devices = {}
+    variants = args.variants or default_variants()
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    devices, firsts = {}, {}
     for round_ in range(args.rounds):
-        for name in args.variants if round_ % 2 == 0 else args.variants[::-1]:  # no variant always runs first
-            command = [sys.executable, os.path.abspath(__file__), "throughput_worker", f"--variant={name}",
-                       f"--batch_size={args.batch_size}", f"--num_devices={args.num_devices}",
-                       f"--micro_batch_size={args.micro_batch_size}", f"--steps={args.steps}",
-                       f"--blocks={args.blocks}"]
-            out = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            devices[name] = result["device"]
+        for name in variants if round_ % 2 == 0 else variants[::-1]:  # no variant always runs first
+            out = subprocess.run(worker_command(args, name), check=True, cwd=REPO, capture_output=True, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            devices[name], firsts[name] = result["device"], result["first_block"]
             rates[name] += result["blocks"]
-            print(f"  {name:<36} {statistics.median(result['blocks']):9,.0f} images/s", file=sys.stderr, flush=True)
+            print(f"  {name:<36} {statistics.median(result['blocks']):9,.1f} images/s", file=sys.stderr, flush=True)
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"Flax MNIST CNN, batch {args.batch_size}, SGD with momentum; each run in its own process, median of "
-          f"{args.rounds} x {args.blocks} blocks of {args.steps} steps; {cpu_model()}")
-    for name in args.variants:
-        print(f"  {name:<36} {medians[name]:9,.0f} images/s   ({devices[name]}; blocks "
-              f"{min(rates[name]):,.0f}-{max(rates[name]):,.0f})")
+    print(f"{args.model}, batch {args.batch_size}, as {MODELS[args.model]['config']} trains it; each run in its own "
+          f"process, median of {args.rounds} x {args.blocks} blocks of {args.steps} steps; {cpu_model()}")
+    for name in variants:
+        print(f"  {name:<36} {medians[name]:9,.1f} images/s   ({devices[name]}; blocks {min(rates[name]):,.1f}-"
+              f"{max(rates[name]):,.1f}; first block, compiling, {firsts[name]:.1f}s)")
     ours = {n: r for n, r in medians.items() if VARIANTS[n][0] == "cnn"}
     peers = {n: r for n, r in medians.items() if VARIANTS[n][0] == "torch"}
     if ours and peers:
@@ -512,23 +663,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     both = sub.add_parser("targets", help="throughput and time_to_accuracy in one run, each ratio against its target")
-    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), both):
-        t.add_argument("--batch_size", type=int, default=128)
+    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), sub.add_parser("step_time"), both):
+        t.add_argument("--model", choices=list(MODELS), default="flax_cnn",
+                       help="the model trained, cnn's and PyTorch's (MODELS); flax_cnn is the Flax MNIST CNN")
+        t.add_argument("--batch_size", type=int, default=0, help="0: the model's own (MODELS)")
         t.add_argument("--num_devices", type=int, default=0,
                        help="cnn's train.num_devices: 0 as training does (one host device per two cores on a CPU)")
         t.add_argument("--micro_batch_size", type=int, default=0,
                        help="cnn's train.micro_batch_size: 0 as training does by default; the batch size for one "
                        "call per step")
-        t.add_argument("--steps", type=int, default=40, help="steps per timed block")
-        t.add_argument("--blocks", type=int, default=7, help="timed blocks per process")
+        t.add_argument("--kernels", default="auto", choices=["auto", "onednn", "xla"],
+                       help="cnn's train.kernels: 'auto' as training does by default")
+        t.add_argument("--steps", type=int, default=0, help="steps per timed block; 0: the model's own (MODELS)")
+        t.add_argument("--blocks", type=int, default=0, help="timed blocks per process; 0: the model's own")
+        t.add_argument("--torch_python", default=sys.executable,
+                       help="the Python that runs the PyTorch variants (an environment with torch and torchvision, "
+                       "kept apart from cnn's); by default this one")
     sub.choices["throughput_worker"].add_argument("--variant", choices=list(VARIANTS), required=True)
+    sub.choices["throughput_worker"].add_argument("--recipe", help="torch_recipe's JSON, for a PyTorch variant")
     both.add_argument("--rounds", type=int, default=1, help="processes per throughput variant, and runs per recipe")
     sub.choices["throughput"].add_argument("--rounds", type=int, default=1, help="processes per variant")
+    sub.choices["step_time"].add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                                          help="cnn's train.compute_dtype, each in turn")
     a = sub.add_parser("time_to_accuracy")
     a.add_argument("--rounds", type=int, default=1, help="runs of each recipe, in alternating order; the median")
     for t in (sub.choices["throughput"], both):
-        t.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
-                       help=f"which runs, of: {', '.join(VARIANTS)}")
+        t.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                       help=f"which runs, of: {', '.join(VARIANTS)}; by default all, less the bf16 ones on a CPU "
+                       "without bf16 instructions")
     for t in (a, both):
         t.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
         t.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
@@ -554,15 +716,20 @@ def main() -> None:
                            help="print only; by default what is printed is also appended to "
                            "docs/benchmarks/<date>-<cpu>.md when the benchmark finishes")
     args = parser.parse_args()
-    if args.benchmark.startswith("throughput") and (args.micro_batch_size < 0 or (
-            args.micro_batch_size and args.batch_size % args.micro_batch_size)):
-        parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
+    if args.benchmark in ("throughput", "throughput_worker", "step_time", "targets"):
+        for field in ("batch_size", "steps", "blocks"):  # 0: the model's own
+            setattr(args, field, getattr(args, field) or MODELS[args.model][field])
+        if args.micro_batch_size < 0 or (args.micro_batch_size and args.batch_size % args.micro_batch_size):
+            parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
+    if args.benchmark == "throughput_worker":  # in --torch_python's environment cnn may not be importable
+        return throughput_worker(args)
     from cnn.config import ConfigError
 
     try:
         with recording(not getattr(args, "no_record", True)):
             {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy,
-             "targets": targets, "own_data": own_data, "logging": step_logging}[args.benchmark](args)
+             "targets": targets, "own_data": own_data, "logging": step_logging,
+             "step_time": step_time}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 
