@@ -1,6 +1,7 @@
 """Benchmarks for the performance targets, each against a peer measured in the same run.
 
     python experiments/benchmark.py throughput --model M  # cnn's train step vs PyTorch's fast paths, same model
+    python experiments/benchmark.py backbone             # the same for ResNet-50 and MobileNetV2 at 224x224, batch 32
     python experiments/benchmark.py step_time --model M   # cnn's step: host dispatch against device compute
     python experiments/benchmark.py time_to_accuracy  # configs/mnist.py vs the Flax recipe and PyTorch, process start
     python experiments/benchmark.py targets           # both of the above in one run, each ratio against its target
@@ -343,18 +344,25 @@ def throughput(args) -> float | None:
     """Each variant in a fresh process, one after another, `--rounds` times; the median block of each."""
     variants = args.variants or default_variants()
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    devices, firsts = {}, {}
+    devices, firsts, failed = {}, {}, {}
     for round_ in range(args.rounds):
         for name in variants if round_ % 2 == 0 else variants[::-1]:  # no variant always runs first
-            out = subprocess.run(worker_command(args, name), check=True, cwd=REPO, capture_output=True, text=True)
+            out = subprocess.run(worker_command(args, name), cwd=REPO, capture_output=True, text=True)
+            if out.returncode != 0:  # e.g. torch.compile failing on a model: the others still run and compare
+                failed[name] = (out.stderr.strip().splitlines() or ["no output"])[-1][:160]
+                print(f"  {name:<36} failed: {failed[name]}", file=sys.stderr, flush=True)
+                continue
             result = json.loads(out.stdout.strip().splitlines()[-1])
             devices[name], firsts[name] = result["device"], result["first_block"]
             rates[name] += result["blocks"]
             print(f"  {name:<36} {statistics.median(result['blocks']):9,.1f} images/s", file=sys.stderr, flush=True)
-    medians = {name: statistics.median(r) for name, r in rates.items()}
+    medians = {name: statistics.median(r) for name, r in rates.items() if r}
     print(f"{args.model}, batch {args.batch_size}, as {MODELS[args.model]['config']} trains it; each run in its own "
           f"process, median of {args.rounds} x {args.blocks} blocks of {args.steps} steps; {cpu_model()}")
     for name in variants:
+        if name not in medians:
+            print(f"  {name:<36}    failed   ({failed[name]})")
+            continue
         print(f"  {name:<36} {medians[name]:9,.1f} images/s   ({devices[name]}; blocks {min(rates[name]):,.1f}-"
               f"{max(rates[name]):,.1f}; first block, compiling, {firsts[name]:.1f}s)")
     ours = {n: r for n, r in medians.items() if VARIANTS[n][0] == "cnn"}
@@ -659,11 +667,32 @@ def step_logging(args) -> None:
         print(f"  ratio log_every_steps={n} / 0: {paired:.3f}x (median of paired runs)")
 
 
+BACKBONE_MODELS = ("resnet50", "mobilenet_v2")
+
+
+def with_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the batch size, steps and blocks left at 0 set to the model's own (MODELS)."""
+    for field in ("batch_size", "steps", "blocks"):
+        setattr(args, field, getattr(args, field) or MODELS[args.model][field])
+    return args
+
+
+def backbone(args: argparse.Namespace) -> None:
+    """The `backbone` benchmark: `throughput` for each ImageNet backbone in turn (training images/s at 224x224,
+    batch 32), cnn against PyTorch's torchvision model, each with its ratio."""
+    for name in BACKBONE_MODELS:
+        throughput(with_model_defaults(argparse.Namespace(**{**vars(args), "model": name})))
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     both = sub.add_parser("targets", help="throughput and time_to_accuracy in one run, each ratio against its target")
-    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), sub.add_parser("step_time"), both):
+    backbones = sub.add_parser("backbone", help="throughput of the ImageNet backbones at 224x224 (BACKBONE_MODELS), "
+                               "each against PyTorch's best, in one run")
+    for t in (sub.add_parser("throughput"), sub.add_parser("throughput_worker"), sub.add_parser("step_time"), both,
+              backbones):
         t.add_argument("--model", choices=list(MODELS), default="flax_cnn",
                        help="the model trained, cnn's and PyTorch's (MODELS); flax_cnn is the Flax MNIST CNN")
         t.add_argument("--batch_size", type=int, default=0, help="0: the model's own (MODELS)")
@@ -682,12 +711,13 @@ def main() -> None:
     sub.choices["throughput_worker"].add_argument("--variant", choices=list(VARIANTS), required=True)
     sub.choices["throughput_worker"].add_argument("--recipe", help="torch_recipe's JSON, for a PyTorch variant")
     both.add_argument("--rounds", type=int, default=1, help="processes per throughput variant, and runs per recipe")
-    sub.choices["throughput"].add_argument("--rounds", type=int, default=1, help="processes per variant")
+    for t in (sub.choices["throughput"], backbones):
+        t.add_argument("--rounds", type=int, default=1, help="processes per variant")
     sub.choices["step_time"].add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                                           help="cnn's train.compute_dtype, each in turn")
     a = sub.add_parser("time_to_accuracy")
     a.add_argument("--rounds", type=int, default=1, help="runs of each recipe, in alternating order; the median")
-    for t in (sub.choices["throughput"], both):
+    for t in (sub.choices["throughput"], both, backbones):
         t.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
                        help=f"which runs, of: {', '.join(VARIANTS)}; by default all, less the bf16 ones on a CPU "
                        "without bf16 instructions")
@@ -717,8 +747,7 @@ def main() -> None:
                            "docs/benchmarks/<date>-<cpu>.md when the benchmark finishes")
     args = parser.parse_args()
     if args.benchmark in ("throughput", "throughput_worker", "step_time", "targets"):
-        for field in ("batch_size", "steps", "blocks"):  # 0: the model's own
-            setattr(args, field, getattr(args, field) or MODELS[args.model][field])
+        with_model_defaults(args)
         if args.micro_batch_size < 0 or (args.micro_batch_size and args.batch_size % args.micro_batch_size):
             parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
     if args.benchmark == "throughput_worker":  # in --torch_python's environment cnn may not be importable
@@ -729,7 +758,7 @@ def main() -> None:
         with recording(not getattr(args, "no_record", True)):
             {"throughput": throughput, "throughput_worker": throughput_worker, "time_to_accuracy": time_to_accuracy,
              "targets": targets, "own_data": own_data, "logging": step_logging,
-             "step_time": step_time}[args.benchmark](args)
+             "step_time": step_time, "backbone": backbone}[args.benchmark](args)
     except ConfigError as e:
         parser.error(str(e))
 
