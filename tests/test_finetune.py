@@ -151,7 +151,13 @@ def test_a_backbone_learning_rate_of_zero_equals_freezing(source, frozen_run, tm
     zero = cnn.train_and_evaluate(config, str(tmp_path / "zero"))
     steps = zero.results["steps"]
     assert steps == run.results["steps"] // 5 * 3
-    assert _equal(_checkpoint(tmp_path / "zero", steps), _checkpoint(workdir, steps))
+    zeroed, frozen = _checkpoint(tmp_path / "zero", steps), _checkpoint(workdir, steps)
+    # The backbone is bitwise the same (neither run moves it); the head trains the same way in two differently
+    # compiled programs (set_to_zero against a masked optimizer), so XLA may fuse, and round, its sums differently.
+    assert _equal(_without(zeroed["params"], HEAD), _without(frozen["params"], HEAD))
+    assert _equal(zeroed["batch_stats"], frozen["batch_stats"])
+    for a, b in zip(jax.tree_util.tree_leaves(zeroed["params"][HEAD]), jax.tree_util.tree_leaves(frozen["params"][HEAD])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_run_resumed_while_frozen_switches_at_the_same_step_and_ends_the_same(source, frozen_run, tmp_path):

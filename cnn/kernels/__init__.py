@@ -14,10 +14,11 @@ float32 and bf16; an error when cnn/kernels/onednn.py's extension is not
 built) or 'xla' (none). On a CPU, 'auto' sends bf16 convolutions, dense
 layers and tiling average pools to oneDNN when its extension loaded and
 oneDNN has bf16 kernels for the processor (it does with AVX512-BF16 or AMX,
-and not on an AVX2-only one: `onednn.has_bf16` asks oneDNN), float32
-convolutions of several input channels to oneDNN whenever its extension
-loaded (on AVX2 too), and the other float32 layers to the XLA paths in
-cpu.py. This module is the
+and not on an AVX2-only one: `onednn.has_bf16` asks oneDNN), and keeps
+float32 layers on the XLA paths in cpu.py: oneDNN's float32 convolutions
+are faster (1.6-1.8x ResNet-20's step) but choose their algorithm by timing
+it in each process, so a resumed run would not be bitwise the uninterrupted
+one (train.kernels='onednn' takes them). This module is the
 only one that looks at the backend and the processor to decide how a layer
 computes.
 """
@@ -38,7 +39,7 @@ from cnn.errors import ConfigError, require
 from cnn.kernels import cpu, onednn
 from cnn.models.layers import Pool
 
-_BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
+_BF16 = (jnp.dtype(jnp.bfloat16),)
 
 # Fast path name -> (the Flax module type it replaces, applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
@@ -48,18 +49,14 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "batch_norm_sums": (nn.BatchNorm, cpu.batch_norm_applies, cpu.batch_norm),
     "onednn_conv": (nn.Conv, onednn.conv_applies, onednn.conv),
     "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
-    "onednn_conv_f32": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
     "onednn_conv_bf16": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
     "onednn_dense_bf16": (nn.Dense, functools.partial(onednn.dense_applies, dtypes=_BF16), onednn.dense),
     "onednn_avg_pool": (Pool, onednn.avg_pool_applies, onednn.avg_pool),
     "onednn_avg_pool_bf16": (Pool, functools.partial(onednn.avg_pool_applies, dtypes=_BF16), onednn.avg_pool),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
-# everywhere, as their backward pass avoids a generic window scatter on every backend. On a CPU, float32
-# convolutions of several input channels go to oneDNN when its extension loaded (onednn_conv_f32 applies only
-# then): XLA:CPU transposes every activation for their weight gradients, which took half of ResNet-20's step;
-# one-channel ones stay patches (first in order wins).
-AUTO = {"cpu": ("patches_conv", "onednn_conv_f32", "dense_transposed", "tiled_pool", "batch_norm_sums")}
+# everywhere, as their backward pass avoids a generic window scatter on every backend.
+AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool", "batch_norm_sums")}
 AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers only, as
 # XLA:CPU's bf16 products are the slow ones (docs/kernels.md). 'onednn' takes ONEDNN for every dtype.
@@ -93,8 +90,8 @@ def check(kernels: str, compute_dtype: str, platform: str | None = None) -> None
 
 
 def _computes(path: str, compute_dtype: str) -> bool:
-    """Whether fast path `path` takes layers of this compute dtype (a suffix names the one dtype it takes)."""
-    return not path.endswith(("_bf16", "_f32")) or path.endswith("_bf16" if compute_dtype == "bfloat16" else "_f32")
+    """Whether fast path `path` takes layers of this compute dtype (a _bf16 path takes bf16 layers only)."""
+    return compute_dtype == "bfloat16" or not path.endswith("_bf16")
 
 
 def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
@@ -115,8 +112,7 @@ def compute_dtype(requested: str, kernels: str, platform: str | None = None) -> 
 
 def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
     """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
-    were slower per image), not with XLA's or oneDNN's float32 ones (docs/devices.md; with float32 convolutions
-    in oneDNN, parts of 64 were 1.15x the whole batch for the Flax CNN and level with it for ResNet-20)."""
+    were slower per image), not with XLA's or oneDNN's float32 ones (docs/devices.md)."""
     return compute_dtype == "bfloat16" and onednn_in_force(kernels, compute_dtype, platform)
 
 
