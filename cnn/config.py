@@ -475,15 +475,20 @@ def _validate_optimizer(o: ml_collections.ConfigDict, num_epochs: int) -> None:
     _number(o.weight_decay, "optimizer.weight_decay", 0, float("inf"), "a number >= 0", high_open=False)
     _number(o.warmup_epochs, "optimizer.warmup_epochs", 0, num_epochs,
             f"a number between 0 and train.num_epochs={num_epochs}", high_open=False)
-    restarts = o.restart_epochs
-    require(isinstance(restarts, (tuple, list)) and all(
-        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 < e < float("inf") for e in restarts)
-        and list(restarts) == sorted(set(restarts)), "optimizer.restart_epochs", restarts,
-        "increasing positive epochs such as (1,), or () for none")
-    if restarts and o.schedule != "warmup_cosine":
-        raise ConfigError(f"optimizer.restart_epochs={tuple(restarts)} needs optimizer.schedule='warmup_cosine' "
-                          f"(now {o.schedule!r}); set it, or set restart_epochs=()")
+    _epochs_for_schedule(o, "restart_epochs", "warmup_cosine",
+                         "increasing positive epochs such as (1,), or () for none")
     _validate_recipe_optimizer(o)
+
+
+def _epochs_for_schedule(o: ml_collections.ConfigDict, field: str, schedule: str, expected: str) -> None:
+    """optimizer.<field>: increasing positive epochs, which only optimizer.schedule=`schedule` reads."""
+    epochs = o.get(field, ())
+    require(isinstance(epochs, (tuple, list)) and all(
+        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 < e < float("inf") for e in epochs)
+        and list(epochs) == sorted(set(epochs)), f"optimizer.{field}", epochs, expected)
+    if epochs and o.schedule != schedule:
+        raise ConfigError(f"optimizer.{field}={tuple(epochs)} needs optimizer.schedule={schedule!r} (now "
+                          f"{o.schedule!r}); set it, or set {field}=()")
 
 
 # The fields each optimizer reads besides learning_rate and weight_decay (cnn/train/optimizer.py); the others take
@@ -497,14 +502,7 @@ def _validate_recipe_optimizer(o: ml_collections.ConfigDict) -> None:
     factor = o.get("decay_factor", 0.1)
     require(isinstance(factor, numbers.Real) and not isinstance(factor, bool) and 0 < factor < float("inf"),
             "optimizer.decay_factor", factor, "a positive number such as 0.1 ('step') or 0.9 ('exponential')")
-    bounds = o.get("boundaries_epochs", ())
-    require(isinstance(bounds, (tuple, list)) and all(
-        isinstance(e, numbers.Real) and not isinstance(e, bool) and 0 < e < float("inf") for e in bounds)
-        and list(bounds) == sorted(set(bounds)), "optimizer.boundaries_epochs", bounds,
-        "increasing positive epochs such as (30, 60), or ()")
-    if bounds and o.schedule != "step":
-        raise ConfigError(f"optimizer.boundaries_epochs={tuple(bounds)} needs optimizer.schedule='step' (now "
-                          f"{o.schedule!r}); set it, or set boundaries_epochs=()")
+    _epochs_for_schedule(o, "boundaries_epochs", "step", "increasing positive epochs such as (30, 60), or ()")
     args = o.get("args", {})
     require(hasattr(args, "keys") and all(isinstance(k, str) for k in args.keys()), "optimizer.args", args,
             "a dict of keyword arguments of the optax optimizer, such as {'eps': 1e-6}")
