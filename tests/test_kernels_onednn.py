@@ -96,15 +96,17 @@ def test_bfloat16_within_bfloat16_rounding(spec, shape):
 
 
 @needs_onednn
-def test_auto_takes_onednn_for_bfloat16_only_on_a_cpu_with_bf16():
+def test_auto_takes_onednn_float32_convolutions_and_bfloat16_layers_only_on_a_cpu_with_bf16():
     model = cnn.build_model(["Conv2D(4, 3)", "Flatten()", "Dense(3)"])
     apply = kernels.apply_fn(model, "auto", "cpu")
     x = jnp.ones((2, 8, 8, 3))
     variables = apply.init(jax.random.key(0), x)
     program = lambda dtype: str(jax.make_jaxpr(apply)(jax.tree.map(lambda a: a.astype(dtype), variables),
                                                        x.astype(dtype)))
-    assert "cnn_onednn" not in program(jnp.float32)  # float32 stays on XLA's paths under 'auto': exact resume
+    assert "cnn_onednn_conv_forward" in program(jnp.float32)  # float32: convolutions only
+    assert "cnn_onednn_matmul" not in program(jnp.float32)
     assert ("cnn_onednn_conv_forward" in program(jnp.bfloat16)) == onednn.has_bf16()
+    assert ("cnn_onednn_matmul" in program(jnp.bfloat16)) == onednn.has_bf16()
     assert "cnn_onednn_matmul" in str(jax.make_jaxpr(kernels.apply_fn(model, "onednn", "cpu"))(variables, x))
 
 
@@ -216,7 +218,8 @@ def test_bf16_support_is_asked_of_onednn_and_follows_the_instruction_sets():
 @needs_onednn
 def test_onednn_bf16_without_bf16_kernels_is_one_line_and_auto_computes_in_float32(tmp_path):
     """On a CPU where oneDNN has no bf16 kernels (an AVX2-only one; ONEDNN_MAX_CPU_ISA=AVX2 makes any CPU look
-    so to oneDNN), forcing bf16 through oneDNN is refused in one line, and 'auto' trains in float32 on XLA."""
+    so to oneDNN), forcing bf16 through oneDNN is refused in one line, and 'auto' trains in float32 (its
+    convolutions through oneDNN)."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     base = [sys.executable, "-m", "cnn.main", "--config=configs/digits.py", "--config.train.pictures=False"]
     proc = subprocess.run([*base, f"--workdir={tmp_path / 'forced'}", "--config.train.kernels=onednn",
@@ -231,7 +234,7 @@ def test_onednn_bf16_without_bf16_kernels_is_one_line_and_auto_computes_in_float
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     line = next(l for l in proc.stdout.splitlines() if l.startswith("digits:"))
-    assert "bfloat16" not in line and "oneDNN" not in line
+    assert "bfloat16" not in line and "through oneDNN" in line
 
 
 @needs_onednn
@@ -245,3 +248,40 @@ def test_onednn_threads_wait_passively_unless_the_environment_says(preset):
             "print(os.environ['OMP_WAIT_POLICY'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == (preset or "PASSIVE"), out.stderr
+
+
+RECORD_CODE = """
+import sys, jax, jax.numpy as jnp, numpy as np, cnn
+from cnn import kernels
+model = cnn.build_model(["Conv2D(8, 3, padding='same')", "Flatten()", "Dense(3)"])
+apply = kernels.apply_fn(model, "onednn", "cpu")
+x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+variables = apply.init(jax.random.key(1), x)
+grads = jax.jit(jax.grad(lambda v, x: (apply(v, x) ** 2).sum(), argnums=(0, 1)))(variables, x)
+np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in jax.tree.leaves(grads)]))
+"""
+
+
+@needs_onednn
+def test_onednn_choices_are_recorded_so_every_process_computes_alike(tmp_path):
+    """The implementation timed fastest for a convolution shape is recorded (onednn.choices_file); a later process
+    builds it without timing and computes bitwise alike, and a record naming an implementation this oneDNN lacks
+    is timed again and superseded."""
+    record = tmp_path / "choices.tsv"
+    env = {**os.environ, "CNN_ONEDNN_CHOICES": str(record), "CNN_ONEDNN_LOG": "1"}
+
+    def run(name):
+        out = subprocess.run([sys.executable, "-c", RECORD_CODE, str(tmp_path / f"{name}.npy")], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return "cnn oneDNN:" in out.stderr, np.load(tmp_path / f"{name}.npy")
+
+    timed, first = run("first")
+    lines = record.read_text().splitlines()
+    assert timed and sorted(line.split()[0] for line in lines) == ["bwd_data", "bwd_weights", "fwd"]
+    timed, second = run("second")
+    assert not timed and np.array_equal(first, second)
+    record.write_text("".join(line.split("\t")[0] + "\tno:such\n" for line in lines))
+    timed, _ = run("third")
+    latest = {line.split("\t")[0]: line.split("\t")[1] for line in record.read_text().splitlines()}
+    assert timed and len(latest) == 3 and "no:such" not in latest.values()

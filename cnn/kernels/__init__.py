@@ -11,14 +11,15 @@ checkpoints and results do not depend on the choice, up to float rounding.
 `train.kernels`: 'auto' (the paths that pay on the platform), 'onednn'
 (every convolution, dense layer and tiling average pool oneDNN can take, in
 float32 and bf16; an error when cnn/kernels/onednn.py's extension is not
-built) or 'xla' (none). On a CPU, 'auto' sends bf16 convolutions, dense
-layers and tiling average pools to oneDNN when its extension loaded and
-oneDNN has bf16 kernels for the processor (it does with AVX512-BF16 or AMX,
-and not on an AVX2-only one: `onednn.has_bf16` asks oneDNN), and keeps
-float32 layers on the XLA paths in cpu.py: oneDNN's float32 convolutions
-are faster (1.6-1.8x ResNet-20's step) but choose their algorithm by timing
-it in each process, so a resumed run would not be bitwise the uninterrupted
-one (train.kernels='onednn' takes them). This module is the
+built) or 'xla' (none). On a CPU where the extension loaded, 'auto' sends
+float32 convolutions to oneDNN (1.6-1.8x ResNet-20's float32 step, AVX2
+kernels included), and, when oneDNN has bf16 kernels for the processor (it
+does with AVX512-BF16 or AMX, and not on an AVX2-only one:
+`onednn.has_bf16` asks oneDNN), bf16 convolutions, dense layers, tiling
+average pools and batch norms; other float32 layers take the XLA paths in
+cpu.py. oneDNN's choice among its implementations is recorded per machine
+(`onednn.choices_file`), so a resumed run computes bitwise as the
+uninterrupted one. This module is the
 only one that looks at the backend and the processor to decide how a layer
 computes.
 """
@@ -39,7 +40,7 @@ from cnn.errors import ConfigError, require
 from cnn.kernels import cpu, onednn
 from cnn.models.layers import Pool
 
-_BF16 = (jnp.dtype(jnp.bfloat16),)
+_BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 
 # Fast path name -> (the Flax module type it replaces, applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
@@ -50,18 +51,26 @@ PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
     "onednn_conv": (nn.Conv, onednn.conv_applies, onednn.conv),
     "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
     "onednn_conv_bf16": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
+    "onednn_conv_f32": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
     "onednn_dense_bf16": (nn.Dense, functools.partial(onednn.dense_applies, dtypes=_BF16), onednn.dense),
     "onednn_avg_pool": (Pool, onednn.avg_pool_applies, onednn.avg_pool),
     "onednn_avg_pool_bf16": (Pool, functools.partial(onednn.avg_pool_applies, dtypes=_BF16), onednn.avg_pool),
+    "onednn_batch_norm": (nn.BatchNorm, onednn.batch_norm_applies, onednn.batch_norm),
+    "onednn_batch_norm_bf16": (nn.BatchNorm, functools.partial(onednn.batch_norm_applies, dtypes=_BF16),
+                               onednn.batch_norm),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
 AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool", "batch_norm_sums")}
 AUTO_ELSEWHERE = ("tiled_pool",)
-# Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers only, as
-# XLA:CPU's bf16 products are the slow ones (docs/kernels.md). 'onednn' takes ONEDNN for every dtype.
-AUTO_ONEDNN = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16")
-ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "tiled_pool", "batch_norm_sums")
+# Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
+# bf16 products are the slow ones (docs/kernels.md).
+AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "onednn_batch_norm_bf16")
+# Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
+# 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file).
+AUTO_ONEDNN_F32 = ("onednn_conv_f32",)
+# 'onednn' takes every layer oneDNN can, in every dtype.
+ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm", "tiled_pool", "batch_norm_sums")
 
 
 def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ...]:
@@ -75,8 +84,8 @@ def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ..
             reason = onednn.why_unavailable() or f"this run's devices are {platform}, not cpu"
             raise ConfigError(f"train.kernels='onednn': {reason}; use 'auto' or 'xla'")
         return ONEDNN
-    if platform == "cpu" and onednn.has_bf16():
-        return AUTO_ONEDNN + AUTO["cpu"]
+    if platform == "cpu" and onednn.available():
+        return (AUTO_ONEDNN_BF16 if onednn.has_bf16() else ()) + AUTO["cpu"] + AUTO_ONEDNN_F32
     return AUTO.get(platform, AUTO_ELSEWHERE)
 
 
@@ -90,8 +99,9 @@ def check(kernels: str, compute_dtype: str, platform: str | None = None) -> None
 
 
 def _computes(path: str, compute_dtype: str) -> bool:
-    """Whether fast path `path` takes layers of this compute dtype (a _bf16 path takes bf16 layers only)."""
-    return compute_dtype == "bfloat16" or not path.endswith("_bf16")
+    """Whether fast path `path` takes layers of this compute dtype (a _bf16 or _f32 path takes that dtype only)."""
+    only = {"_bf16": "bfloat16", "_f32": "float32"}
+    return all(compute_dtype == dtype for suffix, dtype in only.items() if path.endswith(suffix))
 
 
 def onednn_in_force(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.machinery
 import os
 import sys
@@ -29,7 +30,8 @@ import cnn.kernels.cpu as cpu  # a sibling module (the shared convolution test),
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
-            "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool"}
+            "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
+            "NormForward": "cnn_onednn_norm_forward", "NormBackward": "cnn_onednn_norm_backward"}
 
 
 def _extension_path() -> str | None:
@@ -79,7 +81,32 @@ def _load() -> str:
         return f"loading {os.path.basename(path)} failed: {e}"
     for symbol, target in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    lib.cnn_onednn_record_choices(choices_file().encode())
     return ""
+
+
+def choices_file() -> str:
+    """The file recording which of oneDNN's implementations each convolution shape uses on this machine ('': none).
+
+    Where several implementations take a shape, the extension times them at
+    the shape's first call and keeps the fastest; they round differently, so
+    a resumed run must use the one its first part used. Every process on the
+    machine reads and extends this record, which also spares a rerun the
+    timing. One file per CPU, thread count, instruction-set cap and build:
+    $CNN_ONEDNN_CHOICES if set (empty: keep no record), else under
+    ~/.cache/cnn/onednn/. An unwritable home keeps no record.
+    """
+    if "CNN_ONEDNN_CHOICES" in os.environ:
+        return os.environ["CNN_ONEDNN_CHOICES"]
+    identity = "|".join([_cpu_model(), " ".join(sorted(cpu_flags())), str(os.cpu_count()),
+                         *(os.environ.get(k, "") for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")),
+                         str(os.path.getmtime(_extension_path()))])
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "cnn", "onednn")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return ""
+    return os.path.join(folder, hashlib.sha256(identity.encode()).hexdigest()[:16] + ".tsv")
 
 
 def available() -> bool:
@@ -97,6 +124,14 @@ def has_bf16() -> bool:
     if probe is None:  # an extension built before the probe: rebuild with pip install -e .
         return False
     return bool(probe())
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def cpu_flags() -> set[str]:
@@ -298,3 +333,71 @@ def _avg_pool_bwd(window, _, g):
 
 
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
+# --- Batch norm in training ---------------------------------------------------------
+
+
+def batch_norm_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                       mask: jax.Array | None = None, dtypes=DTYPES) -> bool:
+    """Training-mode batch norm as cpu.batch_norm takes it, whose output keeps the input's dtype (f32 or bf16):
+    oneDNN normalises into a buffer of the input's type."""
+    return (available() and cpu.batch_norm_applies(module, x, use_running_average, mask) and x.dtype in dtypes
+            and _norm_dtype(module, x) == x.dtype)
+
+
+def _norm_dtype(module: nn.BatchNorm, x: jax.Array) -> jnp.dtype:
+    """Flax's output dtype for the layer: its own, or the input's and the stored parameters' promoted."""
+    params = [module.get_variable("params", name) for name in ("scale", "bias")]
+    dtypes = [p.dtype for p in params if p is not None] or [module.param_dtype]
+    return jnp.dtype(module.dtype or jnp.result_type(x.dtype, *dtypes))
+
+
+def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """nn.BatchNorm in training with oneDNN computing the statistics, the normalisation and the gradients, each in
+    one pass over the activations on every core (XLA:CPU's loops for them ran on one; docs/kernels.md).
+
+    The statistics are oneDNN's, in float32: the mean, and the variance as the mean of squared deviations (Flax
+    takes E[x^2] - E[x]^2), so results agree with Flax's to float rounding. The running averages are Flax's.
+    """
+    features = (x.shape[-1],)
+    ra_mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = module.param("scale", module.scale_init, features, module.param_dtype)
+    bias = module.param("bias", module.bias_init, features, module.param_dtype)
+    y, mean, var = _norm(x, scale, bias, float(module.epsilon))
+    if not module.is_initializing():
+        ra_mean.value = module.momentum * ra_mean.value + (1 - module.momentum) * lax.stop_gradient(mean)
+        ra_var.value = module.momentum * ra_var.value + (1 - module.momentum) * lax.stop_gradient(var)
+    return y
+
+
+def _norm_forward(x, scale, bias, epsilon):
+    stats = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["NormForward"], (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _norm(x, scale, bias, epsilon):
+    return _norm_forward(x, scale, bias, epsilon)
+
+
+def _norm_fwd(x, scale, bias, epsilon):
+    y, mean, var = _norm_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, var, scale, bias)
+
+
+def _norm_bwd(epsilon, residuals, cotangents):
+    """The input, scale and shift gradients; the statistics' cotangents are ignored, as they only feed the
+    running averages, which `batch_norm` takes through stop_gradient."""
+    x, mean, var, scale, bias = residuals
+    channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    d_x, d_scale, d_bias = jax.ffi.ffi_call(
+        _TARGETS["NormBackward"], (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
+        x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype), epsilon=np.float32(epsilon))
+    return d_x, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
