@@ -61,15 +61,7 @@ memory scratchpad(const memory::desc& desc) {
   return desc.get_size() ? memory(desc, cpu_engine()) : memory();
 }
 
-// Taken by every run of a primitive: oneDNN's primitives each use every core (OpenMP), and XLA runs independent
-// calls at once on its own threads (a layer's input and weight gradients, say); two OpenMP teams on the same cores
-// waited on each other at every barrier, which made ResNet-20's weight gradients several times slower.
-std::mutex& cores() {
-  static std::mutex mutex;
-  return mutex;
-}
-
-// One cached primitive, the kernel layout it wants and the buffers it runs with.
+// One cached primitive, the kernel layout it wants and the buffers it runs with; `lock` serialises runs of it.
 struct Entry {
   dnnl::primitive prim;
   memory scratch;
@@ -78,6 +70,7 @@ struct Entry {
   memory blocked;  // the kernel in `weights`' layout, when that is not the user's
   dnnl::primitive reorder;  // between `blocked` and the user's kernel
   memory reorder_scratch;
+  std::mutex lock;
 
   // Builds the buffers for `prim` (scratchpad `scratch_md`), with a reorder into `weights` or, for a weight
   // gradient (`to_user`), out of it.
@@ -139,9 +132,9 @@ struct ConvShape {
   bool valid() const { return type != memory::data_type::undef && pb >= 0 && pr >= 0; }
 };
 
-// Runs a primitive without a kernel layout of its own (matmul, pooling, batch norm), holding the cores.
+// Runs a primitive without a kernel layout of its own (matmul, pooling, batch norm), holding its lock.
 void run_locked(Entry& e, std::unordered_map<int, memory>& args) {
-  std::lock_guard<std::mutex> guard(cores());
+  std::lock_guard<std::mutex> guard(e.lock);
   add_scratch(args, e.scratch);
   dnnl::stream& stream = cpu_stream();
   e.prim.execute(stream, args);
@@ -253,7 +246,6 @@ void fastest(Entry& e, const std::string& key, MakePD make_pd, Weights weights_o
         return;
       }
       double seconds = 1e30;
-      std::lock_guard<std::mutex> guard(cores());
       for (int i = 0; i < 6; ++i) {  // the first two warm up: oneDNN generates code and touches its buffers
         auto start = std::chrono::steady_clock::now();
         run(candidate);
@@ -289,7 +281,7 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
     e.user_weights = s.weights(s.type, tag::hwio);
     fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
-  std::lock_guard<std::mutex> guard(cores());
+  std::lock_guard<std::mutex> guard(e.lock);
   run(e);
   return ffi::Error::Success();
 }
@@ -312,7 +304,7 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result
     e.user_weights = s.weights(s.type, tag::hwio);
     fastest<dnnl::convolution_backward_data>(e, s.key("bwd_data"), make_pd, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
-  std::lock_guard<std::mutex> guard(cores());
+  std::lock_guard<std::mutex> guard(e.lock);
   run(e);
   return ffi::Error::Success();
 }
@@ -339,7 +331,7 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
     e.user_weights = s.weights(f32, tag::hwio);
     fastest<dnnl::convolution_backward_weights>(e, s.key("bwd_weights"), make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, true, run);
   });
-  std::lock_guard<std::mutex> guard(cores());
+  std::lock_guard<std::mutex> guard(e.lock);
   run(e);
   return ffi::Error::Success();
 }
