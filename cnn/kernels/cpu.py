@@ -26,12 +26,13 @@ def _ones(value) -> bool:
     return value is None or all(v == 1 for v in ((value,) if isinstance(value, int) else value))
 
 
-def plain_conv(module: nn.Conv) -> bool:
-    """An nn.Conv without groups, dilation, masks or explicit pads ('SAME' or 'VALID'): what the fast paths compute.
+def plain_conv(module: nn.Conv, groups: bool = False) -> bool:
+    """An nn.Conv without dilation, masks or explicit pads ('SAME' or 'VALID'), and without groups unless `groups`:
+    what the fast paths compute.
 
     cnn's layers pass dilations as tuples, (1, 1) where there is none.
     """
-    return (module.feature_group_count == 1 and module.shared_weights and module.mask is None
+    return ((module.feature_group_count == 1 or groups) and module.shared_weights and module.mask is None
             and module.padding in ("SAME", "VALID") and isinstance(module.kernel_size, (tuple, list))
             and _ones(module.input_dilation) and _ones(module.kernel_dilation))
 

@@ -170,8 +170,9 @@ def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None) -
 
 
 def conv_applies(module: nn.Conv, x: jax.Array, dtypes=DTYPES) -> bool:
-    """A plain batched 1-D or 2-D convolution (no groups, dilation or masks; SAME or VALID) in a dtype of `dtypes`."""
-    return (available() and cpu.plain_conv(module) and len(module.kernel_size) in (1, 2)
+    """A batched 1-D or 2-D convolution, grouped (depthwise) or not, without dilation or masks, SAME or VALID, in a
+    dtype of `dtypes`."""
+    return (available() and cpu.plain_conv(module, groups=True) and len(module.kernel_size) in (1, 2)
             and x.ndim == len(module.kernel_size) + 2 and _compute_dtype(module, x) in dtypes)
 
 
@@ -179,7 +180,8 @@ def conv(module: nn.Conv, x: jax.Array) -> jax.Array:
     """nn.Conv's output with oneDNN computing the convolution, its bias and both gradients."""
     rank = len(module.kernel_size)
     strides = (module.strides,) * rank if isinstance(module.strides, int) else tuple(module.strides or (1,) * rank)
-    kernel = module.param("kernel", module.kernel_init, (*module.kernel_size, x.shape[-1], module.features),
+    kernel = module.param("kernel", module.kernel_init,
+                          (*module.kernel_size, x.shape[-1] // module.feature_group_count, module.features),
                           module.param_dtype)
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
     dtype = _compute_dtype(module, x, kernel, bias)

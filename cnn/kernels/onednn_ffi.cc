@@ -105,15 +105,17 @@ Entry& cached(const std::string& key, Build build) {
   return *cache.emplace(key, std::move(entry)).first->second;
 }
 
-// The shapes of one 2-D convolution, NHWC / HWIO, with oneDNN's logical (N, C, H, W) dims.
+// The shapes of one 2-D convolution, NHWC / HWIO, with oneDNN's logical (N, C, H, W) dims. The kernel's input
+// channels are the input's divided by the groups (Flax's feature_group_count: a depthwise convolution has one
+// group per channel), so the groups follow from the shapes.
 struct ConvShape {
-  int64_t n, ih, iw, ic, kh, kw, oc, oh, ow, sh, sw, pt, pl, pb, pr;
+  int64_t n, ih, iw, ic, kh, kw, oc, oh, ow, sh, sw, pt, pl, pb, pr, g;
   memory::data_type type;
 
   ConvShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y, int64_t sh_,
             int64_t sw_, int64_t pt_, int64_t pl_, memory::data_type t)
       : n(x[0]), ih(x[1]), iw(x[2]), ic(x[3]), kh(w[0]), kw(w[1]), oc(w[3]), oh(y[1]), ow(y[2]), sh(sh_), sw(sw_),
-        pt(pt_), pl(pl_), type(t) {
+        pt(pt_), pl(pl_), g(w[2] > 0 && x[3] % w[2] == 0 ? x[3] / w[2] : 0), type(t) {
     pb = (oh - 1) * sh + kh - ih - pt;
     pr = (ow - 1) * sw + kw - iw - pl;
   }
@@ -121,15 +123,24 @@ struct ConvShape {
     std::ostringstream s;
     s << kind << ' ' << int(type);
     for (int64_t v : {n, ih, iw, ic, kh, kw, oc, oh, ow, sh, sw, pt, pl, pb, pr}) s << ' ' << v;
+    if (g != 1) s << " groups " << g;
     return s.str();
   }
   memory::desc src(memory::data_type t) const { return {{n, ic, ih, iw}, t, tag::nhwc}; }
   memory::desc dst(memory::data_type t) const { return {{n, oc, oh, ow}, t, tag::nhwc}; }
-  memory::desc weights(memory::data_type t, tag format) const { return {{oc, ic, kh, kw}, t, format}; }
+  memory::dims weight_dims() const {
+    return g == 1 ? memory::dims{oc, ic, kh, kw} : memory::dims{g, oc / g, ic / g, kh, kw};
+  }
+  // The layout the primitive chooses.
+  memory::desc weights(memory::data_type t) const { return {weight_dims(), t, tag::any}; }
+  // Flax's HWIO kernel (its O axis is the groups' outputs one after another).
+  memory::desc user_weights(memory::data_type t) const { return {weight_dims(), t, g == 1 ? tag::hwio : tag::hwigo}; }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_l() const { return {pt, pl}; }
   memory::dims pad_r() const { return {pb, pr}; }
-  bool valid() const { return type != memory::data_type::undef && pb >= 0 && pr >= 0; }
+  bool valid() const {
+    return type != memory::data_type::undef && pb >= 0 && pr >= 0 && g > 0 && oc % g == 0;
+  }
 };
 
 // Runs a primitive without a kernel layout of its own (matmul, pooling, batch norm), holding its lock.
@@ -145,7 +156,7 @@ dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s) {
   memory::desc bias({s.oc}, memory::data_type::f32, tag::a);
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.src(s.type),
-      s.weights(s.type, tag::any), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), own_scratchpad());
+      s.weights(s.type), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), own_scratchpad());
 }
 
 // Runs `e.prim` with the user's HWIO kernel at `user`, reordered into (or, for a gradient, out of) the primitive's
@@ -278,7 +289,7 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
       {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}};
   auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
   Entry& e = cached(s.key("fwd"), [&](Entry& e) {
-    e.user_weights = s.weights(s.type, tag::hwio);
+    e.user_weights = s.user_weights(s.type);
     fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
@@ -298,10 +309,10 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result
     auto hint = conv_forward_pd(s);  // must outlive the descriptors made from it: next_impl() reads it
     auto make_pd = [&] {
       return dnnl::convolution_backward_data::primitive_desc(
-          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(s.type, tag::any),
+          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(s.type),
           s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
     };
-    e.user_weights = s.weights(s.type, tag::hwio);
+    e.user_weights = s.user_weights(s.type);
     fastest<dnnl::convolution_backward_data>(e, s.key("bwd_data"), make_pd, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
@@ -325,10 +336,10 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
     auto hint = conv_forward_pd(s);
     auto make_pd = [&] {
       return dnnl::convolution_backward_weights::primitive_desc(
-          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(f32, tag::any),
+          cpu_engine(), dnnl::algorithm::convolution_direct, s.src(s.type), s.weights(f32),
           memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
     };
-    e.user_weights = s.weights(f32, tag::hwio);
+    e.user_weights = s.user_weights(f32);
     fastest<dnnl::convolution_backward_weights>(e, s.key("bwd_weights"), make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, true, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
