@@ -179,13 +179,22 @@ def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | N
     run slowly; in configs/mnist.py's step they took a quarter of the time.
     Statistics and running averages are Flax's (E[x^2] - E[x]^2, in float32).
     """
+    def normalise(x, scale, bias):
+        dtype = module.dtype or jnp.result_type(x, scale, bias)
+        return _batch_norm(x, scale, bias, module.epsilon, jnp.dtype(dtype))
+
+    return batch_norm_with(module, x, normalise)
+
+
+def batch_norm_with(module: nn.BatchNorm, x: jax.Array, normalise) -> jax.Array:
+    """Training-mode nn.BatchNorm computed by `normalise(x, scale, bias) -> (y, batch mean, batch variance)`, with
+    its parameters, statistics and running-average updates exactly as Flax makes them."""
     features = (x.shape[-1],)
     ra_mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
     ra_var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
     scale = module.param("scale", module.scale_init, features, module.param_dtype)
     bias = module.param("bias", module.bias_init, features, module.param_dtype)
-    dtype = module.dtype or jnp.result_type(x, scale, bias)
-    y, mean, var = _batch_norm(x, scale, bias, module.epsilon, jnp.dtype(dtype))
+    y, mean, var = normalise(x, scale, bias)
     if not module.is_initializing():
         ra_mean.value = module.momentum * ra_mean.value + (1 - module.momentum) * lax.stop_gradient(mean)
         ra_var.value = module.momentum * ra_var.value + (1 - module.momentum) * lax.stop_gradient(var)

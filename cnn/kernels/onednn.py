@@ -363,16 +363,7 @@ def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | N
     The statistics are oneDNN's, in float32: the mean, and the variance as the mean of squared deviations (Flax
     takes E[x^2] - E[x]^2), so results agree with Flax's to float rounding. The running averages are Flax's.
     """
-    features = (x.shape[-1],)
-    ra_mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
-    ra_var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
-    scale = module.param("scale", module.scale_init, features, module.param_dtype)
-    bias = module.param("bias", module.bias_init, features, module.param_dtype)
-    y, mean, var = _norm(x, scale, bias, float(module.epsilon))
-    if not module.is_initializing():
-        ra_mean.value = module.momentum * ra_mean.value + (1 - module.momentum) * lax.stop_gradient(mean)
-        ra_var.value = module.momentum * ra_var.value + (1 - module.momentum) * lax.stop_gradient(var)
-    return y
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, float(module.epsilon)))
 
 
 def _norm_forward(x, scale, bias, epsilon):
