@@ -5,6 +5,13 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# Every test process, and each process a test starts, keeps its compiled XLA programs where `cnn` training keeps them
+# (cnn/runtime.py: use_compilation_cache), from its first jit: tests compile the same programs many times (a layer
+# with and without the fast paths, the same model's init, a check rerun under another oneDNN instruction set, the
+# same run in several `python -m cnn.main`), and XLA's compilation is most of their time on 2 cores.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "cnn" / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 # The original MNIST / Fashion-MNIST archives, beside the checkout in CI.
 SHARED_DATASETS = pathlib.Path(os.environ.get("CNN_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,8 +18,9 @@ import cnn
 from cnn import train
 from conftest import REPO
 
-# 16x16 digits in batches of 16: 89 steps an epoch, slow enough to be killed mid-run.
-ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=3", "--config.train.batch_size=16",
+# 16x16 digits in batches of 16: 89 steps an epoch, slow enough to be killed mid-run; two epochs, so that a
+# resume crosses an epoch's end.
+ARGS = ["--config=configs/digits.py", "--config.train.num_epochs=2", "--config.train.batch_size=16",
         "--config.data.image_size=(16, 16)", "--config.train.checkpoint_every_steps=7",
         "--config.train.keep_checkpoints=2", "--config.train.log_every_steps=5",  # windows that cross checkpoints
         "--config.train.pictures=False",  # not what these tests are about, and ~5 s of matplotlib a run
@@ -61,7 +63,7 @@ def final_params(workdir):
     config.model.layers = ("Conv2D(16, 3, activation='relu')", "MaxPooling2D(2)", "Dropout(0.2)", "Flatten()",
                            "Dense(64, activation='relu')", "Dense(10)")
     model = cnn.build_model(config.model)
-    fresh = train.create_state(model, train.make_optimizer(config.optimizer, 89, 3), (16, 16, 1), 0)
+    fresh = train.create_state(model, train.make_optimizer(config.optimizer, 89, 2), (16, 16, 1), 0)
     state, _ = cnn.checkpoint.Checkpoints(str(workdir)).restore(fresh)
     return int(state.step), state.params, state.opt_state
 
@@ -92,7 +94,7 @@ def assert_same_run(workdir, reference):
     assert metrics(workdir, "steps.jsonl") == metrics(reference, "steps.jsonl")
     step, params, opt_state = final_params(workdir)
     ref_step, ref_params, ref_opt_state = final_params(reference)
-    assert step == ref_step == 3 * 89
+    assert step == ref_step == 2 * 89
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
     jax.tree_util.tree_map(np.testing.assert_array_equal, opt_state, ref_opt_state)
     assert json.loads((workdir / "results.json").read_text())["test_accuracy"] == \
@@ -102,7 +104,7 @@ def assert_same_run(workdir, reference):
 # Two draws of the kill point (each a full run and a resume): test_killed_mid_save covers a kill inside a save.
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path, reference, seed):
-    kill_after = random.Random(seed).choice([7, 50, 89, 120, 180, 230])
+    kill_after = random.Random(seed).choice([7, 50, 89, 120, 150, 170])
     proc = start(tmp_path)
     wait_for_checkpoint(tmp_path, kill_after, proc)
     time.sleep(random.Random(seed).random() * 0.05)  # anywhere, mid-save included
@@ -165,8 +167,6 @@ def files_of(folder):
 def test_rerun_with_a_changed_config_is_refused_and_touches_nothing(tmp_path, reference):
     """A workdir's config.json is the config of its checkpoints: a field that changes the computation is refused,
     naming both values, and every file stays byte-identical; a field that does not is taken and recorded."""
-    import shutil
-
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     assert not (workdir / ".lock").exists()  # a clean end leaves no lock file
@@ -179,21 +179,21 @@ def test_rerun_with_a_changed_config_is_refused_and_touches_nothing(tmp_path, re
         "train.batch_size=32 (config.json: 16)" in line and "new --workdir" in line, line
     assert files_of(workdir) == before
     out, _ = finish(workdir, "--config.train.log_every_steps=0", "--config.train.eval_batch_size=100")
-    assert "resuming from the checkpoint at step 267" in out
+    assert "resuming from the checkpoint at step 178" in out
     saved = json.loads((workdir / "config.json").read_text())["train"]
     assert (saved["log_every_steps"], saved["eval_batch_size"]) == (0, 100)
 
 
 def test_finished_run_rerun_changes_nothing(tmp_path, reference):
-    finish(tmp_path)
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)  # a finished run
     before = metrics(tmp_path)
     out, _ = finish(tmp_path)
-    assert "resuming from the checkpoint at step 267" in out and "\nepoch " not in out
+    assert "resuming from the checkpoint at step 178" in out and "\nepoch " not in out
     assert metrics(tmp_path) == before
 
 
-def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
-    finish(tmp_path, "--config.train.num_epochs=1")
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     latest = max(saved_steps(tmp_path))
     for root, _, files in os.walk(tmp_path / "checkpoints" / str(latest)):
         for name in files:
@@ -201,15 +201,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
             with open(path, "r+b") as f:
                 f.truncate(os.path.getsize(path) // 2)
     os.remove(tmp_path / "results.json")
-    out, err = finish(tmp_path, "--config.train.num_epochs=1")
+    out, err = finish(tmp_path)
     assert f"checkpoint at step {latest} is damaged" in err
-    assert "resuming from the checkpoint at step" in out and "\nepoch   1/1" in out  # the epoch's end again
+    assert "resuming from the checkpoint at step" in out and "\nepoch   2/2" in out  # the epoch's end again
     assert len(os.listdir(tmp_path / "damaged_checkpoints")) == 1  # set aside, not deleted
-    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 89
+    assert_same_run(tmp_path, reference)
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    finish(tmp_path, "--config.train.num_epochs=1")
+def test_checkpoint_of_another_model_is_refused(tmp_path, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     args = [a for a in ARGS if not a.startswith("--config.model.layers")]
     proc = subprocess.run([sys.executable, "-m", "cnn.main", *args, f"--workdir={tmp_path}",
                            "--config.model.layers=('Conv2D(8, 3)', 'Flatten()', 'Dense(10)')"],
@@ -229,17 +229,17 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, reference):
-    finish(tmp_path, "--config.train.num_epochs=1")
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     os.remove(tmp_path / "config.json")  # as in a workdir from before config.json: the rerun is not compared
-    proc = start(tmp_path, "--config.optimizer.learning_rate=1e30")
+    proc = start(tmp_path, "--config.optimizer.learning_rate=1e30", "--config.train.num_epochs=3")  # one epoch more
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "Traceback" not in err
     line = [l for l in err.splitlines() if l.startswith("error: ")][0]
-    assert "the training loss became nan at step" in line and "the last good checkpoint (step 89) is kept" in line
-    assert int(line.split(" at step ")[1].split()[0]) > 89
-    assert max(saved_steps(tmp_path)) == 89
+    assert "the training loss became nan at step" in line and "the last good checkpoint (step 178) is kept" in line
+    assert int(line.split(" at step ")[1].split()[0]) > 178
+    assert max(saved_steps(tmp_path)) == 178
     step, params, _ = final_params(tmp_path)  # still restores, and is finite
-    assert step == 89 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+    assert step == 178 and all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_full_disk_at_each_write_stops_in_one_line_and_the_rerun_ends_as_if_noth
     assert saved_steps(tmp_path) == [77, 84] and metrics(tmp_path) == []
     line = fails(tmp_path, "enospc:results.json:1")
     assert line.startswith(f"error: could not write {tmp_path}/results.json: No space left on device")
-    assert not (tmp_path / "results.json").exists() and max(saved_steps(tmp_path)) == 3 * 89
+    assert not (tmp_path / "results.json").exists() and max(saved_steps(tmp_path)) == 2 * 89
     finish(tmp_path)
     assert_same_run(tmp_path, reference)
 
