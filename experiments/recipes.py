@@ -5,7 +5,7 @@ with each trick alone, and with all of them, for three seeds each, in one
 process, and prints a markdown table of the final test accuracy (mean ± std
 over the seeds) and its difference from the base recipe, with the CPU and
 the date; the table is also appended to docs/benchmarks/<date>-<cpu>.md
-(`--no_record` skips that). About half an hour on two cores.
+(`--no_record` skips that). About 45 minutes on two idle cores (27 runs of about 100 s).
 
     python experiments/recipes.py --manual_dir=DIR
     python experiments/recipes.py --manual_dir=DIR --epochs 1 --seeds 1 --tricks base,mixup --train_subset 2000
