@@ -98,7 +98,7 @@ def choices_file() -> str:
     """
     if "CNN_ONEDNN_CHOICES" in os.environ:
         return os.environ["CNN_ONEDNN_CHOICES"]
-    identity = "|".join([_cpu_model(), " ".join(sorted(cpu_flags())), str(os.cpu_count()),
+    identity = "|".join([_cpuinfo("model name"), " ".join(sorted(cpu_flags())), str(os.cpu_count()),
                          *(os.environ.get(k, "") for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")),
                          str(os.path.getmtime(_extension_path()))])
     folder = os.path.join(os.path.expanduser("~"), ".cache", "cnn", "onednn")
@@ -126,21 +126,18 @@ def has_bf16() -> bool:
     return bool(probe())
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str:
+    """The first processor's `field` in /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
         return ""
 
 
 def cpu_flags() -> set[str]:
     """The processor's instruction-set flags, from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return set()
+    return set(_cpuinfo("flags").split())
 
 
 def missing_bf16() -> str:
@@ -156,12 +153,14 @@ def why_unavailable() -> str:
     return _load()
 
 
-def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None) -> jnp.dtype:
-    """The dtype Flax's promote_dtype gives the layer's input and parameters (as passed in, or as stored)."""
+def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None,
+                   names: tuple[str, ...] = ("kernel", "bias")) -> jnp.dtype:
+    """The dtype Flax's promote_dtype gives the layer's input and parameters (as passed in, or as stored under
+    `names`)."""
     if module.dtype is not None:
         return jnp.dtype(module.dtype)
     if not params:  # before the layer runs: its stored parameters, which a step may have cast to bf16
-        params = tuple(module.get_variable("params", name) for name in ("kernel", "bias"))
+        params = tuple(module.get_variable("params", name) for name in names)
     dtypes = [p.dtype for p in params if p is not None] or [module.param_dtype]
     return jnp.dtype(jnp.result_type(x.dtype, *dtypes))
 
@@ -345,14 +344,7 @@ def batch_norm_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: 
     """Training-mode batch norm as cpu.batch_norm takes it, whose output keeps the input's dtype (f32 or bf16):
     oneDNN normalises into a buffer of the input's type."""
     return (available() and cpu.batch_norm_applies(module, x, use_running_average, mask) and x.dtype in dtypes
-            and _norm_dtype(module, x) == x.dtype)
-
-
-def _norm_dtype(module: nn.BatchNorm, x: jax.Array) -> jnp.dtype:
-    """Flax's output dtype for the layer: its own, or the input's and the stored parameters' promoted."""
-    params = [module.get_variable("params", name) for name in ("scale", "bias")]
-    dtypes = [p.dtype for p in params if p is not None] or [module.param_dtype]
-    return jnp.dtype(module.dtype or jnp.result_type(x.dtype, *dtypes))
+            and _compute_dtype(module, x, names=("scale", "bias")) == x.dtype)
 
 
 def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
