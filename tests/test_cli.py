@@ -11,9 +11,9 @@ from cnn.config import ConfigError, load_config
 from conftest import REPO, SHARED_DATASETS
 
 
-def run_cli(*args, cwd=REPO, timeout=300):
+def run_cli(*args, cwd=REPO, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "cnn.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_digits_with_overrides(tmp_path):
@@ -80,9 +80,13 @@ def test_unwritable_workdir_is_reported_before_training(tmp_path):
 
 
 def test_missing_dataset_offline_says_how_to_fix_it(tmp_path):
-    """No prepared data, no manual_dir, no network: the error names both ways out."""
+    """No prepared data, no manual_dir, no network: the error names both ways out. The network is a proxy that
+    refuses at once: where outside hosts are unreachable without refusing (CI's), TFDS's download attempts each
+    waited out their timeouts, once past the test's three minutes."""
+    offline = {**os.environ, **{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                                                   "https_proxy")}, "NO_PROXY": "", "no_proxy": ""}
     proc = run_cli("--config=configs/mnist.py", f"--workdir={tmp_path / 'w'}",
-                   f"--config.data.data_dir={tmp_path / 'empty'}", timeout=180)
+                   f"--config.data.data_dir={tmp_path / 'empty'}", timeout=180, env=offline)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.name='mnist' is not prepared in" in proc.stderr
     assert "--config.data.manual_dir=FOLDER" in proc.stderr and "data_dir" in proc.stderr
