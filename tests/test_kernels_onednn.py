@@ -99,11 +99,11 @@ def test_bfloat16_within_bfloat16_rounding(spec, shape):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bf16)])
-@pytest.mark.parametrize("shape", [(8, 6, 5, 16), (33, 7), (2, 3, 4, 3, 5)])
+@pytest.mark.parametrize("shape", [(8, 6, 5, 16), (33, 16), (2, 3, 4, 3, 32), (6, 5, 8), (9, 7)])
 def test_batch_norm_in_training_equals_flax(dtype, shape):
     """oneDNN's training-mode batch norm (any rank, channels last): the output, the input's and parameters'
     gradients and the new running statistics equal Flax's, float32 to 1e-5 of each array's largest value, bf16
-    within bf16 rounding."""
+    within bf16 rounding. Channel counts oneDNN has no JIT kernels for (7; 8 in bf16) stay on XLA."""
     import flax.linen as nn
 
     norm = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-3)
@@ -123,7 +123,8 @@ def test_batch_norm_in_training_equals_flax(dtype, shape):
             return (y.astype(jnp.float32) * weights).sum(), (y.astype(jnp.float32), updates)
 
         program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-        assert ("cnn_onednn_norm_forward" in program.lower(variables, x).as_text()) == bool(paths)
+        taken = bool(paths) and onednn.norm_jit(shape[-1], dtype)
+        assert ("cnn_onednn_norm_forward" in program.lower(variables, x).as_text()) == taken
         return program(variables, x)
 
     ours, theirs = run(("onednn_batch_norm",)), run(())
@@ -151,6 +152,28 @@ def test_auto_takes_onednn_float32_convolutions_and_bfloat16_layers_only_on_a_cp
     assert "cnn_onednn_norm_forward" not in train(jnp.float32)  # float32: batch norm's sums (cpu.py) pay more
     assert ("cnn_onednn_norm_forward" in train(jnp.bfloat16)) == onednn.has_bf16()
     assert "cnn_onednn_matmul" in str(jax.make_jaxpr(kernels.apply_fn(model, "onednn", "cpu"))(variables, x))
+
+
+@needs_onednn
+def test_batch_norm_goes_to_onednn_only_where_it_has_jit_kernels():
+    """oneDNN's generic batch-norm loops (bf16 with 8 channels, say) ran 20x slower than XLA's: 'auto' and
+    'onednn' leave such layers to cnn's sums path, asked of oneDNN; 16 channels have JIT kernels wherever oneDNN
+    has bf16 ones."""
+    import flax.linen as nn
+
+    if onednn.has_bf16():
+        assert onednn.norm_jit(16, jnp.bfloat16)
+    assert onednn.norm_jit(16, jnp.float32) and not onednn.norm_jit(3, jnp.float32)
+    for channels in (8, 16, 24):
+        x = jnp.ones((4, 5, 5, channels), jnp.bfloat16)
+        norm = nn.BatchNorm(use_running_average=False)
+        variables = norm.init(jax.random.key(0), x)
+        variables = {**variables, "params": jax.tree.map(lambda a: a.astype(x.dtype), variables["params"])}
+        for name in ("auto", "onednn"):
+            apply = kernels.apply_fn(norm, name, "cpu")
+            text = str(jax.make_jaxpr(lambda v, x: apply(v, x, mutable=["batch_stats"]))(variables, x))
+            expected = onednn.norm_jit(channels, jnp.bfloat16) and (name == "onednn" or onednn.has_bf16())
+            assert ("cnn_onednn_norm_forward" in text) == expected, (name, channels)
 
 
 AUTO_CODE = """

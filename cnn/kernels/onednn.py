@@ -342,9 +342,20 @@ _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 def batch_norm_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
                        mask: jax.Array | None = None, dtypes=DTYPES) -> bool:
     """Training-mode batch norm as cpu.batch_norm takes it, whose output keeps the input's dtype (f32 or bf16):
-    oneDNN normalises into a buffer of the input's type."""
+    oneDNN normalises into a buffer of the input's type. Only where oneDNN has JIT kernels for the channel count
+    (bf16: multiples of 16): elsewhere its generic loops ran 20x slower than XLA's batch norm."""
     return (available() and cpu.batch_norm_applies(module, x, use_running_average, mask) and x.dtype in dtypes
-            and _compute_dtype(module, x, names=("scale", "bias")) == x.dtype)
+            and _compute_dtype(module, x, names=("scale", "bias")) == x.dtype and norm_jit(x.shape[-1], x.dtype))
+
+
+@functools.cache
+def norm_jit(channels: int, dtype) -> bool:
+    """Whether oneDNN's batch norm of `channels` channels in `dtype` runs JIT kernels in both passes, asked of oneDNN
+    (cnn_onednn_norm_jit in onednn_ffi.cc)."""
+    if not available():
+        return False
+    probe = getattr(ctypes.CDLL(_extension_path()), "cnn_onednn_norm_jit", None)
+    return bool(probe and probe(ctypes.c_int64(channels), int(jnp.dtype(dtype) == jnp.bfloat16)))
 
 
 def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
