@@ -144,11 +144,11 @@ def test_auto_takes_onednn_float32_convolutions_and_bfloat16_layers_only_on_a_cp
     assert "cnn_onednn_matmul" not in program(jnp.float32)
     assert ("cnn_onednn_conv_forward" in program(jnp.bfloat16)) == onednn.has_bf16()
     assert ("cnn_onednn_matmul" in program(jnp.bfloat16)) == onednn.has_bf16()
-    normed = cnn.build_model(["Conv2D(4, 3)", "BatchNormalization()", "Flatten()", "Dense(3)"])
-    apply = kernels.apply_fn(normed, "auto", "cpu")
-    variables = apply.init(jax.random.key(0), x)
-    train = lambda dtype: str(jax.make_jaxpr(lambda v, x: apply(v, x, train=True, mutable=["batch_stats"]))(
-        jax.tree.map(lambda a: a.astype(dtype), variables), x.astype(dtype)))
+    normed = cnn.build_model(["Conv2D(16, 3)", "BatchNormalization()", "Flatten()", "Dense(3)"])  # JIT kernels
+    normed_apply = kernels.apply_fn(normed, "auto", "cpu")
+    normed_variables = normed_apply.init(jax.random.key(0), x)
+    train = lambda dtype: str(jax.make_jaxpr(lambda v, x: normed_apply(v, x, train=True, mutable=["batch_stats"]))(
+        jax.tree.map(lambda a: a.astype(dtype), normed_variables), x.astype(dtype)))
     assert "cnn_onednn_norm_forward" not in train(jnp.float32)  # float32: batch norm's sums (cpu.py) pay more
     assert ("cnn_onednn_norm_forward" in train(jnp.bfloat16)) == onednn.has_bf16()
     assert "cnn_onednn_matmul" in str(jax.make_jaxpr(kernels.apply_fn(model, "onednn", "cpu"))(variables, x))

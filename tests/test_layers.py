@@ -73,6 +73,23 @@ def test_activations(name):
     np.testing.assert_allclose(model.apply(v, x), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_relu_equals_flax_in_value_and_gradient(dtype):
+    """cnn's relu (bf16 compared as integers, layers.relu) against nn.relu: equal outputs, signed zeros, tiny and
+    huge values included, and equal gradients, 0 at 0."""
+    import flax.linen as nn
+
+    from cnn.models.layers import relu
+
+    x = jnp.concatenate([jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, jnp.inf, -jnp.inf]),
+                         3 * jax.random.normal(jax.random.key(0), (500,))]).astype(dtype)
+    assert relu(x).dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(relu(x), np.float32), np.asarray(nn.relu(x), np.float32))
+    weights = jnp.arange(x.size, dtype=jnp.float32) - 100
+    grad = lambda f: jax.grad(lambda x: (f(x).astype(jnp.float32)[8:] * weights[8:]).sum())(x)
+    np.testing.assert_array_equal(np.asarray(grad(relu), np.float32), np.asarray(grad(nn.relu), np.float32))
+
+
 def test_final_softmax_gives_probabilities_and_logits_on_request():
     model, v = _init(["Flatten()", "Dense(5, activation='softmax')"], (3, 3, 1))
     x = jax.random.normal(jax.random.key(1), (4, 3, 3, 1))
