@@ -196,3 +196,24 @@ def test_binary_metrics_are_none_when_the_split_holds_one_class():
     assert out["roc_auc"] is None and out["average_precision"] is None
     assert out["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert out["balanced_accuracy"] == 0.75 and "top5_accuracy" not in out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # sklearn's, on the class predicted but absent
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_metrics_equal_sklearns_with_absent_and_never_predicted_classes(seed):
+    """cnn counts the metrics itself (no second of sklearn imports in the first evaluation): equal to scikit-learn's
+    calls with every class listed, on 10 classes where one never occurs, one is never predicted, and probabilities
+    tie."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice([0, 1, 2, 3, 4, 5, 6, 8, 9], 300)  # no 7
+    predicted = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 10, 300))
+    predicted[predicted == 3] = 4  # 3 is never predicted
+    probs = np.round(rng.dirichlet(np.ones(10), 300), 1)  # rounded: ties among the top five
+    got = evaluation.class_metrics(evaluation.Predictions(labels, predicted, probs), [str(i) for i in range(10)])
+    classes = np.arange(10)
+    p, r, f, s = metrics.precision_recall_fscore_support(labels, predicted, labels=classes, zero_division=0)
+    expected = {"per_class": {str(i): {"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]} for i in classes},
+                "macro_f1": metrics.f1_score(labels, predicted, labels=classes, average="macro", zero_division=0),
+                "balanced_accuracy": metrics.balanced_accuracy_score(labels, predicted),
+                "top5_accuracy": metrics.top_k_accuracy_score(labels, probs, k=5, labels=classes)}
+    _same_metrics(got, expected, abs=1e-12)

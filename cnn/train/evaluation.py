@@ -69,40 +69,37 @@ def predict(state, split: data_lib.Split, batch_size: int, eval_fn: Callable, ba
 
 
 def class_metrics(predictions: Predictions, class_names: Sequence[str]) -> dict[str, Any]:
-    """scikit-learn's metrics of `predictions` (zero_division=0): `per_class`, `macro_f1`, `balanced_accuracy`;
-    `top5_accuracy` with more than five classes; `roc_auc` and `average_precision` of class 1's probability with
-    two (None where the split holds one class only, so neither is defined)."""
-    from sklearn import metrics  # here: a second of imports that only an evaluation needs
+    """The metrics scikit-learn gives for `predictions` (zero_division=0): `per_class`, `macro_f1`,
+    `balanced_accuracy`; `top5_accuracy` with more than five classes; `roc_auc` and `average_precision` of class 1's
+    probability with two (None where the split holds one class only, so neither is defined).
 
+    Counted from the confusion matrix with NumPy, as scikit-learn defines them (tests/test_evaluation.py compares
+    the two): importing sklearn.metrics takes a second, which fell inside the first epoch's evaluation and so in
+    every run's time to its first accuracy. Only the two-class curves' areas import it.
+    """
     labels, predicted, probs = predictions
-    classes = np.arange(len(class_names))
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(labels, predicted, labels=classes,
-                                                                             zero_division=0)
+    k = len(class_names)
+    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+    hits, support, claimed = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    ratio = lambda a, b: np.divide(a, b, out=np.zeros(k), where=b > 0)
+    precision, recall, f1 = ratio(hits, claimed), ratio(hits, support), ratio(2 * hits, support + claimed)
     out: dict[str, Any] = {
         "per_class": {str(name): {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for name, p, r, f, s in zip(class_names, precision, recall, f1, support)},
-        "macro_f1": float(metrics.f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-        "balanced_accuracy": _balanced_accuracy(labels, predicted),
+        "macro_f1": float(f1.mean()),
+        # Over the classes the split holds: one predicted but absent has no recall to average.
+        "balanced_accuracy": float(recall[support > 0].mean()),
     }
-    if len(classes) > 5:
-        out["top5_accuracy"] = float(metrics.top_k_accuracy_score(labels, probs, k=5, labels=classes))
-    if len(classes) == 2:
+    if k > 5:
+        top5 = np.argsort(probs, axis=1, kind="mergesort")[:, ::-1][:, :5]
+        out["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())
+    if k == 2:
+        from sklearn import metrics
+
         both = len(np.unique(labels)) == 2
         out["roc_auc"] = float(metrics.roc_auc_score(labels, probs[:, 1])) if both else None
         out["average_precision"] = float(metrics.average_precision_score(labels, probs[:, 1])) if both else None
     return out
-
-
-def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """scikit-learn's balanced accuracy; its warning about a class predicted but absent from `labels` is noise here
-    (that class simply has no recall to average)."""
-    import warnings
-
-    from sklearn import metrics
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return float(metrics.balanced_accuracy_score(labels, predicted))
 
 
 def per_class_table(per_class: dict[str, dict], limit: int = 30) -> str:
