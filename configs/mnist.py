@@ -7,8 +7,12 @@ short on a CPU; batch norm lets Adam take large steps (1e-2) from the start,
 and Adam's shorter moment averages (b1=0.7, b2=0.9, as tuomaso/train_mnist_fast
 found) follow the fast-changing gradients of that first epoch: over seeds
 0-2 epoch 1 reached 99.14, 99.26, 99.11% against 99.10, 99.12, 99.04% with
-0.9/0.999, and 6 epochs ended at 99.47% (Intel Xeon with AMX, bf16 through
-oneDNN, 2026-12-06; one-epoch runs of this config with config.seed=0, 1, 2).
+0.9/0.999 (Intel Xeon with AMX, bf16 through oneDNN, 2026-12-06). A warmup
+of a tenth of an epoch, not a fifth, then gave epoch 1 more margin over
+99.0%: 99.23, 99.16, 99.20, 99.12, 99.18% for seeds 0-4 against 99.07,
+99.18, 99.05, 99.08, 99.20%, and 6 epochs ended at 99.49, 99.47, 99.49%
+(seeds 0-2; same Xeon, later that day, after cnn's bf16 relu changed the
+rounding; one-epoch runs with config.seed=0...4).
 The schedule restarts once (warm restarts): a one-epoch warmup and cosine
 cycle that anneals early, so the first evaluation is already past 99%, then
 a five-epoch cycle for the final accuracy. Average pooling, because XLA:CPU
@@ -42,7 +46,7 @@ def get_config():
     config.optimizer.learning_rate = 1e-2
     config.optimizer.b1, config.optimizer.b2 = 0.7, 0.9  # shorter moment averages: a surer epoch 1
     config.optimizer.schedule = "warmup_cosine"
-    config.optimizer.warmup_epochs = 0.2
+    config.optimizer.warmup_epochs = 0.1  # each cycle's; 0.2 left epoch 1 closer to 99.0%
     config.optimizer.restart_epochs = (1,)
     config.train.num_epochs = 6
     config.train.compute_dtype = "auto"  # bf16 on a CPU with bf16 instructions (oneDNN), else float32
