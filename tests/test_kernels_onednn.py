@@ -155,6 +155,42 @@ def test_auto_takes_onednn_float32_convolutions_and_bfloat16_layers_only_on_a_cp
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bf16)])
+@pytest.mark.parametrize("specs", [
+    ["Conv2D(16, 3, use_bias=False)", "BatchNormalization()", "Activation('relu')", "Flatten()", "Dense(3)"],
+    ["Conv2D(16, 3, padding='same', use_bias=False)", "ResidualBlock(16)", "ResidualBlock(32, strides=2)",
+     "GlobalAveragePooling2D()", "Dense(3)"],
+])
+def test_batch_norm_and_relu_fused_equal_them_apart(dtype, specs):
+    """A batch norm followed by relu (a spec pair, a residual block's first) runs as one oneDNN call each way
+    (fuse_norm_relu): its outputs, gradients and running statistics are bitwise those of oneDNN's batch norm
+    followed by cnn's relu. Sowing the layers' outputs (the summary, feature maps) keeps them apart."""
+    model = cnn.build_model(specs)
+    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 3))
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
+    variables = cast(kernels.apply_fn(model, "xla").init(jax.random.key(1), x))
+    weights = jax.random.normal(jax.random.key(2), (4, 3))
+
+    def run(paths):
+        apply = kernels.ModelApply(model, paths)
+
+        def loss(v, x):
+            y, updates = apply(v, x, train=True, mutable=["batch_stats"])
+            return (y.astype(jnp.float32) * weights).sum(), (y.astype(jnp.float32), updates)
+
+        program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        return program.lower(variables, x.astype(dtype)).as_text(), program(variables, x.astype(dtype))
+
+    plain = ("onednn_batch_norm",)
+    (fused_text, fused), (plain_text, apart) = run(("onednn_batch_norm_relu",) + plain), run(plain)
+    assert "cnn_onednn_norm_relu_forward" in fused_text and "cnn_onednn_norm_relu_forward" not in plain_text
+    assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(apart)))
+    sown = jax.make_jaxpr(lambda v, x: kernels.ModelApply(model, ("onednn_batch_norm_relu",) + plain)(
+        v, x, train=True, mutable=["batch_stats", "activations"]))(variables, x.astype(dtype))
+    assert ("cnn_onednn_norm_relu_forward" in str(sown)) == ("ResidualBlock(16)" in specs)  # blocks sow nothing
+
+
+@needs_onednn
 def test_batch_norm_goes_to_onednn_only_where_it_has_jit_kernels():
     """oneDNN's generic batch-norm loops (bf16 with 8 channels, say) ran 20x slower than XLA's: 'auto' and
     'onednn' leave such layers to cnn's sums path, asked of oneDNN; 16 channels have JIT kernels wherever oneDNN

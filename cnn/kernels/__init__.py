@@ -38,26 +38,35 @@ import jax.numpy as jnp
 from cnn.config import KERNELS
 from cnn.errors import ConfigError, require
 from cnn.kernels import cpu, onednn
-from cnn.models.layers import Pool
+from cnn.models.layers import BatchNorm, Pool
 
 _BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 
-# Fast path name -> (the Flax module type it replaces, applies(module, x), compute(module, x)).
-PATHS: dict[str, tuple[type, Callable[..., bool], Callable[..., jax.Array]]] = {
-    "patches_conv": (nn.Conv, cpu.patches_conv_applies, cpu.patches_conv),
-    "dense_transposed": (nn.Dense, cpu.dense_applies, cpu.dense),
-    "tiled_pool": (Pool, cpu.tiled_pool_applies, cpu.tiled_pool),
-    "batch_norm_sums": (nn.BatchNorm, cpu.batch_norm_applies, cpu.batch_norm),
-    "onednn_conv": (nn.Conv, onednn.conv_applies, onednn.conv),
-    "onednn_dense": (nn.Dense, onednn.dense_applies, onednn.dense),
-    "onednn_conv_bf16": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
-    "onednn_conv_f32": (nn.Conv, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
-    "onednn_dense_bf16": (nn.Dense, functools.partial(onednn.dense_applies, dtypes=_BF16), onednn.dense),
-    "onednn_avg_pool": (Pool, onednn.avg_pool_applies, onednn.avg_pool),
-    "onednn_avg_pool_bf16": (Pool, functools.partial(onednn.avg_pool_applies, dtypes=_BF16), onednn.avg_pool),
-    "onednn_batch_norm": (nn.BatchNorm, onednn.batch_norm_applies, onednn.batch_norm),
-    "onednn_batch_norm_bf16": (nn.BatchNorm, functools.partial(onednn.batch_norm_applies, dtypes=_BF16),
+_NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True
+# Fast path name -> (the Flax module types whose calls it replaces, whether it takes the calls with relu=True
+# (cnn's BatchNorm), applies(module, x), compute(module, x)).
+PATHS: dict[str, tuple[tuple[type, ...], bool, Callable[..., bool], Callable[..., jax.Array]]] = {
+    "patches_conv": ((nn.Conv,), False, cpu.patches_conv_applies, cpu.patches_conv),
+    "dense_transposed": ((nn.Dense,), False, cpu.dense_applies, cpu.dense),
+    "tiled_pool": ((Pool,), False, cpu.tiled_pool_applies, cpu.tiled_pool),
+    "batch_norm_sums": (_NORMS, False, cpu.batch_norm_applies, cpu.batch_norm),
+    "onednn_conv": ((nn.Conv,), False, onednn.conv_applies, onednn.conv),
+    "onednn_dense": ((nn.Dense,), False, onednn.dense_applies, onednn.dense),
+    "onednn_conv_bf16": ((nn.Conv,), False, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
+    "onednn_conv_f32": ((nn.Conv,), False, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
+    "onednn_dense_bf16": ((nn.Dense,), False, functools.partial(onednn.dense_applies, dtypes=_BF16),
+                          onednn.dense),
+    "onednn_avg_pool": ((Pool,), False, onednn.avg_pool_applies, onednn.avg_pool),
+    "onednn_avg_pool_bf16": ((Pool,), False, functools.partial(onednn.avg_pool_applies, dtypes=_BF16),
+                             onednn.avg_pool),
+    "onednn_batch_norm": (_NORMS, False, onednn.batch_norm_applies, onednn.batch_norm),
+    "onednn_batch_norm_bf16": (_NORMS, False, functools.partial(onednn.batch_norm_applies, dtypes=_BF16),
                                onednn.batch_norm),
+    # BatchNorm(relu=True) in one oneDNN pass each way (elsewhere: the batch norm's own path, then relu).
+    "onednn_batch_norm_relu": ((BatchNorm,), True, onednn.batch_norm_relu_applies, onednn.batch_norm_relu),
+    "onednn_batch_norm_relu_bf16": ((BatchNorm,), True,
+                                    functools.partial(onednn.batch_norm_relu_applies, dtypes=_BF16),
+                                    onednn.batch_norm_relu),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
@@ -65,12 +74,14 @@ AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool", "batch_norm_su
 AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
 # bf16 products are the slow ones (docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "onednn_batch_norm_bf16")
+AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "onednn_batch_norm_relu_bf16",
+                    "onednn_batch_norm_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file).
 AUTO_ONEDNN_F32 = ("onednn_conv_f32",)
 # 'onednn' takes every layer oneDNN can, in every dtype.
-ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm", "tiled_pool", "batch_norm_sums")
+ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu", "onednn_batch_norm", "tiled_pool",
+          "batch_norm_sums")
 
 
 def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ...]:
@@ -132,10 +143,12 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         if context.method_name == "__call__" and len(args) == 1:  # keywords: batch norm's use_running_average
+            rest = {k: v for k, v in kwargs.items() if k != "relu"}
             for name in self.paths:
-                kind, applies, compute = PATHS[name]
-                if type(context.module) is kind and applies(context.module, args[0], **kwargs):
-                    return compute(context.module, args[0], **kwargs)
+                kinds, relu, applies, compute = PATHS[name]
+                if (type(context.module) in kinds and kwargs.get("relu", False) == relu
+                        and applies(context.module, args[0], **rest)):
+                    return compute(context.module, args[0], **rest)
         return next_fun(*args, **kwargs)
 
 

@@ -31,7 +31,8 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
             "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
-            "NormForward": "cnn_onednn_norm_forward", "NormBackward": "cnn_onednn_norm_backward"}
+            "NormForward": "cnn_onednn_norm_forward", "NormBackward": "cnn_onednn_norm_backward",
+            "NormReluForward": "cnn_onednn_norm_relu_forward", "NormReluBackward": "cnn_onednn_norm_relu_backward"}
 
 
 def _extension_path() -> str | None:
@@ -366,33 +367,70 @@ def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | N
     The statistics are oneDNN's, in float32: the mean, and the variance as the mean of squared deviations (Flax
     takes E[x^2] - E[x]^2), so results agree with Flax's to float rounding. The running averages are Flax's.
     """
-    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, float(module.epsilon)))
+    epsilon = float(module.epsilon)
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, False))
 
 
-def _norm_forward(x, scale, bias, epsilon):
+def batch_norm_relu_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                            dtypes=DTYPES) -> bool:
+    """`batch_norm_applies`, where oneDNN also has JIT kernels for the fused relu."""
+    return batch_norm_applies(module, x, use_running_average, dtypes=dtypes) and _relu_workspace(x) > 0
+
+
+def batch_norm_relu(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    """relu(batch_norm(module, x)) in one oneDNN pass each way (fuse_norm_relu): the separate relu and its gradient
+    were two more passes over the activations."""
+    epsilon = float(module.epsilon)
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, True))
+
+
+def _relu_workspace(x: jax.Array) -> int:
+    """The bytes oneDNN keeps for the fused relu's backward pass (0: no JIT kernels for it)."""
+    rows = int(np.prod(x.shape[:-1]))
+    return _relu_workspace_bytes(rows, x.shape[-1], jnp.dtype(x.dtype) == jnp.bfloat16)
+
+
+@functools.cache
+def _relu_workspace_bytes(rows: int, channels: int, bf16: bool) -> int:
+    if not available():
+        return 0
+    probe = getattr(ctypes.CDLL(_extension_path()), "cnn_onednn_norm_relu_workspace", None)
+    if probe is None:
+        return 0
+    probe.restype = ctypes.c_int64
+    return int(probe(ctypes.c_int64(rows), ctypes.c_int64(channels), int(bf16)))
+
+
+def _norm_forward(x, scale, bias, epsilon, relu):
     stats = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["NormForward"], (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
+    outputs = (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats)
+    if relu:
+        outputs += (jax.ShapeDtypeStruct((_relu_workspace(x),), jnp.uint8),)
+    return jax.ffi.ffi_call(_TARGETS["NormReluForward" if relu else "NormForward"], outputs)(
         x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _norm(x, scale, bias, epsilon):
-    return _norm_forward(x, scale, bias, epsilon)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _norm(x, scale, bias, epsilon, relu):
+    return _norm_forward(x, scale, bias, epsilon, relu)[:3]
 
 
-def _norm_fwd(x, scale, bias, epsilon):
-    y, mean, var = _norm_forward(x, scale, bias, epsilon)
-    return (y, mean, var), (x, mean, var, scale, bias)
+def _norm_fwd(x, scale, bias, epsilon, relu):
+    y, mean, var, *workspace = _norm_forward(x, scale, bias, epsilon, relu)
+    return (y, mean, var), (x, mean, var, scale, bias, workspace)
 
 
-def _norm_bwd(epsilon, residuals, cotangents):
+def _norm_bwd(epsilon, relu, residuals, cotangents):
     """The input, scale and shift gradients; the statistics' cotangents are ignored, as they only feed the
-    running averages, which `batch_norm` takes through stop_gradient."""
-    x, mean, var, scale, bias = residuals
+    running averages, which `batch_norm` takes through stop_gradient. After a fused relu oneDNN zeroes the
+    gradients of the outputs it zeroed, from the forward pass's workspace."""
+    x, mean, var, scale, bias, workspace = residuals
     channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     d_x, d_scale, d_bias = jax.ffi.ffi_call(
-        _TARGETS["NormBackward"], (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
-        x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype), epsilon=np.float32(epsilon))
+        _TARGETS["NormReluBackward" if relu else "NormBackward"],
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
+        x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype), *workspace,
+        epsilon=np.float32(epsilon))
     return d_x, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 

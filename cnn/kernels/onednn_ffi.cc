@@ -11,6 +11,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -71,6 +72,7 @@ struct Entry {
   memory blocked;  // the kernel in `weights`' layout, when that is not the user's
   dnnl::primitive reorder;  // between `blocked` and the user's kernel
   memory reorder_scratch;
+  memory::desc workspace;  // batch norm with a fused relu: which outputs were positive
   std::mutex lock;
 
   // Builds the buffers for `prim` (scratchpad `scratch_md`), with a reorder into `weights` or, for a weight
@@ -452,22 +454,31 @@ struct NormShape {
 };
 
 const auto kNormFlags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
-
-dnnl::batch_normalization_forward::primitive_desc norm_forward_pd(const NormShape& s) {
-  return dnnl::batch_normalization_forward::primitive_desc(cpu_engine(), dnnl::prop_kind::forward_training, s.data(),
-                                                           s.data(), s.epsilon, kNormFlags, own_scratchpad());
+// With `relu`, oneDNN applies max(y, 0) in the same pass (fuse_norm_relu) and keeps which outputs were positive in a
+// workspace (a bit each) for the backward pass, which then zeroes those gradients itself: two passes over the
+// activations fewer than batch norm followed by a separate relu.
+dnnl::normalization_flags norm_flags(bool relu) {
+  return relu ? kNormFlags | dnnl::normalization_flags::fuse_norm_relu : kNormFlags;
 }
 
-// y = (x - mean) / sqrt(var + epsilon) * scale + shift, with the batch's mean and (biased) variance returned.
-ffi::Error NormForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                           ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
-                           ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon) {
+dnnl::batch_normalization_forward::primitive_desc norm_forward_pd(const NormShape& s, bool relu = false) {
+  return dnnl::batch_normalization_forward::primitive_desc(cpu_engine(), dnnl::prop_kind::forward_training, s.data(),
+                                                           s.data(), s.epsilon, norm_flags(relu), own_scratchpad());
+}
+
+// y = (x - mean) / sqrt(var + epsilon) * scale + shift (then max(y, 0) with `ws`), with the batch's mean and
+// (biased) variance returned.
+ffi::Error norm_forward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                        ffi::Result<ffi::Buffer<ffi::F32>> var, ffi::Result<ffi::AnyBuffer>* ws, float epsilon) {
   NormShape s(x.dimensions(), dnnl_type(x.element_type()), epsilon);
   if (!s.valid() || y->element_type() != x.element_type()) return bad_shape("batch norm");
-  Entry& e = cached(s.key("norm_fwd"), [&](Entry& e) {
-    auto pd = norm_forward_pd(s);
+  const bool relu = ws != nullptr;
+  Entry& e = cached(s.key(relu ? "norm_relu_fwd" : "norm_fwd"), [&](Entry& e) {
+    auto pd = norm_forward_pd(s, relu);
     e.prim = dnnl::batch_normalization_forward(pd);
     e.scratch = scratchpad(pd.scratchpad_desc());
+    e.workspace = pd.workspace_desc();
   });
   std::unordered_map<int, memory> args{
       {DNNL_ARG_SRC, memory(s.data(), cpu_engine(), x.untyped_data())},
@@ -476,24 +487,44 @@ ffi::Error NormForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::B
       {DNNL_ARG_SHIFT, memory(s.channels(), cpu_engine(), shift.typed_data())},
       {DNNL_ARG_MEAN, memory(s.channels(), cpu_engine(), mean->typed_data())},
       {DNNL_ARG_VARIANCE, memory(s.channels(), cpu_engine(), var->typed_data())}};
+  if (relu) {
+    if ((*ws)->size_bytes() < e.workspace.get_size()) return bad_shape("batch norm workspace");
+    args[DNNL_ARG_WORKSPACE] = memory(e.workspace, cpu_engine(), (*ws)->untyped_data());
+  }
   run_locked(e, args);
   return ffi::Error::Success();
 }
 
-// dx, d_scale and d_shift from x, the forward pass's statistics, scale and dy.
-ffi::Error NormBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
-                            ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-                            ffi::Result<ffi::Buffer<ffi::F32>> d_scale, ffi::Result<ffi::Buffer<ffi::F32>> d_shift,
-                            float epsilon) {
+ffi::Error NormForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                           ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                           ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon) {
+  return norm_forward(x, scale, shift, y, mean, var, nullptr, epsilon);
+}
+
+ffi::Error NormReluForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                               ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                               ffi::Result<ffi::Buffer<ffi::F32>> var, ffi::Result<ffi::AnyBuffer> ws,
+                               float epsilon) {
+  return norm_forward(x, scale, shift, y, mean, var, &ws, epsilon);
+}
+
+// dx, d_scale and d_shift from x, the forward pass's statistics, scale and dy (and, after a fused relu, its
+// workspace `ws`).
+ffi::Error norm_backward(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                         ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::AnyBuffer* ws,
+                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
+                         ffi::Result<ffi::Buffer<ffi::F32>> d_shift, float epsilon) {
   NormShape s(x.dimensions(), dnnl_type(x.element_type()), epsilon);
   if (!s.valid() || dy.element_type() != x.element_type()) return bad_shape("batch norm");
-  Entry& e = cached(s.key("norm_bwd"), [&](Entry& e) {
-    auto hint = norm_forward_pd(s);
+  const bool relu = ws != nullptr;
+  Entry& e = cached(s.key(relu ? "norm_relu_bwd" : "norm_bwd"), [&](Entry& e) {
+    auto hint = norm_forward_pd(s, relu);
     dnnl::batch_normalization_backward::primitive_desc pd(cpu_engine(), dnnl::prop_kind::backward, s.data(),
-                                                          s.data(), s.data(), s.epsilon, kNormFlags, hint,
+                                                          s.data(), s.data(), s.epsilon, norm_flags(relu), hint,
                                                           own_scratchpad());
     e.prim = dnnl::batch_normalization_backward(pd);
     e.scratch = scratchpad(pd.scratchpad_desc());
+    e.workspace = pd.workspace_desc();
   });
   std::unordered_map<int, memory> args{
       {DNNL_ARG_SRC, memory(s.data(), cpu_engine(), x.untyped_data())},
@@ -504,8 +535,26 @@ ffi::Error NormBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::B
       {DNNL_ARG_DIFF_SRC, memory(s.data(), cpu_engine(), dx->untyped_data())},
       {DNNL_ARG_DIFF_SCALE, memory(s.channels(), cpu_engine(), d_scale->typed_data())},
       {DNNL_ARG_DIFF_SHIFT, memory(s.channels(), cpu_engine(), d_shift->typed_data())}};
+  if (relu) {
+    if (ws->size_bytes() < e.workspace.get_size()) return bad_shape("batch norm workspace");
+    args[DNNL_ARG_WORKSPACE] = memory(e.workspace, cpu_engine(), ws->untyped_data());
+  }
   run_locked(e, args);
   return ffi::Error::Success();
+}
+
+ffi::Error NormBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                            ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
+                            ffi::Result<ffi::Buffer<ffi::F32>> d_scale, ffi::Result<ffi::Buffer<ffi::F32>> d_shift,
+                            float epsilon) {
+  return norm_backward(x, mean, var, scale, dy, nullptr, dx, d_scale, d_shift, epsilon);
+}
+
+ffi::Error NormReluBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                                ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::AnyBuffer ws,
+                                ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::Buffer<ffi::F32>> d_scale,
+                                ffi::Result<ffi::Buffer<ffi::F32>> d_shift, float epsilon) {
+  return norm_backward(x, mean, var, scale, dy, &ws, dx, d_scale, d_shift, epsilon);
 }
 
 }  // namespace
@@ -527,6 +576,24 @@ extern "C" int cnn_onednn_norm_jit(int64_t channels, int bf16) {
       if (impl.find("jit") == std::string::npos) return 0;
     }
     return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
+
+// The bytes of the workspace batch norm with a fused relu keeps for `rows` x `channels` of this type (0 float32, 1
+// bf16), or 0 when oneDNN has no JIT kernels for it; onednn.py sizes the FFI call's workspace output with it.
+extern "C" int64_t cnn_onednn_norm_relu_workspace(int64_t rows, int64_t channels, int bf16) {
+  try {
+    const std::vector<int64_t> dims{rows, channels};
+    NormShape s(dims, bf16 ? memory::data_type::bf16 : memory::data_type::f32, 1e-3f);
+    auto fwd = norm_forward_pd(s, true);
+    dnnl::batch_normalization_backward::primitive_desc bwd(cpu_engine(), dnnl::prop_kind::backward, s.data(),
+                                                           s.data(), s.data(), s.epsilon, norm_flags(true), fwd);
+    for (const std::string impl : {fwd.impl_info_str(), bwd.impl_info_str()}) {
+      if (impl.find("jit") == std::string::npos) return 0;
+    }
+    return int64_t(std::max(fwd.workspace_desc().get_size(), bwd.workspace_desc().get_size()));
   } catch (const dnnl::error&) {
     return 0;
   }
@@ -624,6 +691,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormBackward, NormBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormReluForward, NormReluForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormReluBackward, NormReluBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -56,17 +56,30 @@ class Sequential(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, logits: bool = False) -> jax.Array:
         stack, output_activation, names = parse_stack(tuple(self.layers))
+        sowing = not self.is_initializing() and self.is_mutable_collection("activations")
+        fused = None  # the relu layer whose output the batch norm before it already gave (relu=True)
         for i, (layer, name) in enumerate(zip(stack, names)):
             module = None if layer.module is None else layer.module.clone(parent=self, name=name)
             try:
-                x = layer(module, x, train)
+                if i == fused:
+                    pass
+                elif train and not sowing and _norm_then_relu(stack, i):  # one call cnn/kernels can fuse
+                    x, fused = module(x, use_running_average=False, relu=True), i + 1
+                else:
+                    x = layer(module, x, train)
             except ConfigError as e:
                 raise type(e)(f"model.layers[{i}]={layer.spec!r}: {e}") from None
-            if not self.is_initializing():  # init would return them among the variables
+            if sowing:
                 self.sow("activations", "layers", x)
         if output_activation and not logits:
             x = layers_lib.ACTIVATIONS[output_activation](x)
         return x
+
+
+def _norm_then_relu(stack: list[layers_lib.Layer], i: int) -> bool:
+    """Whether layer i is a plain BatchNormalization and the next an Activation('relu')."""
+    return (i + 1 < len(stack) and isinstance(stack[i].module, layers_lib.BatchNorm) and not stack[i].activation
+            and stack[i + 1].kind == "Activation" and stack[i + 1].activation == "relu")
 
 
 def layer_outputs(model: Sequential, sown: dict) -> dict:
