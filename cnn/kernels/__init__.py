@@ -16,8 +16,9 @@ float32 convolutions to oneDNN (1.6-1.8x ResNet-20's float32 step, AVX2
 kernels included), and, when oneDNN has bf16 kernels for the processor (it
 does with AVX512-BF16 or AMX, and not on an AVX2-only one:
 `onednn.has_bf16` asks oneDNN), bf16 convolutions, dense layers, tiling
-average pools and batch norms; other float32 layers take the XLA paths in
-cpu.py. oneDNN's choice among its implementations is recorded per machine
+average pools and batch norms (with the relu after them fused in, where the
+model asks cnn's BatchNorm for relu=True); other float32 layers take the XLA
+paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
 (`onednn.choices_file`), so a resumed run computes bitwise as the
 uninterrupted one. This module is the
 only one that looks at the backend and the processor to decide how a layer
