@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.errors import ConfigError, ShapeError
-from cnn.models.layers import relu
+from cnn.models.layers import BatchNorm
 
 STYLES = ("keras", "torchvision")
 
@@ -82,8 +82,9 @@ def _conv(x, filters: int, kernel: int, stride: int = 1, padding="VALID", use_bi
                    feature_group_count=groups, name=name)(x)
 
 
-def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99):
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name)(x)
+def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99, relu: bool = False):
+    """Batch norm (then relu, one call cnn/kernels can fuse): cnn's BatchNorm, nn.BatchNorm's parameters."""
+    return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name)(x, relu=relu)
 
 
 def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Callable:
@@ -91,7 +92,7 @@ def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Ca
     torchvision's form."""
     if _torchvision(module):
         epsilon, momentum = 1e-5, 0.9
-    return lambda x, name: _bn(x, train, name, epsilon, momentum)
+    return lambda x, name, relu=False: _bn(x, train, name, epsilon, momentum, relu)
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -116,7 +117,7 @@ class ResNet50(nn.Module):
         conv = lambda x, filters, kernel, stride, name: _conv(x, filters, kernel, stride, ((kernel // 2,) * 2,) * 2,
                                                               not torchvision, name)
         x = conv(x, 64, 7, 2, "conv1_conv")
-        x = relu(bn(x, "conv1_bn"))
+        x = bn(x, "conv1_bn", relu=True)
         x = nn.max_pool(_pad(x, ((1, 1), (1, 1))), (3, 3), (2, 2))
         for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
             for block in range(blocks):
@@ -125,8 +126,8 @@ class ResNet50(nn.Module):
                 shortcut = x
                 if block == 0:
                     shortcut = bn(conv(x, 4 * filters, 1, stride, f"{name}_0_conv"), f"{name}_0_bn")
-                y = relu(bn(conv(x, filters, 1, 1 if torchvision else stride, f"{name}_1_conv"), f"{name}_1_bn"))
-                y = relu(bn(conv(y, filters, 3, stride if torchvision else 1, f"{name}_2_conv"), f"{name}_2_bn"))
+                y = bn(conv(x, filters, 1, 1 if torchvision else stride, f"{name}_1_conv"), f"{name}_1_bn", relu=True)
+                y = bn(conv(y, filters, 3, stride if torchvision else 1, f"{name}_2_conv"), f"{name}_2_bn", relu=True)
                 y = bn(conv(y, 4 * filters, 1, 1, f"{name}_3_conv"), f"{name}_3_bn")
                 x = nn.relu(shortcut + y)
         return nn.Dense(self.num_classes, name="predictions")(x.mean(axis=(1, 2)))
@@ -261,8 +262,8 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda x, name: _bn(x, train, name, epsilon=1e-5, momentum=0.9)
-        y = relu(bn(_conv(x, self.filters, 3, self.stride, ((1, 1), (1, 1)), False, "conv1"), "bn1"))
+        bn = lambda x, name, relu=False: _bn(x, train, name, epsilon=1e-5, momentum=0.9, relu=relu)
+        y = bn(_conv(x, self.filters, 3, self.stride, ((1, 1), (1, 1)), False, "conv1"), "bn1", relu=True)
         y = bn(_conv(y, self.filters, 3, 1, ((1, 1), (1, 1)), False, "conv2"), "bn2")
         if self.stride != 1 or x.shape[-1] != self.filters:
             x = bn(_conv(x, self.filters, 1, self.stride, use_bias=False, name="downsample_0"), "downsample_1")
@@ -281,7 +282,7 @@ class ResNet18(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_size(x, self)
         x = _conv(x, 64, 7, 2, ((3, 3), (3, 3)), False, "conv1")
-        x = relu(_bn(x, train, "bn1", epsilon=1e-5, momentum=0.9))
+        x = _bn(x, train, "bn1", epsilon=1e-5, momentum=0.9, relu=True)
         x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for stage, filters in enumerate((64, 128, 256, 512)):
             for block in range(2):
