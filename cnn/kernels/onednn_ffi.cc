@@ -235,46 +235,49 @@ class ChoiceRecord {
 // primitive (reference ones aside), timing each on the call's own buffers through `run(e)`, and records it: several
 // may take a shape and the first oneDNN lists is not always the fastest (its brgemm weight gradients, for one,
 // lose to its plain JIT ones on small images). `make_pd()` builds the descriptor; its impls are tried in oneDNN's
-// order, each name once (oneDNN lists some many times over).
+// order, each name once (oneDNN lists some many times over). The candidates are timed in turns, round after round,
+// each keeping its fastest round, so that a burst of other work on the machine slows them alike: timed one after
+// another, such a burst during one candidate's runs could make it lose, and the record keeps a choice for good.
 template <typename Prim, typename MakePD, typename Weights, typename Run>
 void fastest(Entry& e, const std::string& key, MakePD make_pd, Weights weights_of, bool to_user, Run run) {
   ChoiceRecord record(key);
-  const std::string recorded = record.chosen();
-  // Pass 0 builds the recorded implementation; pass 1 times them all (no record, or a record this oneDNN lacks).
-  for (int pass = recorded.empty() ? 1 : 0; pass < 2; ++pass) {
-    double best = 1e30;
-    std::string best_impl;
+  std::vector<std::unique_ptr<Entry>> candidates;
+  std::vector<std::string> names;
+  // Only the recorded implementation, if this oneDNN has it; else all of them.
+  for (const std::string& only : {record.chosen(), std::string()}) {
     std::set<std::string> tried;
     auto pd = make_pd();
     do {
       std::string impl = pd.impl_info_str();
-      if (!tried.insert(impl).second || (impl.rfind("ref", 0) == 0 && best < 1e30)) continue;
-      if (pass == 0 && impl != recorded) continue;
-      Entry candidate;
-      candidate.prim = Prim(pd);
-      candidate.weights = weights_of(pd);
-      candidate.user_weights = e.user_weights;
-      candidate.prepare(pd.scratchpad_desc(), to_user);
-      if (pass == 0) {
-        e.adopt(candidate);
-        return;
-      }
-      double seconds = 1e30;
-      for (int i = 0; i < 6; ++i) {  // the first two warm up: oneDNN generates code and touches its buffers
-        auto start = std::chrono::steady_clock::now();
-        run(candidate);
-        double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        if (i >= 2) seconds = std::min(seconds, took);
-      }
-      if (std::getenv("CNN_ONEDNN_LOG")) std::fprintf(stderr, "cnn oneDNN: %s %.3f ms\n", impl.c_str(), seconds * 1e3);
-      if (seconds < best) {
-        best = seconds;
-        best_impl = impl;
-        e.adopt(candidate);
-      }
+      if (!tried.insert(impl).second || (impl.rfind("ref", 0) == 0 && !names.empty())) continue;
+      if (!only.empty() && impl != only) continue;
+      auto candidate = std::make_unique<Entry>();
+      candidate->prim = Prim(pd);
+      candidate->weights = weights_of(pd);
+      candidate->user_weights = e.user_weights;
+      candidate->prepare(pd.scratchpad_desc(), to_user);
+      candidates.push_back(std::move(candidate));
+      names.push_back(impl);
     } while (pd.next_impl());
-    if (pass == 1) record.keep(best_impl);
+    if (!candidates.empty()) break;
   }
+  std::vector<double> seconds(candidates.size(), 1e30);
+  for (int round = 0; candidates.size() > 1 && round < 6; ++round) {  // rounds 0-1 warm up: oneDNN generates code
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      auto start = std::chrono::steady_clock::now();
+      run(*candidates[i]);
+      double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (round >= 2) seconds[i] = std::min(seconds[i], took);
+    }
+  }
+  size_t best = std::min_element(seconds.begin(), seconds.end()) - seconds.begin();
+  if (std::getenv("CNN_ONEDNN_LOG") && candidates.size() > 1) {  // what was timed
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      std::fprintf(stderr, "cnn oneDNN: %s %.3f ms\n", names[i].c_str(), seconds[i] * 1e3);
+    }
+  }
+  e.adopt(*candidates[best]);
+  record.keep(names[best]);  // a no-op when it is the recorded one
 }
 
 ffi::Error bad_shape(const char* what) {
