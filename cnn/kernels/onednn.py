@@ -372,12 +372,13 @@ def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | N
 
 
 def batch_norm_relu_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
-                            dtypes=DTYPES) -> bool:
+                            mask: jax.Array | None = None, dtypes=DTYPES) -> bool:
     """`batch_norm_applies`, where oneDNN also has JIT kernels for the fused relu."""
-    return batch_norm_applies(module, x, use_running_average, dtypes=dtypes) and _relu_workspace(x) > 0
+    return batch_norm_applies(module, x, use_running_average, mask, dtypes=dtypes) and _relu_workspace(x) > 0
 
 
-def batch_norm_relu(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+def batch_norm_relu(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                    mask: jax.Array | None = None) -> jax.Array:
     """relu(batch_norm(module, x)) in one oneDNN pass each way (fuse_norm_relu): the separate relu and its gradient
     were two more passes over the activations."""
     epsilon = float(module.epsilon)
