@@ -2,6 +2,11 @@
 
 import sys
 
+if __name__ == "__main__":
+    from cnn import runtime
+
+    runtime.restart_with_huge_pages()  # before JAX is imported: glibc reads its tunables at start
+
 from cnn.cli.main import command
 
 if __name__ == "__main__":

@@ -342,12 +342,18 @@ def worker_command(args, name: str) -> list[str]:
 
 def throughput(args) -> float | None:
     """Each variant in a fresh process, one after another, `--rounds` times; the median block of each."""
+    from cnn import runtime
+
     variants = args.variants or default_variants()
+    # Both frameworks' workers start as `python -m cnn.main` restarts itself: with glibc's huge pages for large
+    # blocks (runtime.huge_pages_environment), where that changes anything.
+    environ = runtime.huge_pages_environment()
     rates: dict[str, list[float]] = {name: [] for name in variants}
     devices, firsts, failed = {}, {}, {}
     for round_ in range(args.rounds):
         for name in variants if round_ % 2 == 0 else variants[::-1]:  # no variant always runs first
-            out = subprocess.run(worker_command(args, name), cwd=REPO, capture_output=True, text=True)
+            out = subprocess.run(worker_command(args, name), cwd=REPO, capture_output=True, text=True,
+                                 env=environ)
             if out.returncode != 0:  # e.g. torch.compile failing on a model: the others still run and compare
                 failed[name] = (out.stderr.strip().splitlines() or ["no output"])[-1][:160]
                 print(f"  {name:<36} failed: {failed[name]}", file=sys.stderr, flush=True)

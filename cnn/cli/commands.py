@@ -51,5 +51,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         hint = f"did you mean {close[0]!r}? " if close else ""
         fail(f"{name!r} is not a cnn command; {hint}the commands: {', '.join(COMMANDS)} (cnn --help says what each "
              "does)")
+    if name == "train" and argv is None:  # this process is the command's own: restart it as python -m cnn.main does
+        from cnn import runtime
+
+        runtime.restart_with_huge_pages()
     importlib.import_module(COMMANDS[name].module).command([f"cnn {name}", *rest])
     sys.exit(0)
