@@ -15,9 +15,10 @@ built) or 'xla' (none). On a CPU where the extension loaded, 'auto' sends
 float32 convolutions to oneDNN (1.6-1.8x ResNet-20's float32 step, AVX2
 kernels included), and, when oneDNN has bf16 kernels for the processor (it
 does with AVX512-BF16 or AMX, and not on an AVX2-only one:
-`onednn.has_bf16` asks oneDNN), bf16 convolutions, dense layers, tiling
-average pools and batch norms (with the relu after them fused in, where the
-model asks cnn's BatchNorm for relu=True); other float32 layers take the XLA
+`onednn.has_bf16` asks oneDNN), bf16 convolutions, dense layers and tiling
+average pools, and bf16 batch norms through the extension's own loops (with
+the relu after them fused in, where the model asks cnn's BatchNorm for
+relu=True); other float32 layers take the XLA
 paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
 (`onednn.choices_file`), so a resumed run computes bitwise as the
 uninterrupted one. This module is the
@@ -61,22 +62,26 @@ PATHS: dict[str, tuple[tuple[type, ...], bool, Callable[..., bool], Callable[...
     "onednn_avg_pool_bf16": ((Pool,), False, functools.partial(onednn.avg_pool_applies, dtypes=_BF16),
                              onednn.avg_pool),
     "onednn_batch_norm": (_NORMS, False, onednn.batch_norm_applies, onednn.batch_norm),
-    "onednn_batch_norm_bf16": (_NORMS, False, functools.partial(onednn.batch_norm_applies, dtypes=_BF16),
-                               onednn.batch_norm),
     # BatchNorm(relu=True) in one oneDNN pass each way (elsewhere: the batch norm's own path, then relu).
     "onednn_batch_norm_relu": ((BatchNorm,), True, onednn.batch_norm_relu_applies, onednn.batch_norm_relu),
-    "onednn_batch_norm_relu_bf16": ((BatchNorm,), True,
-                                    functools.partial(onednn.batch_norm_relu_applies, dtypes=_BF16),
-                                    onednn.batch_norm_relu),
+    # The extension's own loops: two passes each way, relu fused where the model asks for it.
+    "batch_norm_loops": (_NORMS, False, onednn.batch_norm_loops_applies, onednn.batch_norm_loops),
+    "batch_norm_relu_loops": ((BatchNorm,), True, onednn.batch_norm_loops_applies, onednn.batch_norm_relu_loops),
+    "batch_norm_loops_bf16": (_NORMS, False, functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
+                              onednn.batch_norm_loops),
+    "batch_norm_relu_loops_bf16": ((BatchNorm,), True,
+                                   functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
+                                   onednn.batch_norm_relu_loops),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
 AUTO = {"cpu": ("patches_conv", "dense_transposed", "tiled_pool", "batch_norm_sums")}
 AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
-# bf16 products are the slow ones (docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "onednn_batch_norm_relu_bf16",
-                    "onednn_batch_norm_bf16")
+# bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
+# 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
+AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_relu_loops_bf16",
+                    "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file).
 AUTO_ONEDNN_F32 = ("onednn_conv_f32",)

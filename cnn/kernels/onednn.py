@@ -1,4 +1,5 @@
-"""nn.Conv and nn.Dense through oneDNN on CPUs, called from XLA through its FFI (cnn/kernels/onednn_ffi.cc).
+"""nn.Conv and nn.Dense through oneDNN on CPUs, called from XLA through its FFI (cnn/kernels/onednn_ffi.cc); batch
+norm through oneDNN or through the same extension's own loops.
 
 XLA:CPU's bf16 products run at a fraction of what AVX512-BF16 and AMX give
 through oneDNN. The C++ library is an optional extension built by
@@ -32,7 +33,8 @@ _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_o
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
             "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
             "NormForward": "cnn_onednn_norm_forward", "NormBackward": "cnn_onednn_norm_backward",
-            "NormReluForward": "cnn_onednn_norm_relu_forward", "NormReluBackward": "cnn_onednn_norm_relu_backward"}
+            "NormReluForward": "cnn_onednn_norm_relu_forward", "NormReluBackward": "cnn_onednn_norm_relu_backward",
+            "LoopsNormForward": "cnn_loops_norm_forward", "LoopsNormBackward": "cnn_loops_norm_backward"}
 
 
 def _extension_path() -> str | None:
@@ -368,7 +370,7 @@ def batch_norm(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | N
     takes E[x^2] - E[x]^2), so results agree with Flax's to float rounding. The running averages are Flax's.
     """
     epsilon = float(module.epsilon)
-    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, False))
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, False, False))
 
 
 def batch_norm_relu_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
@@ -382,7 +384,30 @@ def batch_norm_relu(module: nn.BatchNorm, x: jax.Array, use_running_average: boo
     """relu(batch_norm(module, x)) in one oneDNN pass each way (fuse_norm_relu): the separate relu and its gradient
     were two more passes over the activations."""
     epsilon = float(module.epsilon)
-    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, True))
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, True, False))
+
+
+def batch_norm_loops_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                             mask: jax.Array | None = None, dtypes=DTYPES) -> bool:
+    """Training-mode batch norm as cpu.batch_norm takes it, in a dtype of `dtypes`, on any channel count."""
+    return (available() and cpu.batch_norm_applies(module, x, use_running_average, mask) and x.dtype in dtypes
+            and _compute_dtype(module, x, names=("scale", "bias")) == x.dtype)
+
+
+def batch_norm_loops(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                     mask: jax.Array | None = None, relu: bool = False) -> jax.Array:
+    """nn.BatchNorm in training (then relu, with `relu`) through the extension's own loops: two passes over the
+    activations each way, on every core, where oneDNN's make three forward and ran at half their speed on
+    ResNet-20's 16-64 channels (docs/kernels.md). Statistics as Flax takes them (E[x^2] - E[x]^2, summed in
+    float32 blocks joined in float64); running averages Flax's."""
+    epsilon = float(module.epsilon)
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, relu, True))
+
+
+def batch_norm_relu_loops(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                          mask: jax.Array | None = None) -> jax.Array:
+    """relu(batch_norm(module, x)) in the same two passes each way as `batch_norm_loops`."""
+    return batch_norm_loops(module, x, use_running_average, mask, relu=True)
 
 
 def _relu_workspace(x: jax.Array) -> int:
@@ -402,36 +427,45 @@ def _relu_workspace_bytes(rows: int, channels: int, bf16: bool) -> int:
     return int(probe(ctypes.c_int64(rows), ctypes.c_int64(channels), int(bf16)))
 
 
-def _norm_forward(x, scale, bias, epsilon, relu):
+def _norm_forward(x, scale, bias, epsilon, relu, loops):
     stats = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     outputs = (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats)
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+    if loops:
+        return jax.ffi.ffi_call(_TARGETS["LoopsNormForward"], outputs)(
+            x, scale, bias, epsilon=np.float32(epsilon), relu=np.int64(relu))
     if relu:
         outputs += (jax.ShapeDtypeStruct((_relu_workspace(x),), jnp.uint8),)
     return jax.ffi.ffi_call(_TARGETS["NormReluForward" if relu else "NormForward"], outputs)(
-        x, scale.astype(jnp.float32), bias.astype(jnp.float32), epsilon=np.float32(epsilon))
+        x, scale, bias, epsilon=np.float32(epsilon))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _norm(x, scale, bias, epsilon, relu):
-    return _norm_forward(x, scale, bias, epsilon, relu)[:3]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _norm(x, scale, bias, epsilon, relu, loops):
+    return _norm_forward(x, scale, bias, epsilon, relu, loops)[:3]
 
 
-def _norm_fwd(x, scale, bias, epsilon, relu):
-    y, mean, var, *workspace = _norm_forward(x, scale, bias, epsilon, relu)
+def _norm_fwd(x, scale, bias, epsilon, relu, loops):
+    y, mean, var, *workspace = _norm_forward(x, scale, bias, epsilon, relu, loops)
+    if loops and relu:  # the loops' relu mask is the output itself
+        workspace = [y]
     return (y, mean, var), (x, mean, var, scale, bias, workspace)
 
 
-def _norm_bwd(epsilon, relu, residuals, cotangents):
+def _norm_bwd(epsilon, relu, loops, residuals, cotangents):
     """The input, scale and shift gradients; the statistics' cotangents are ignored, as they only feed the
     running averages, which `batch_norm` takes through stop_gradient. After a fused relu oneDNN zeroes the
-    gradients of the outputs it zeroed, from the forward pass's workspace."""
+    gradients of the outputs it zeroed, from the forward pass's workspace; the loops, where the output is 0."""
     x, mean, var, scale, bias, workspace = residuals
     channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-    d_x, d_scale, d_bias = jax.ffi.ffi_call(
-        _TARGETS["NormReluBackward" if relu else "NormBackward"],
-        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels))(
-        x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype), *workspace,
-        epsilon=np.float32(epsilon))
+    outputs = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
+    args = (x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype))
+    if loops:
+        d_x, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["LoopsNormBackward"], outputs)(
+            *args, workspace[0] if relu else x, epsilon=np.float32(epsilon), relu=np.int64(relu))
+    else:
+        d_x, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["NormReluBackward" if relu else "NormBackward"], outputs)(
+            *args, *workspace, epsilon=np.float32(epsilon))
     return d_x, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
