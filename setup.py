@@ -56,8 +56,8 @@ def _extensions() -> list[Extension]:
     lib_dir = os.path.join(os.path.dirname(include_dirs[0]), "lib")
     return [Extension(
         "cnn.kernels._onednn_ffi", ["cnn/kernels/onednn_ffi.cc"], include_dirs=include_dirs, language="c++",
-        library_dirs=[lib_dir], libraries=["dnnl", "gomp"],
-        extra_compile_args=["-std=c++17", "-O3", "-fopenmp", "-Wno-attributes", "-Wno-return-type"],
+        library_dirs=[lib_dir], libraries=["dnnl"],
+        extra_compile_args=["-std=c++17", "-O3", "-fopenmp-simd", "-Wno-attributes", "-Wno-return-type"],
         # site-packages/cnn/kernels -> the venv's lib/, where onednn-cpu-gomp puts libdnnl.so.3; onednn.py also
         # loads it from there itself, which covers editable installs.
         extra_link_args=["-Wl,-rpath,$ORIGIN/../../../../../lib"],

@@ -173,8 +173,9 @@ def test_auto_takes_onednn_float32_convolutions_and_bfloat16_layers_only_on_a_cp
 @pytest.mark.parametrize("plain", ["onednn_batch_norm", "batch_norm_loops"])
 def test_batch_norm_and_relu_fused_equal_them_apart(dtype, specs, plain):
     """A batch norm followed by relu (a spec pair, a residual block's first) runs as one call each way (oneDNN's
-    fuse_norm_relu, or the loops' own): its outputs, gradients and running statistics are bitwise those of the same
-    batch norm followed by cnn's relu. Sowing the layers' outputs (the summary, feature maps) keeps them apart."""
+    fuse_norm_relu, or the loops' own), and through the loops so does a residual block's end (batch norm, the
+    shortcut added, relu): outputs, gradients and running statistics are bitwise those of the same batch norm followed
+    by XLA's add and cnn's relu. Sowing the layers' outputs (the summary, feature maps) keeps them apart."""
     model = cnn.build_model(specs)
     x = jax.random.normal(jax.random.key(0), (4, 9, 9, 3))
     cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
@@ -191,13 +192,16 @@ def test_batch_norm_and_relu_fused_equal_them_apart(dtype, specs, plain):
         program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
         return program.lower(variables, x.astype(dtype)).as_text(), program(variables, x.astype(dtype))
 
-    fused_path = {"onednn_batch_norm": "onednn_batch_norm_relu", "batch_norm_loops": "batch_norm_relu_loops"}[plain]
+    fused_paths = {"onednn_batch_norm": ("onednn_batch_norm_relu",),
+                   "batch_norm_loops": ("batch_norm_add_relu_loops", "batch_norm_relu_loops")}[plain]
     # oneDNN's fused call has a target of its own; the loops' tell it in an attribute
     fused_call = "cnn_onednn_norm_relu_forward" if plain == "onednn_batch_norm" else "relu = 1"
-    (fused_text, fused), (plain_text, apart) = run((fused_path, plain)), run((plain,))
+    (fused_text, fused), (plain_text, apart) = run((*fused_paths, plain)), run((plain,))
     assert fused_call in fused_text and fused_call not in plain_text
+    # a residual block's end, relu(batch_norm(y) + shortcut), in the loops' one call each way
+    assert ("add = 1" in fused_text) == (plain == "batch_norm_loops" and "ResidualBlock(16)" in specs)
     assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(apart)))
-    sown = jax.jit(lambda v, x: kernels.ModelApply(model, (fused_path, plain))(
+    sown = jax.jit(lambda v, x: kernels.ModelApply(model, (*fused_paths, plain))(
         v, x, train=True, mutable=["batch_stats", "activations"])).lower(variables, x.astype(dtype)).as_text()
     assert (fused_call in sown) == ("ResidualBlock(16)" in specs)  # blocks sow nothing
 

@@ -44,34 +44,43 @@ from cnn.models.layers import BatchNorm, Pool
 
 _BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 
-_NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True
-# Fast path name -> (the Flax module types whose calls it replaces, whether it takes the calls with relu=True
-# (cnn's BatchNorm), applies(module, x), compute(module, x)).
-PATHS: dict[str, tuple[tuple[type, ...], bool, Callable[..., bool], Callable[..., jax.Array]]] = {
-    "patches_conv": ((nn.Conv,), False, cpu.patches_conv_applies, cpu.patches_conv),
-    "dense_transposed": ((nn.Dense,), False, cpu.dense_applies, cpu.dense),
-    "tiled_pool": ((Pool,), False, cpu.tiled_pool_applies, cpu.tiled_pool),
-    "batch_norm_sums": (_NORMS, False, cpu.batch_norm_applies, cpu.batch_norm),
-    "onednn_conv": ((nn.Conv,), False, onednn.conv_applies, onednn.conv),
-    "onednn_dense": ((nn.Dense,), False, onednn.dense_applies, onednn.dense),
-    "onednn_conv_bf16": ((nn.Conv,), False, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
-    "onednn_conv_f32": ((nn.Conv,), False, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
-    "onednn_dense_bf16": ((nn.Dense,), False, functools.partial(onednn.dense_applies, dtypes=_BF16),
+_NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True and a residual
+# The keywords of cnn's BatchNorm beyond Flax's, and the sets of them a path takes: none, relu=True, or relu=True with
+# residual=... (a residual block's end).
+_EXTRAS = ("relu", "residual")
+_PLAIN, _RELU, _ADD_RELU = frozenset(), frozenset({"relu"}), frozenset(_EXTRAS)
+# Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
+# applies(module, x), compute(module, x)).
+PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Callable[..., jax.Array]]] = {
+    "patches_conv": ((nn.Conv,), _PLAIN, cpu.patches_conv_applies, cpu.patches_conv),
+    "dense_transposed": ((nn.Dense,), _PLAIN, cpu.dense_applies, cpu.dense),
+    "tiled_pool": ((Pool,), _PLAIN, cpu.tiled_pool_applies, cpu.tiled_pool),
+    "batch_norm_sums": (_NORMS, _PLAIN, cpu.batch_norm_applies, cpu.batch_norm),
+    "onednn_conv": ((nn.Conv,), _PLAIN, onednn.conv_applies, onednn.conv),
+    "onednn_dense": ((nn.Dense,), _PLAIN, onednn.dense_applies, onednn.dense),
+    "onednn_conv_bf16": ((nn.Conv,), _PLAIN, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
+    "onednn_conv_f32": ((nn.Conv,), _PLAIN, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
+    "onednn_dense_bf16": ((nn.Dense,), _PLAIN, functools.partial(onednn.dense_applies, dtypes=_BF16),
                           onednn.dense),
-    "onednn_avg_pool": ((Pool,), False, onednn.avg_pool_applies, onednn.avg_pool),
-    "onednn_avg_pool_bf16": ((Pool,), False, functools.partial(onednn.avg_pool_applies, dtypes=_BF16),
+    "onednn_avg_pool": ((Pool,), _PLAIN, onednn.avg_pool_applies, onednn.avg_pool),
+    "onednn_avg_pool_bf16": ((Pool,), _PLAIN, functools.partial(onednn.avg_pool_applies, dtypes=_BF16),
                              onednn.avg_pool),
-    "onednn_batch_norm": (_NORMS, False, onednn.batch_norm_applies, onednn.batch_norm),
+    "onednn_batch_norm": (_NORMS, _PLAIN, onednn.batch_norm_applies, onednn.batch_norm),
     # BatchNorm(relu=True) in one oneDNN pass each way (elsewhere: the batch norm's own path, then relu).
-    "onednn_batch_norm_relu": ((BatchNorm,), True, onednn.batch_norm_relu_applies, onednn.batch_norm_relu),
+    "onednn_batch_norm_relu": ((BatchNorm,), _RELU, onednn.batch_norm_relu_applies, onednn.batch_norm_relu),
     # The extension's own loops: two passes each way, relu fused where the model asks for it.
-    "batch_norm_loops": (_NORMS, False, onednn.batch_norm_loops_applies, onednn.batch_norm_loops),
-    "batch_norm_relu_loops": ((BatchNorm,), True, onednn.batch_norm_loops_applies, onednn.batch_norm_relu_loops),
-    "batch_norm_loops_bf16": (_NORMS, False, functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
+    "batch_norm_loops": (_NORMS, _PLAIN, onednn.batch_norm_loops_applies, onednn.batch_norm_loops),
+    "batch_norm_relu_loops": ((BatchNorm,), _RELU, onednn.batch_norm_loops_applies, onednn.batch_norm_relu_loops),
+    "batch_norm_loops_bf16": (_NORMS, _PLAIN, functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
                               onednn.batch_norm_loops),
-    "batch_norm_relu_loops_bf16": ((BatchNorm,), True,
+    "batch_norm_relu_loops_bf16": ((BatchNorm,), _RELU,
                                    functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
                                    onednn.batch_norm_relu_loops),
+    "batch_norm_add_relu_loops": ((BatchNorm,), _ADD_RELU, onednn.batch_norm_add_relu_applies,
+                                  onednn.batch_norm_add_relu_loops),
+    "batch_norm_add_relu_loops_bf16": ((BatchNorm,), _ADD_RELU,
+                                       functools.partial(onednn.batch_norm_add_relu_applies, dtypes=_BF16),
+                                       onednn.batch_norm_add_relu_loops),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
@@ -80,8 +89,8 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
 # bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
 # 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_relu_loops_bf16",
-                    "batch_norm_loops_bf16")
+AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
+                    "batch_norm_relu_loops_bf16", "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file).
 AUTO_ONEDNN_F32 = ("onednn_conv_f32",)
@@ -149,11 +158,11 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         if context.method_name == "__call__" and len(args) == 1:  # keywords: batch norm's use_running_average
-            rest = {k: v for k, v in kwargs.items() if k != "relu"}
+            given = frozenset(k for k in _EXTRAS if kwargs.get(k) is not None and kwargs.get(k) is not False)
+            rest = {k: v for k, v in kwargs.items() if k not in _EXTRAS or k == "residual" and k in given}
             for name in self.paths:
-                kinds, relu, applies, compute = PATHS[name]
-                if (type(context.module) in kinds and kwargs.get("relu", False) == relu
-                        and applies(context.module, args[0], **rest)):
+                kinds, takes, applies, compute = PATHS[name]
+                if type(context.module) in kinds and given == takes and applies(context.module, args[0], **rest):
                     return compute(context.module, args[0], **rest)
         return next_fun(*args, **kwargs)
 

@@ -431,9 +431,9 @@ def _norm_forward(x, scale, bias, epsilon, relu, loops):
     stats = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     outputs = (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats)
     scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
-    if loops:
+    if loops:  # x stands in for the residual the loops then do not read
         return jax.ffi.ffi_call(_TARGETS["LoopsNormForward"], outputs)(
-            x, scale, bias, epsilon=np.float32(epsilon), relu=np.int64(relu))
+            x, scale, bias, x, epsilon=np.float32(epsilon), relu=np.int64(relu), add=np.int64(0))
     if relu:
         outputs += (jax.ShapeDtypeStruct((_relu_workspace(x),), jnp.uint8),)
     return jax.ffi.ffi_call(_TARGETS["NormReluForward" if relu else "NormForward"], outputs)(
@@ -460,9 +460,10 @@ def _norm_bwd(epsilon, relu, loops, residuals, cotangents):
     channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     outputs = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
     args = (x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype))
-    if loops:
-        d_x, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["LoopsNormBackward"], outputs)(
-            *args, workspace[0] if relu else x, epsilon=np.float32(epsilon), relu=np.int64(relu))
+    if loops:  # no residual gradient: an empty one
+        outputs = (outputs[0], jax.ShapeDtypeStruct((0,), x.dtype), *outputs[1:])
+        d_x, _, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["LoopsNormBackward"], outputs)(
+            *args, workspace[0] if relu else x, epsilon=np.float32(epsilon), relu=np.int64(relu), add=np.int64(0))
     else:
         d_x, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["NormReluBackward" if relu else "NormBackward"], outputs)(
             *args, *workspace, epsilon=np.float32(epsilon))
@@ -470,3 +471,50 @@ def _norm_bwd(epsilon, relu, loops, residuals, cotangents):
 
 
 _norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def batch_norm_add_relu_applies(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                                mask: jax.Array | None = None, residual: jax.Array | None = None,
+                                dtypes=DTYPES) -> bool:
+    """`batch_norm_loops_applies`, with a residual of the input's shape and dtype."""
+    return (residual is not None and residual.shape == x.shape and residual.dtype == x.dtype
+            and batch_norm_loops_applies(module, x, use_running_average, mask, dtypes=dtypes))
+
+
+def batch_norm_add_relu_loops(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                              mask: jax.Array | None = None, residual: jax.Array | None = None) -> jax.Array:
+    """relu(batch_norm(module, x) + residual), a residual block's end, in the loops' two passes each way: the add,
+    the relu and the relu's gradient were three more passes in XLA (oneDNN has no CPU kernel for them fused)."""
+    epsilon = float(module.epsilon)
+    return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm_add_relu(x, scale, bias, residual, epsilon))
+
+
+def _norm_add_relu_forward(x, scale, bias, residual, epsilon):
+    stats = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["LoopsNormForward"], (jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats))(
+        x, scale.astype(jnp.float32), bias.astype(jnp.float32), residual, epsilon=np.float32(epsilon),
+        relu=np.int64(1), add=np.int64(1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _norm_add_relu(x, scale, bias, residual, epsilon):
+    return _norm_add_relu_forward(x, scale, bias, residual, epsilon)
+
+
+def _norm_add_relu_fwd(x, scale, bias, residual, epsilon):
+    y, mean, var = _norm_add_relu_forward(x, scale, bias, residual, epsilon)
+    return (y, mean, var), (x, mean, var, scale, bias, y)
+
+
+def _norm_add_relu_bwd(epsilon, residuals, cotangents):
+    """As `_norm_bwd`; the residual's gradient is the relu's, the output's where the output is positive."""
+    x, mean, var, scale, bias, y = residuals
+    channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    data = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    d_x, d_residual, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["LoopsNormBackward"], (data, data, channels, channels))(
+        x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype), y, epsilon=np.float32(epsilon),
+        relu=np.int64(1), add=np.int64(1))
+    return d_x, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype), d_residual
+
+
+_norm_add_relu.defvjp(_norm_add_relu_fwd, _norm_add_relu_bwd)

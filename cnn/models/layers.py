@@ -62,14 +62,17 @@ def _relu_jvp(primals, tangents):
 
 
 class BatchNorm(nn.BatchNorm):
-    """nn.BatchNorm (same parameters, statistics and names) that can also apply relu to its output, `relu=True`:
-    one call, which cnn/kernels can compute in one pass with the normalisation (oneDNN's fused batch norm and
-    relu) instead of two more passes over the activations."""
+    """nn.BatchNorm (same parameters, statistics and names) that can also add a residual to its output and apply
+    relu, `relu(batch_norm(x) + residual)` with `residual=..., relu=True`: one call, which cnn/kernels can compute
+    in the normalisation's own pass (cnn's batch-norm loops, oneDNN's fused batch norm and relu) instead of more
+    passes over the activations."""
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None,
-                 relu: bool = False) -> jax.Array:
+                 relu: bool = False, residual: jax.Array | None = None) -> jax.Array:
         y = super().__call__(x, use_running_average=use_running_average, mask=mask)
+        if residual is not None:
+            y = y + residual
         return relu_fn(y) if relu else y
 
 
@@ -153,7 +156,7 @@ class ResidualBlock(nn.Module):
         conv = functools.partial(nn.Conv, self.filters, (3, 3), padding="SAME", use_bias=False)
         strides = (self.strides, self.strides)
         y = norm()(conv(strides=strides)(x), relu=True)
-        y = norm()(conv()(y))
+        y, last = conv()(y), norm()  # made before the shortcut's layers, so every layer keeps its name
         if self.strides == 1 and x.shape[-1] == self.filters:
             shortcut = x
         elif self.shortcut == "conv":
@@ -167,7 +170,7 @@ class ResidualBlock(nn.Module):
                 raise ShapeError(f"ResidualBlock({self.filters}) narrows {x.shape[-1]} channels, which "
                                  "shortcut='pad' cannot do; use shortcut='conv'")
             shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        return relu(y + shortcut)
+        return last(y, relu=True, residual=shortcut)  # relu(bn(y) + shortcut), in one pass where a kernel takes it
 
 
 class DepthwiseConv(nn.Module):
