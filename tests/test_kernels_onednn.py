@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,11 +38,17 @@ CASES = [
     ("AveragePooling2D(2)", (3, 28, 28, 8)),
     ("AveragePooling2D(2)", (2, 15, 13, 3)),  # 'valid' drops the last row and column
     ("AveragePooling2D(3, padding='same')", (2, 9, 6, 4)),
+    # Explicit pads, as torchvision's and Keras' ResNet-50 give their convolutions (Flax modules: specs take
+    # 'same' or 'valid' only).
+    (nn.Conv(8, (7, 7), strides=2, padding=3), (2, 16, 15, 3)),
+    (nn.Conv(6, (3, 2), strides=(2, 1), padding=((1, 2), (0, 3)), use_bias=False), (2, 9, 8, 4)),
+    (nn.Conv(5, (1, 1), strides=2, padding=((0, 0), (0, 0))), (2, 9, 9, 4)),
+    (nn.Conv(4, (3,), padding=((2, 1),)), (3, 10, 2)),
 ]
 
 
 def _programs(spec, shape):
-    model = cnn.build_model([spec])
+    model = spec if isinstance(spec, nn.Module) else cnn.build_model([spec])
     fast, plain = kernels.ModelApply(model, kernels.ONEDNN), kernels.apply_fn(model, "xla")
     x = jax.random.normal(jax.random.key(0), shape)
     return fast, plain, x

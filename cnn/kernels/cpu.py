@@ -26,15 +26,30 @@ def _ones(value) -> bool:
     return value is None or all(v == 1 for v in ((value,) if isinstance(value, int) else value))
 
 
-def plain_conv(module: nn.Conv, groups: bool = False) -> bool:
-    """An nn.Conv without dilation, masks or explicit pads ('SAME' or 'VALID'), and without groups unless `groups`:
-    what the fast paths compute.
+def plain_conv(module: nn.Conv, groups: bool = False, padded: bool = False) -> bool:
+    """An nn.Conv without dilation or masks, 'SAME' or 'VALID' (or, if `padded`, explicit pads of zero or more
+    pixels, as torchvision's and Keras' ResNet-50 give), and without groups unless `groups`: what the fast paths
+    compute.
 
     cnn's layers pass dilations as tuples, (1, 1) where there is none.
     """
     return ((module.feature_group_count == 1 or groups) and module.shared_weights and module.mask is None
-            and module.padding in ("SAME", "VALID") and isinstance(module.kernel_size, (tuple, list))
+            and (module.padding in ("SAME", "VALID") or padded and explicit_pads(module) is not None)
+            and isinstance(module.kernel_size, (tuple, list))
             and _ones(module.input_dilation) and _ones(module.kernel_dilation))
+
+
+def explicit_pads(module: nn.Conv) -> list[tuple[int, int]] | None:
+    """The module's explicit (low, high) zero pads per spatial axis, all >= 0; None for a string padding
+    ('SAME', 'CIRCULAR', ...) or a negative pad."""
+    if isinstance(module.padding, str) or not isinstance(module.kernel_size, (tuple, list)):
+        return None
+    try:
+        pads = nn.linear.canonicalize_padding(module.padding, len(module.kernel_size))
+    except (TypeError, ValueError):
+        return None
+    pads = [(int(lo), int(hi)) for lo, hi in pads]
+    return pads if all(lo >= 0 and hi >= 0 for lo, hi in pads) else None
 
 
 def patches_conv_applies(module: nn.Conv, x: jax.Array) -> bool:

@@ -172,9 +172,9 @@ def _compute_dtype(module: nn.Module, x: jax.Array, *params: jax.Array | None,
 
 
 def conv_applies(module: nn.Conv, x: jax.Array, dtypes=DTYPES) -> bool:
-    """A batched 1-D or 2-D convolution, grouped (depthwise) or not, without dilation or masks, SAME or VALID, in a
-    dtype of `dtypes`."""
-    return (available() and cpu.plain_conv(module, groups=True) and len(module.kernel_size) in (1, 2)
+    """A batched 1-D or 2-D convolution, grouped (depthwise) or not, without dilation or masks, SAME, VALID or
+    explicit non-negative pads, in a dtype of `dtypes`."""
+    return (available() and cpu.plain_conv(module, groups=True, padded=True) and len(module.kernel_size) in (1, 2)
             and x.ndim == len(module.kernel_size) + 2 and _compute_dtype(module, x) in dtypes)
 
 
@@ -191,7 +191,11 @@ def conv(module: nn.Conv, x: jax.Array) -> jax.Array:
     x = x.astype(dtype)
     if rank == 1:  # as a 2-D convolution over (1, width)
         x, kernel, strides = x[:, None], kernel[None], (1, *strides)
-    pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:2], strides, module.padding)
+    explicit = cpu.explicit_pads(module)
+    if explicit is None:
+        pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:2], strides, module.padding)
+    else:
+        pads = [(0, 0)] * (2 - rank) + explicit
     out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:2], strides, pads)]
     # Rows a strided VALID window never reaches: cut them off, as oneDNN takes no negative padding.
     ends = [(o - 1) * s + k - lo for o, k, s, (lo, _) in zip(out, kernel.shape[:2], strides, pads)]
