@@ -291,7 +291,8 @@ def test_fast_paths_apply_where_they_should():
     assert "custom_vjp_call" not in program(["Conv2D(4, 3)"], (8, 8, 3), "xla")
     assert "custom_vjp_call" in program(["Flatten()", "Dense(4)"], (8, 8, 1), "auto")
     assert "reduce_window" not in program(["MaxPooling2D(2)"], (8, 8, 3), "auto")
-    assert "reduce_window" in program(["MaxPooling2D(3, strides=2)"], (8, 8, 3), "auto")  # windows overlap
+    # Windows overlap: the extension's loops where it is built, else XLA's reduce-window.
+    assert ("reduce_window" in program(["MaxPooling2D(3, strides=2)"], (8, 8, 3), "auto")) != onednn.available()
     plain = program(["Conv2D(4, 3)", "MaxPooling2D(2)", "Flatten()", "Dense(4)"], (8, 8, 1), "xla")
     assert "custom_vjp_call" not in plain and "reduce_window" in plain
     assert kernels.resolve("auto", "gpu") == ("tiled_pool",) and kernels.resolve("xla", "cpu") == ()

@@ -158,7 +158,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def tiled_pool_applies(module, x: jax.Array) -> bool:
     """Windows equal to the strides that cover the input exactly ('same'), or drop a remainder ('valid')."""
-    return module.window == module.strides and (module.padding == "VALID" or all(
+    return module.window == module.strides and isinstance(module.padding, str) and (module.padding == "VALID" or all(
         size % w == 0 for size, w in zip(x.shape[1:-1], module.window)))
 
 

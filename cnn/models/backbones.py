@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.errors import ConfigError, ShapeError
-from cnn.models.layers import BatchNorm
+from cnn.models.layers import BatchNorm, Pool
 
 STYLES = ("keras", "torchvision")
 
@@ -118,7 +118,7 @@ class ResNet50(nn.Module):
                                                               not torchvision, name)
         x = conv(x, 64, 7, 2, "conv1_conv")
         x = bn(x, "conv1_bn", relu=True)
-        x = nn.max_pool(_pad(x, ((1, 1), (1, 1))), (3, 3), (2, 2))
+        x = Pool("max", (3, 3), (2, 2), "VALID", name="pool1_pool")(_pad(x, ((1, 1), (1, 1))))
         for stage, (filters, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
             for block in range(blocks):
                 name = f"conv{stage + 2}_block{block + 1}"
@@ -283,7 +283,7 @@ class ResNet18(nn.Module):
         _check_size(x, self)
         x = _conv(x, 64, 7, 2, ((3, 3), (3, 3)), False, "conv1")
         x = _bn(x, train, "bn1", epsilon=1e-5, momentum=0.9, relu=True)
-        x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+        x = Pool("max", (3, 3), (2, 2), ((1, 1), (1, 1)), name="maxpool")(x)
         for stage, filters in enumerate((64, 128, 256, 512)):
             for block in range(2):
                 stride = 2 if stage > 0 and block == 0 else 1

@@ -115,7 +115,7 @@ class Pool(nn.Module):
     kind: str  # 'max' or 'avg'
     window: tuple[int, ...]
     strides: tuple[int, ...]
-    padding: str
+    padding: str | tuple[tuple[int, int], ...]  # 'SAME', 'VALID' or (low, high) per spatial axis, as Flax takes it
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # By keyword: jax2onnx (cnn/inference/export.py) swaps in versions of these that take no other way.
