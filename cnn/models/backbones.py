@@ -82,9 +82,12 @@ def _conv(x, filters: int, kernel: int, stride: int = 1, padding="VALID", use_bi
                    feature_group_count=groups, name=name)(x)
 
 
-def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99, relu: bool = False):
-    """Batch norm (then relu, one call cnn/kernels can fuse): cnn's BatchNorm, nn.BatchNorm's parameters."""
-    return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name)(x, relu=relu)
+def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99, relu: bool = False,
+        residual=None):
+    """Batch norm, then a residual block's shortcut added and relu (one call cnn/kernels can fuse): cnn's BatchNorm,
+    nn.BatchNorm's parameters."""
+    return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name)(
+        x, relu=relu, residual=residual)
 
 
 def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Callable:
@@ -92,7 +95,7 @@ def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Ca
     torchvision's form."""
     if _torchvision(module):
         epsilon, momentum = 1e-5, 0.9
-    return lambda x, name, relu=False: _bn(x, train, name, epsilon, momentum, relu)
+    return lambda x, name, relu=False, residual=None: _bn(x, train, name, epsilon, momentum, relu, residual)
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -128,8 +131,7 @@ class ResNet50(nn.Module):
                     shortcut = bn(conv(x, 4 * filters, 1, stride, f"{name}_0_conv"), f"{name}_0_bn")
                 y = bn(conv(x, filters, 1, 1 if torchvision else stride, f"{name}_1_conv"), f"{name}_1_bn", relu=True)
                 y = bn(conv(y, filters, 3, stride if torchvision else 1, f"{name}_2_conv"), f"{name}_2_bn", relu=True)
-                y = bn(conv(y, 4 * filters, 1, 1, f"{name}_3_conv"), f"{name}_3_bn")
-                x = nn.relu(shortcut + y)
+                x = bn(conv(y, 4 * filters, 1, 1, f"{name}_3_conv"), f"{name}_3_bn", relu=True, residual=shortcut)
         return nn.Dense(self.num_classes, name="predictions")(x.mean(axis=(1, 2)))
 
 
@@ -262,12 +264,12 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = lambda x, name, relu=False: _bn(x, train, name, epsilon=1e-5, momentum=0.9, relu=relu)
+        bn = lambda x, name, relu=False, residual=None: _bn(x, train, name, 1e-5, 0.9, relu, residual)
         y = bn(_conv(x, self.filters, 3, self.stride, ((1, 1), (1, 1)), False, "conv1"), "bn1", relu=True)
-        y = bn(_conv(y, self.filters, 3, 1, ((1, 1), (1, 1)), False, "conv2"), "bn2")
+        y = _conv(y, self.filters, 3, 1, ((1, 1), (1, 1)), False, "conv2")
         if self.stride != 1 or x.shape[-1] != self.filters:
             x = bn(_conv(x, self.filters, 1, self.stride, use_bias=False, name="downsample_0"), "downsample_1")
-        return nn.relu(x + y)
+        return bn(y, "bn2", relu=True, residual=x)
 
 
 class ResNet18(nn.Module):
