@@ -237,7 +237,9 @@ def base_config() -> ml_collections.ConfigDict:
     # them later from the workdir either way.
     c.train.pictures = True
     # Devices to split each batch over; 0 means every local device. On a CPU
-    # 0 splits it into one host device per two cores (see sharding.py).
+    # 0 is one host device where oneDNN computes the convolutions (the
+    # extension built, kernels not 'xla'), else one per two cores
+    # (cnn.kernels.cpu_devices, docs/devices.md).
     c.train.num_devices = 0
     # 'bfloat16' computes the forward and backward pass in bf16 while the
     # parameters and optimizer state stay float32 (mixed precision). 'auto':

@@ -79,7 +79,8 @@ def restart_with_huge_pages() -> None:
 
 
 def set_cpu_devices(num_devices: int) -> None:
-    """Splits the CPU into `num_devices` host devices; 0 means one per two cores.
+    """Splits the CPU into `num_devices` host devices; 0 means one per two cores (callers pass 1 where oneDNN
+    computes the convolutions: cnn.kernels.cpu_devices).
 
     XLA runs much of a CNN's backward pass on one thread, so a step uses the
     cores through data parallelism over host devices, each with the threads

@@ -115,12 +115,12 @@ def jax_trainer(model_name: str, batch_size: int, num_devices: int, compute_dtyp
                 kernels: str = "auto"):
     """A closure running `steps` of cnn's real training step for `model_name` (the step train_and_evaluate
     compiles: the config's optimizer, augmentation and normalisation, the kernels and micro-batches it chooses)."""
-    from cnn import runtime
+    from cnn import kernels as kernels_lib, runtime
 
-    runtime.set_cpu_devices(num_devices)
+    runtime.set_cpu_devices(num_devices or kernels_lib.cpu_devices(kernels, compute_dtype))  # as training does
     import jax
 
-    from cnn import data as data_lib, kernels as kernels_lib, models, sharding, train
+    from cnn import data as data_lib, models, sharding, train
 
     config = model_config(model_name)
     config.train.compute_dtype, config.train.kernels = compute_dtype, kernels
@@ -715,7 +715,8 @@ def main() -> None:
                        help="the model trained, cnn's and PyTorch's (MODELS); flax_cnn is the Flax MNIST CNN")
         t.add_argument("--batch_size", type=int, default=0, help="0: the model's own (MODELS)")
         t.add_argument("--num_devices", type=int, default=0,
-                       help="cnn's train.num_devices: 0 as training does (one host device per two cores on a CPU)")
+                       help="cnn's train.num_devices: 0 as training does (on a CPU one host device, or one per two "
+                            "cores where oneDNN's paths are off)")
         t.add_argument("--micro_batch_size", type=int, default=0,
                        help="cnn's train.micro_batch_size: 0 as training does by default; the batch size for one "
                        "call per step")

@@ -436,3 +436,12 @@ def test_onednn_choices_are_recorded_so_every_process_computes_alike(tmp_path):
     timed, _ = run("third")
     latest = {line.split("\t")[0]: line.split("\t")[1] for line in record.read_text().splitlines()}
     assert timed and len(latest) == 3 and "no:such" not in latest.values()
+
+
+def test_one_cpu_device_by_default_where_onednn_computes_the_convolutions():
+    """XLA cannot split the extension's calls over devices (it would run each whole on every device), so
+    train.num_devices=0 means one device where they are in force, and runtime's default elsewhere."""
+    assert kernels.cpu_devices("xla", "float32") == 0
+    assert kernels.cpu_devices("auto", "float32") == kernels.cpu_devices("auto", "auto") == int(onednn.available())
+    # bf16 layers go to oneDNN only where it has bf16 kernels (not on an AVX2-only CPU).
+    assert kernels.cpu_devices("auto", "bfloat16") == int(onednn.available() and onednn.has_bf16())

@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cnn import config as config_lib
-from cnn import runtime
+from cnn import kernels, runtime
 from cnn.cli import FLAGS, Usage, fail, flags_parser, quiet_logging
 from cnn.errors import ConfigError, Preempted, Pruned, UserError
 from cnn.train import train_and_evaluate
@@ -61,7 +61,8 @@ def main(argv: list[str]) -> None:
     try:
         if FLAGS.coordinator_address and (FLAGS.num_processes is None or FLAGS.process_id is None):
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
-        runtime.set_cpu_devices(config.train.num_devices)
+        runtime.set_cpu_devices(config.train.num_devices or kernels.cpu_devices(config.train.kernels,
+                                                                                config.train.compute_dtype))
         runtime.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if FLAGS.folds is not None:  # a sweep's trial then reports only the folds' mean, at the end
             from cnn.train.folds import cross_validate

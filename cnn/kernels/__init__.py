@@ -150,6 +150,19 @@ def compute_dtype(requested: str, kernels: str, platform: str | None = None) -> 
     return "bfloat16" if onednn_in_force(kernels, "bfloat16", platform) else "float32"
 
 
+def cpu_devices(kernels: str, dtype: str) -> int:
+    """`train.num_devices=0` on a CPU: 1 where the extension computes this run's convolutions, else 0 (runtime's
+    default, one host device per two cores).
+
+    XLA's SPMD partitioner cannot split the extension's calls over devices:
+    it gathers the batch and runs each call whole on every device, so two
+    devices did twice the work (ResNet-20 on 2 cores: 470 against 930
+    images/s); oneDNN already spreads each call over every core. Call it
+    before JAX's backend starts (it loads the extension, not the backend).
+    """
+    return 1 if onednn_in_force(kernels, compute_dtype(dtype, kernels, "cpu"), "cpu") else 0
+
+
 def whole_batch(kernels: str, compute_dtype: str, platform: str | None = None) -> bool:
     """Whether a CPU step runs fastest on the whole batch in one call: with oneDNN's bf16 kernels (parts of 64
     were slower per image), not with XLA's or oneDNN's float32 ones (docs/devices.md)."""

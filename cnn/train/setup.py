@@ -80,7 +80,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, dataset: data_lib.D
     if model is None:
         models.check_config(config.model)
     config = models.record(config, model)  # as config.json will say: a module's file absolute, or `model` named
-    runtime.set_cpu_devices(config.train.num_devices)  # before anything starts JAX's backend
+    # Before anything starts JAX's backend.
+    runtime.set_cpu_devices(config.train.num_devices or kernels.cpu_devices(config.train.kernels,
+                                                                            config.train.compute_dtype))
     runtime.use_compilation_cache()
     writes_files = jax.process_index() == 0
     if writes_files:
