@@ -18,8 +18,8 @@ does with AVX512-BF16 or AMX, and not on an AVX2-only one:
 `onednn.has_bf16` asks oneDNN), bf16 convolutions, dense layers and tiling
 average pools, and bf16 batch norms through the extension's own loops (with
 the relu after them fused in, where the model asks cnn's BatchNorm for
-relu=True); other float32 layers take the XLA
-paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
+relu=True); overlapping max pools, in either dtype, go to the extension's
+own loops; other float32 layers take the XLA paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
 (`onednn.choices_file`), so a resumed run computes bitwise as the
 uninterrupted one. This module is the
 only one that looks at the backend and the processor to decide how a layer
