@@ -74,20 +74,22 @@ def test_activations(name):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_relu_equals_flax_in_value_and_gradient(dtype):
-    """cnn's relu (bf16 compared as integers, layers.relu) against nn.relu: equal outputs, signed zeros, tiny and
-    huge values included, and equal gradients, 0 at 0."""
+@pytest.mark.parametrize("name", ["relu", "relu6"])
+def test_relu_equals_flax_in_value_and_gradient(dtype, name):
+    """cnn's relu and relu6 (bf16 compared as integers, cnn.models.layers) against nn.relu and nn.relu6: equal
+    outputs, signed zeros, tiny and huge values and 6 itself included, and equal gradients, 0 at 0 and 6."""
     import flax.linen as nn
 
-    from cnn.models.layers import relu
+    from cnn.models import layers
 
-    x = jnp.concatenate([jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, jnp.inf, -jnp.inf]),
+    ours, flax_ = getattr(layers, name), getattr(nn, name)
+    x = jnp.concatenate([jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, jnp.inf, -jnp.inf, 6.0, 6.0]),
                          3 * jax.random.normal(jax.random.key(0), (500,))]).astype(dtype)
-    assert relu(x).dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(relu(x), np.float32), np.asarray(nn.relu(x), np.float32))
+    assert ours(x).dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(ours(x), np.float32), np.asarray(flax_(x), np.float32))
     weights = jnp.arange(x.size, dtype=jnp.float32) - 100
     grad = lambda f: jax.grad(lambda x: (f(x).astype(jnp.float32)[8:] * weights[8:]).sum())(x)
-    np.testing.assert_array_equal(np.asarray(grad(relu), np.float32), np.asarray(grad(nn.relu), np.float32))
+    np.testing.assert_array_equal(np.asarray(grad(ours), np.float32), np.asarray(grad(flax_), np.float32))
 
 
 def test_final_softmax_gives_probabilities_and_logits_on_request():

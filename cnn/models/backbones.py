@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.errors import ConfigError, ShapeError
-from cnn.models.layers import BatchNorm, Pool
+from cnn.models.layers import BatchNorm, Pool, relu6
 
 STYLES = ("keras", "torchvision")
 
@@ -153,7 +153,6 @@ class MobileNetV2(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_size(x, self)
         torchvision, bn = _torchvision(self), _norm(self, train, 1e-3, 0.999)
-        relu6 = lambda x: jnp.clip(x, 0.0, 6.0)
         x, padding = _same(x, 3, 2, torchvision)
         x = _conv(x, _make_divisible(32 * self.alpha), 3, 2, padding, use_bias=False, name="Conv1")
         x = relu6(bn(x, "bn_Conv1"))

@@ -61,6 +61,26 @@ def _relu_jvp(primals, tangents):
     return y, dx * (y > 0).astype(dx.dtype)
 
 
+@jax.custom_jvp
+def relu6(x: jax.Array) -> jax.Array:
+    """min(max(x, 0), 6), as nn.relu6 computes it (gradient 0 at both ends), bfloat16 compared as 16-bit integers
+    as `relu` does (a NaN becomes 0 or 6): MobileNetV2's relu6 after each of its 35 batch norms took 85 ms of its bf16
+    step forward and 113 ms backward through XLA:CPU's float32 conversions, summed over threads on 2 cores."""
+    if x.dtype != jnp.bfloat16:
+        return nn.relu6(x)
+    as_int = jax.lax.bitcast_convert_type(x, jnp.int16)
+    six = jax.lax.bitcast_convert_type(jnp.bfloat16(6), jnp.int16)
+    return jax.lax.bitcast_convert_type(jnp.minimum(jnp.maximum(as_int, jnp.int16(0)), six), jnp.bfloat16)
+
+
+@relu6.defjvp
+def _relu6_jvp(primals, tangents):
+    """The gradient passes where the output is strictly between 0 and 6 (nn.relu6's), as a product."""
+    (x,), (dx,) = primals, tangents
+    y = relu6(x)
+    return y, dx * ((y > 0) & (y < 6)).astype(dx.dtype)
+
+
 class BatchNorm(nn.BatchNorm):
     """nn.BatchNorm (same parameters, statistics and names) that can also add a residual to its output and apply
     relu, `relu(batch_norm(x) + residual)` with `residual=..., relu=True`: one call, which cnn/kernels can compute
@@ -79,7 +99,7 @@ class BatchNorm(nn.BatchNorm):
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {  # Keras' activations with Keras' defaults
     "linear": lambda x: x,
     "relu": relu,
-    "relu6": nn.relu6,
+    "relu6": relu6,
     "gelu": functools.partial(nn.gelu, approximate=False),
     "elu": nn.elu,
     "selu": nn.selu,
