@@ -344,11 +344,11 @@ def _avg_pool_bwd(window, _, g):
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
-def max_pool_applies(module, x: jax.Array, dtypes=DTYPES) -> bool:
+def max_pool_applies(module, x: jax.Array) -> bool:
     """A 2-D max pool whose windows overlap or skip pixels (ResNet-50's 3x3, stride 2); windows that tile the input
     take cpu.tiled_pool."""
     return (available() and module.kind == "max" and x.ndim == 4 and len(module.window) == 2
-            and tuple(module.window) != tuple(module.strides) and x.dtype in dtypes
+            and tuple(module.window) != tuple(module.strides) and x.dtype in DTYPES
             and (isinstance(module.padding, str) or all(lo >= 0 and hi >= 0 for lo, hi in module.padding)))
 
 
