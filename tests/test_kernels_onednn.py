@@ -239,6 +239,36 @@ def test_batch_norm_and_relu_fused_equal_them_apart(dtype, specs, plain):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bf16)])
+@pytest.mark.parametrize("spec", ["Conv2D(8, 3, padding='same', activation='relu')",
+                                  "Conv2D(6, 3, strides=2, activation='relu', use_bias=False)",
+                                  "Conv1D(5, 3, padding='same', activation='relu')"])
+def test_convolution_and_relu_fused_equal_them_apart(dtype, spec):
+    """A training Sequential's Conv(..., activation='relu') is one oneDNN call with relu as its post-op: output and
+    gradients bitwise those of the convolution followed by cnn's relu (relu commutes with rounding to bf16). Sowing
+    the outputs (feature maps) and evaluation keep them apart, so they see the convolution's output."""
+    model = cnn.build_model([spec, "Flatten()", "Dense(3)"])
+    shape = (4, 9, 9, 3) if "2D" in spec else (4, 9, 3)
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    variables = jax.tree.map(lambda a: a.astype(dtype), kernels.apply_fn(model, "xla").init(jax.random.key(1), x))
+    weights = jax.random.normal(jax.random.key(2), (4, 3))
+    fused_paths, plain = ("onednn_conv_relu", "onednn_conv", "onednn_dense"), ("onednn_conv", "onednn_dense")
+
+    def run(paths, train=True, sow=()):
+        apply = kernels.ModelApply(model, paths)
+        loss = lambda v, x: (apply(v, x, train=train, mutable=["batch_stats", *sow])[0].astype(jnp.float32)
+                             * weights).sum()
+        program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        return program.lower(variables, x).as_text(), program(variables, x)
+
+    (fused_text, fused), (plain_text, apart) = run(fused_paths), run(plain)
+    assert "relu = 1" in fused_text and "relu = 1" not in plain_text
+    assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(apart)))
+    assert "relu = 1" not in run(fused_paths, sow=["activations"])[0]
+    assert "relu = 1" not in run(fused_paths, train=False)[0]
+
+
+@needs_onednn
 def test_batch_norm_goes_to_onednn_only_where_it_has_jit_kernels():
     """oneDNN's generic batch-norm loops (bf16 with 8 channels, say) ran 20x slower than XLA's: 'onednn' leaves
     such layers to cnn's sums path, asked of oneDNN; 16 channels have JIT kernels wherever oneDNN has bf16 ones.

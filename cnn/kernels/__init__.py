@@ -40,11 +40,12 @@ import jax.numpy as jnp
 from cnn.config import KERNELS
 from cnn.errors import ConfigError, require
 from cnn.kernels import cpu, onednn
-from cnn.models.layers import BatchNorm, Pool
+from cnn.models.layers import BatchNorm, Conv, Pool
 
 _BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 
 _NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True and a residual
+_CONVS = (nn.Conv, Conv)  # Flax's, and cnn's own, which takes relu=True
 # The keywords of cnn's BatchNorm beyond Flax's, and the sets of them a path takes: none, relu=True, or relu=True with
 # residual=... (a residual block's end).
 _EXTRAS = ("relu", "residual")
@@ -52,14 +53,18 @@ _PLAIN, _RELU, _ADD_RELU = frozenset(), frozenset({"relu"}), frozenset(_EXTRAS)
 # Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
 # applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Callable[..., jax.Array]]] = {
-    "patches_conv": ((nn.Conv,), _PLAIN, cpu.patches_conv_applies, cpu.patches_conv),
+    "patches_conv": (_CONVS, _PLAIN, cpu.patches_conv_applies, cpu.patches_conv),
     "dense_transposed": ((nn.Dense,), _PLAIN, cpu.dense_applies, cpu.dense),
     "tiled_pool": ((Pool,), _PLAIN, cpu.tiled_pool_applies, cpu.tiled_pool),
     "batch_norm_sums": (_NORMS, _PLAIN, cpu.batch_norm_applies, cpu.batch_norm),
-    "onednn_conv": ((nn.Conv,), _PLAIN, onednn.conv_applies, onednn.conv),
+    "onednn_conv": (_CONVS, _PLAIN, onednn.conv_applies, onednn.conv),
+    # Conv(relu=True): relu as a oneDNN post-op, in the convolution's own pass (elsewhere: the convolution, then relu).
+    "onednn_conv_relu": ((Conv,), _RELU, onednn.conv_applies, functools.partial(onednn.conv, relu=True)),
+    "onednn_conv_relu_bf16": ((Conv,), _RELU, functools.partial(onednn.conv_applies, dtypes=_BF16),
+                              functools.partial(onednn.conv, relu=True)),
     "onednn_dense": ((nn.Dense,), _PLAIN, onednn.dense_applies, onednn.dense),
-    "onednn_conv_bf16": ((nn.Conv,), _PLAIN, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
-    "onednn_conv_f32": ((nn.Conv,), _PLAIN, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
+    "onednn_conv_bf16": (_CONVS, _PLAIN, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
+    "onednn_conv_f32": (_CONVS, _PLAIN, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
     "onednn_dense_bf16": ((nn.Dense,), _PLAIN, functools.partial(onednn.dense_applies, dtypes=_BF16),
                           onednn.dense),
     "onednn_avg_pool": ((Pool,), _PLAIN, onednn.avg_pool_applies, onednn.avg_pool),
@@ -91,7 +96,7 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
 # bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
 # 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
+AUTO_ONEDNN_BF16 = ("onednn_conv_relu_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
                     "batch_norm_relu_loops_bf16", "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file); and
@@ -99,7 +104,7 @@ AUTO_ONEDNN_BF16 = ("onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf
 # bf16, forward and backward).
 AUTO_ONEDNN_F32 = ("onednn_conv_f32", "max_pool_loops")
 # 'onednn' takes every layer oneDNN can, in every dtype.
-ONEDNN = ("onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu", "onednn_batch_norm", "tiled_pool",
+ONEDNN = ("onednn_conv_relu", "onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu", "onednn_batch_norm", "tiled_pool",
           "max_pool_loops", "batch_norm_sums")
 
 

@@ -159,11 +159,18 @@ void run_locked(Entry& e, std::unordered_map<int, memory>& args) {
   stream.wait();
 }
 
-dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s) {
+// `relu`: relu applied to the output in the convolution's own pass (a oneDNN post-op), not in one more pass over it.
+dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s, bool relu = false) {
   memory::desc bias({s.oc}, memory::data_type::f32, tag::a);
+  dnnl::primitive_attr attr = own_scratchpad();
+  if (relu) {
+    dnnl::post_ops ops;
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    attr.set_post_ops(ops);
+  }
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.src(s.type),
-      s.weights(s.type), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), own_scratchpad());
+      s.weights(s.type), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), attr);
 }
 
 // Runs `e.prim` with the user's HWIO kernel at `user`, reordered into (or, for a gradient, out of) the primitive's
@@ -288,9 +295,10 @@ ffi::Error bad_shape(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string("cnn oneDNN: unsupported ") + what);
 }
 
-// y = conv(x, w) + bias; x, w and y share a dtype (f32 or bf16), bias is f32.
+// y = conv(x, w) + bias, then relu(y) if `relu`; x, w and y share a dtype (f32 or bf16), bias is f32.
 ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
-                           ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+                           ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                           int64_t relu) {
   ConvShape s(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
   if (!s.valid()) return bad_shape("convolution");
   std::unordered_map<int, memory> args{
@@ -298,9 +306,10 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
       {DNNL_ARG_BIAS, memory({{s.oc}, memory::data_type::f32, tag::a}, cpu_engine(), bias.typed_data())},
       {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}};
   auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
-  Entry& e = cached(s.key("fwd"), [&](Entry& e) {
+  const char* kind = relu ? "fwd_relu" : "fwd";
+  Entry& e = cached(s.key(kind), [&](Entry& e) {
     e.user_weights = s.user_weights(s.type);
-    fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
+    fastest<dnnl::convolution_forward>(e, s.key(kind), [&] { return conv_forward_pd(s, relu); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -648,7 +657,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .CONV_ATTRS);
+                                  .CONV_ATTRS.Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, ConvBackwardDataImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()

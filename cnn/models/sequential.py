@@ -65,8 +65,8 @@ class Sequential(nn.Module):
                     pass
                 elif train and not sowing and _norm_then_relu(stack, i):  # one call cnn/kernels can fuse
                     x, fused = module(x, use_running_average=False, relu=True), i + 1
-                else:
-                    x = layer(module, x, train)
+                else:  # a training call fuses a convolution's relu into it, as the batch norm's above
+                    x = layer(module, x, train, fused=train and not sowing and layer.fuses_relu)
             except ConfigError as e:
                 raise type(e)(f"model.layers[{i}]={layer.spec!r}: {e}") from None
             if sowing:
