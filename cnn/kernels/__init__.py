@@ -15,10 +15,10 @@ built) or 'xla' (none). On a CPU where the extension loaded, 'auto' sends
 float32 convolutions to oneDNN (1.6-1.8x ResNet-20's float32 step, AVX2
 kernels included), and, when oneDNN has bf16 kernels for the processor (it
 does with AVX512-BF16 or AMX, and not on an AVX2-only one:
-`onednn.has_bf16` asks oneDNN), bf16 convolutions, dense layers and tiling
-average pools, and bf16 batch norms through the extension's own loops (with
-the relu after them fused in, where the model asks cnn's BatchNorm for
-relu=True); overlapping max pools, in either dtype, go to the extension's
+`onednn.has_bf16` asks oneDNN), bf16 convolutions (relu as a post-op where
+the model asks cnn's Conv for relu=True), dense layers and tiling average
+pools, and bf16 batch norms through the extension's own loops (with the relu
+after them fused in, where the model asks cnn's BatchNorm for relu=True); overlapping max pools, in either dtype, go to the extension's
 own loops; other float32 layers take the XLA paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
 (`onednn.choices_file`), so a resumed run computes bitwise as the
 uninterrupted one. This module is the
@@ -46,8 +46,8 @@ _BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 
 _NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True and a residual
 _CONVS = (nn.Conv, Conv)  # Flax's, and cnn's own, which takes relu=True
-# The keywords of cnn's BatchNorm beyond Flax's, and the sets of them a path takes: none, relu=True, or relu=True with
-# residual=... (a residual block's end).
+# The keywords of cnn's BatchNorm (and Conv) beyond Flax's, and the sets of them a path takes: none, relu=True, or
+# relu=True with residual=... (a residual block's end).
 _EXTRAS = ("relu", "residual")
 _PLAIN, _RELU, _ADD_RELU = frozenset(), frozenset({"relu"}), frozenset(_EXTRAS)
 # Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
