@@ -14,7 +14,7 @@ import pytest
 import cnn
 from cnn import kernels, sharding
 from cnn.kernels import onednn
-from cnn.models.layers import Pool
+from cnn.models.layers import BatchNorm, Pool
 from conftest import REPO
 
 needs_onednn = pytest.mark.skipif(not onednn.available(),
@@ -236,6 +236,42 @@ def test_batch_norm_and_relu_fused_equal_them_apart(dtype, specs, plain):
     sown = jax.jit(lambda v, x: kernels.ModelApply(model, (*fused_paths, plain))(
         v, x, train=True, mutable=["batch_stats", "activations"])).lower(variables, x.astype(dtype)).as_text()
     assert (fused_call in sown) == ("ResidualBlock(16)" in specs)  # blocks sow nothing
+
+
+class _NormRelu6(nn.Module):
+    """MobileNetV2's batch norm and relu6 as one call of cnn's BatchNorm."""
+
+    @nn.compact
+    def __call__(self, x):
+        return BatchNorm(use_running_average=False, momentum=0.9)(x, relu6=True)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bf16)])
+@pytest.mark.parametrize("shape", [(4, 9, 9, 16), (8, 5, 24), (6, 7)])
+def test_batch_norm_and_relu6_fused_equal_them_apart(dtype, shape):
+    """BatchNorm(relu6=True) through the loops, the relu6 in their passes: output, gradients and running statistics
+    bitwise those of the loops' batch norm followed by cnn's relu6 (outputs spread past 6 and below 0, so both ends
+    of the clamp and of its gradient's mask are taken)."""
+    model, x = _NormRelu6(), (3 * jax.random.normal(jax.random.key(0), shape) + 1).astype(dtype)
+    variables = jax.tree.map(lambda a: (4 * a).astype(dtype), model.init(jax.random.key(1), x))
+    weights = jax.random.normal(jax.random.key(2), shape)
+
+    def run(paths):
+        def loss(v, x):
+            y, updates = kernels.ModelApply(model, paths)(v, x, mutable=["batch_stats"])
+            return (y.astype(jnp.float32) * weights).sum(), (y.astype(jnp.float32), updates)
+
+        program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        return program.lower(variables, x).as_text(), program(variables, x)
+
+    (fused_text, fused), (_, apart) = run(("batch_norm_relu6_loops", "batch_norm_loops")), run(("batch_norm_loops",))
+    assert "relu = 6" in fused_text
+    y = fused[0][1][0]
+    assert float(y.max()) == 6.0 and float(y.min()) == 0.0 and 0 < float((y == 6).mean()) < 0.5
+    # outputs, running statistics and gradients (the loss itself is XLA's sum, whose order the programs may differ in)
+    ours, theirs = (jax.tree.leaves((result[0][1], result[1])) for result in (fused, apart))
+    assert all(bool((a == b).all()) for a, b in zip(ours, theirs))
 
 
 @needs_onednn

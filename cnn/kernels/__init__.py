@@ -46,10 +46,10 @@ _BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 
 _NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True and a residual
 _CONVS = (nn.Conv, Conv)  # Flax's, and cnn's own, which takes relu=True
-# The keywords of cnn's BatchNorm (and Conv) beyond Flax's, and the sets of them a path takes: none, relu=True, or
-# relu=True with residual=... (a residual block's end).
-_EXTRAS = ("relu", "residual")
-_PLAIN, _RELU, _ADD_RELU = frozenset(), frozenset({"relu"}), frozenset(_EXTRAS)
+# The keywords of cnn's BatchNorm (and Conv) beyond Flax's, and the sets of them a path takes: none, relu=True,
+# relu=True with residual=... (a residual block's end), or relu6=True.
+_EXTRAS = ("relu", "relu6", "residual")
+_PLAIN, _RELU, _ADD_RELU, _RELU6 = frozenset(), frozenset({"relu"}), frozenset({"relu", "residual"}), frozenset({"relu6"})
 # Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
 # applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Callable[..., jax.Array]]] = {
@@ -83,6 +83,10 @@ PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Ca
     "batch_norm_relu_loops_bf16": ((BatchNorm,), _RELU,
                                    functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
                                    onednn.batch_norm_relu_loops),
+    "batch_norm_relu6_loops": ((BatchNorm,), _RELU6, onednn.batch_norm_loops_applies, onednn.batch_norm_relu6_loops),
+    "batch_norm_relu6_loops_bf16": ((BatchNorm,), _RELU6,
+                                    functools.partial(onednn.batch_norm_loops_applies, dtypes=_BF16),
+                                    onednn.batch_norm_relu6_loops),
     "batch_norm_add_relu_loops": ((BatchNorm,), _ADD_RELU, onednn.batch_norm_add_relu_applies,
                                   onednn.batch_norm_add_relu_loops),
     "batch_norm_add_relu_loops_bf16": ((BatchNorm,), _ADD_RELU,
@@ -97,7 +101,7 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 # bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
 # 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
 AUTO_ONEDNN_BF16 = ("onednn_conv_relu_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
-                    "batch_norm_relu_loops_bf16", "batch_norm_loops_bf16")
+                    "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16", "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file); and
 # overlapping max pools, in either dtype, through the extension's loops (ResNet-50's: 5.7x XLA's in float32, 14x in

@@ -449,8 +449,8 @@ def batch_norm_loops_applies(module: nn.BatchNorm, x: jax.Array, use_running_ave
 
 
 def batch_norm_loops(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
-                     mask: jax.Array | None = None, relu: bool = False) -> jax.Array:
-    """nn.BatchNorm in training (then relu, with `relu`) through the extension's own loops: two passes over the
+                     mask: jax.Array | None = None, relu: int = 0) -> jax.Array:
+    """nn.BatchNorm in training (then relu, with `relu` 1 or True; relu6 with 6) through the extension's own loops: two passes over the
     activations each way, on every core, where oneDNN's make three forward and ran at half their speed on
     ResNet-20's 16-64 channels (docs/kernels.md). Statistics as Flax takes them (E[x^2] - E[x]^2, summed in
     float32 blocks joined in float64); running averages Flax's."""
@@ -462,6 +462,12 @@ def batch_norm_relu_loops(module: nn.BatchNorm, x: jax.Array, use_running_averag
                           mask: jax.Array | None = None) -> jax.Array:
     """relu(batch_norm(module, x)) in the same two passes each way as `batch_norm_loops`."""
     return batch_norm_loops(module, x, use_running_average, mask, relu=True)
+
+
+def batch_norm_relu6_loops(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
+                           mask: jax.Array | None = None) -> jax.Array:
+    """relu6(batch_norm(module, x)) in the same two passes each way (MobileNetV2's 35 batch norms)."""
+    return batch_norm_loops(module, x, use_running_average, mask, relu=6)
 
 
 def _relu_workspace(x: jax.Array) -> int:

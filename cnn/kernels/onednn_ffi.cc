@@ -306,10 +306,11 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
       {DNNL_ARG_BIAS, memory({{s.oc}, memory::data_type::f32, tag::a}, cpu_engine(), bias.typed_data())},
       {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}};
   auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
-  const char* kind = relu ? "fwd_relu" : "fwd";
-  Entry& e = cached(s.key(kind), [&](Entry& e) {
+  // With relu, the implementation recorded for the plain convolution of this shape (the same sums, so the same
+  // values up to the relu), or the fastest with the post-op, recorded for both.
+  Entry& e = cached(s.key(relu ? "fwd_relu" : "fwd"), [&](Entry& e) {
     e.user_weights = s.user_weights(s.type);
-    fastest<dnnl::convolution_forward>(e, s.key(kind), [&] { return conv_forward_pd(s, relu); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
+    fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s, relu); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -742,8 +743,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormReluBackward, NormReluBackwardImpl,
 // oneDNN's batch norm makes three passes forward (mean, variance, normalisation) and, on 16 to 64 channels in
 // bf16, ran at half the speed of these. They make two each way: the per-channel sums (of x and x*x forward; of dy and
 // dy*(x - mean) backward), then one elementwise pass, each in chunks of rows whose sums are joined in chunk order, so
-// a result does not depend on the thread count. The relu's gradient mask is the forward output y > 0, which the
-// backward pass reads instead of a workspace; with a residual, the output is relu(batch_norm(x) + residual).
+// a result does not depend on the thread count. An activation after the normalisation (relu or relu6) is applied in
+// its pass; its gradient mask comes from the forward output (y > 0; relu6: 0 < y < 6), which the backward pass reads
+// instead of a workspace; with a residual, the output is relu(batch_norm(x) + residual).
 namespace norm {
 
 inline float load(const float* p, int64_t i) { return p[i]; }
@@ -769,6 +771,17 @@ inline float as_stored(const uint16_t*, float v) {
   uint16_t b;
   store(&b, 0, v);
   return load(&b, 0);
+}
+
+// The activation RELU names: 0 none, 1 relu, 6 relu6 (min(max(v, 0), 6)). Both commute with rounding to bf16.
+template <int RELU>
+inline float activate(float v) {
+  return RELU == 6 ? std::min(std::max(v, 0.f), 6.f) : RELU ? std::max(v, 0.f) : v;
+}
+// Whether the activation passes the gradient at output y: a select, as cnn's relu and relu6 take their gradients.
+template <int RELU>
+inline float passed(float g, float y) {
+  return (RELU == 6 ? y > 0.f && y < 6.f : y > 0.f) ? g : 0.f;
 }
 
 constexpr int64_t kBlock = 64;  // rows summed in float before joining the chunk's double totals
@@ -826,7 +839,7 @@ CLONES void forward_sums(const T* x, int64_t begin, int64_t end, int64_t c_, dou
   }
 }
 
-template <typename T, int C, bool RELU, bool ADD>
+template <typename T, int C, int RELU, bool ADD>
 CLONES void forward_rows(const T* x, const float* a, const float* b, const T* residual, T* y, int64_t begin,
                          int64_t end, int64_t c_) {
   const int64_t c = C ? C : c_;
@@ -837,12 +850,12 @@ CLONES void forward_rows(const T* x, const float* a, const float* b, const T* re
     for (int64_t k = 0; k < c; ++k) {
       float v = load(row, k) * a[k] + b[k];
       if (ADD) v = as_stored(out, v) + load(residual + r * c, k);
-      store(out, k, RELU ? std::max(v, 0.f) : v);
+      store(out, k, activate<RELU>(v));
     }
   }
 }
 
-template <typename T, int C, bool RELU, bool ADD>
+template <typename T, int C, int RELU, bool ADD>
 void forward(ffi::ThreadPool& pool, const T* x, const float* scale, const float* shift, const T* residual, T* y,
              float* mean, float* var, int64_t rows, int64_t c, float epsilon) {
   int64_t chunks = chunk_count(rows);
@@ -869,8 +882,8 @@ void forward(ffi::ThreadPool& pool, const T* x, const float* scale, const float*
   });
 }
 
-// A chunk's per-channel sums of the gradient (after the relu's, with RELU) and of its product with x - mean.
-template <typename T, int C, bool RELU>
+// A chunk's per-channel sums of the gradient (after the activation's, with RELU) and of its product with x - mean.
+template <typename T, int C, int RELU>
 CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y, int64_t begin, int64_t end,
                           int64_t c_, double* out) {
   const int64_t c = C ? C : c_;
@@ -883,7 +896,7 @@ CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y
 #pragma omp simd
       for (int64_t k = 0; k < c; ++k) {
         float g = load(gr, k);
-        if (RELU) g *= load(yr, k) > 0.f ? 1.f : 0.f;  // a product, as cnn's relu's gradient
+        if (RELU) g = passed<RELU>(g, load(yr, k));
         s[k] += g;
         p[k] += g * (load(xr, k) - mean[k]);
       }
@@ -896,7 +909,7 @@ CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y
 }
 
 // ADD: also the residual's gradient, the relu's (dy where y > 0).
-template <typename T, int C, bool RELU, bool ADD>
+template <typename T, int C, int RELU, bool ADD>
 CLONES void backward_rows(const T* x, const float* mean, const T* dy, const T* y, const float* k1, const float* k2,
                           const float* k0, T* dx, T* d_residual, int64_t begin, int64_t end, int64_t c_) {
   const int64_t c = C ? C : c_;
@@ -906,14 +919,14 @@ CLONES void backward_rows(const T* x, const float* mean, const T* dy, const T* y
 #pragma omp simd
     for (int64_t k = 0; k < c; ++k) {
       float g = load(gr, k);
-      if (RELU) g *= load(yr, k) > 0.f ? 1.f : 0.f;
+      if (RELU) g = passed<RELU>(g, load(yr, k));
       if (ADD) store(d_residual + r * c, k, g);
       store(out, k, k1[k] * g + k2[k] * (load(xr, k) - mean[k]) + k0[k]);
     }
   }
 }
 
-template <typename T, int C, bool RELU, bool ADD>
+template <typename T, int C, int RELU, bool ADD>
 void backward(ffi::ThreadPool& pool, const T* x, const float* mean, const float* var, const float* scale, const T* dy,
               const T* y, T* dx, T* d_residual, float* d_scale, float* d_shift, int64_t rows, int64_t c,
               float epsilon) {
@@ -943,18 +956,20 @@ void backward(ffi::ThreadPool& pool, const T* x, const float* mean, const float*
   });
 }
 
-// The loops for this channel count (compiled for 16, 32 and 64, else the general ones), relu and residual add.
+// The loops for this channel count (compiled for 16, 32 and 64, else the general ones), activation (relu: 0, 1 or 6,
+// as RELU) and residual add (with relu 1).
 template <typename T, int C>
 void forward_with(ffi::ThreadPool& pool, const T* x, const float* scale, const float* shift, const T* residual, T* y, float* mean,
-                  float* var, int64_t rows, int64_t c, float epsilon, bool relu, bool add) {
+                  float* var, int64_t rows, int64_t c, float epsilon, int relu, bool add) {
   auto run = [&](auto kernel) { kernel(pool, x, scale, shift, residual, y, mean, var, rows, c, epsilon); };
-  if (add) return run(forward<T, C, true, true>);
-  return relu ? run(forward<T, C, true, false>) : run(forward<T, C, false, false>);
+  if (add) return run(forward<T, C, 1, true>);
+  if (relu == 6) return run(forward<T, C, 6, false>);
+  return relu ? run(forward<T, C, 1, false>) : run(forward<T, C, 0, false>);
 }
 
 template <typename T>
 void forward_any(ffi::ThreadPool& pool, const T* x, const float* scale, const float* shift, const T* residual, T* y, float* mean,
-                 float* var, int64_t rows, int64_t c, float epsilon, bool relu, bool add) {
+                 float* var, int64_t rows, int64_t c, float epsilon, int relu, bool add) {
   switch (c) {
     case 16: return forward_with<T, 16>(pool, x, scale, shift, residual, y, mean, var, rows, c, epsilon, relu, add);
     case 32: return forward_with<T, 32>(pool, x, scale, shift, residual, y, mean, var, rows, c, epsilon, relu, add);
@@ -966,18 +981,19 @@ void forward_any(ffi::ThreadPool& pool, const T* x, const float* scale, const fl
 template <typename T, int C>
 void backward_with(ffi::ThreadPool& pool, const T* x, const float* mean, const float* var, const float* scale, const T* dy, const T* y,
                    T* dx, T* d_residual, float* d_scale, float* d_shift, int64_t rows, int64_t c, float epsilon,
-                   bool relu, bool add) {
+                   int relu, bool add) {
   auto run = [&](auto kernel) {
     kernel(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c, epsilon);
   };
-  if (add) return run(backward<T, C, true, true>);
-  return relu ? run(backward<T, C, true, false>) : run(backward<T, C, false, false>);
+  if (add) return run(backward<T, C, 1, true>);
+  if (relu == 6) return run(backward<T, C, 6, false>);
+  return relu ? run(backward<T, C, 1, false>) : run(backward<T, C, 0, false>);
 }
 
 template <typename T>
 void backward_any(ffi::ThreadPool& pool, const T* x, const float* mean, const float* var, const float* scale, const T* dy, const T* y,
                   T* dx, T* d_residual, float* d_scale, float* d_shift, int64_t rows, int64_t c, float epsilon,
-                  bool relu, bool add) {
+                  int relu, bool add) {
   switch (c) {
     case 16: return backward_with<T, 16>(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c,
                                          epsilon, relu, add);
@@ -997,13 +1013,13 @@ const T* data(ffi::AnyBuffer b) { return static_cast<const T*>(b.untyped_data())
 template <typename T>
 T* data(ffi::Result<ffi::AnyBuffer>& b) { return static_cast<T*>(b->untyped_data()); }
 
-// relu: max(y, 0); add (with relu): relu(y + residual), `residual` shaped as x (else unread).
+// relu: 0, 1 (max(y, 0)) or 6 (relu6); add (with relu 1): relu(y + residual), `residual` shaped as x (else unread).
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                        ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> mean,
                        ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon, int64_t relu, int64_t add) {
   int64_t c = channels(x), rows = c ? int64_t(x.element_count()) / c : 0;
-  if (!rows || y->element_type() != x.element_type() ||
-      (add && (!relu || residual.element_type() != x.element_type() || residual.element_count() != x.element_count()))) {
+  if (!rows || y->element_type() != x.element_type() || (relu != 0 && relu != 1 && relu != 6) ||
+      (add && (relu != 1 || residual.element_type() != x.element_type() || residual.element_count() != x.element_count()))) {
     return bad_shape("batch norm");
   }
   if (x.element_type() == ffi::DataType::BF16) {
@@ -1018,7 +1034,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// y: the forward output, read with relu (its mask); d_residual, with add, the residual's gradient (else unwritten).
+// y: the forward output, read with relu (the activation's mask); d_residual, with add, the residual's gradient (else unwritten).
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
                         ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::AnyBuffer y,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_residual,
@@ -1026,7 +1042,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
                         float epsilon, int64_t relu, int64_t add) {
   int64_t c = channels(x), rows = c ? int64_t(x.element_count()) / c : 0;
   if (!rows || dy.element_type() != x.element_type() || y.element_type() != x.element_type() ||
-      (add && (!relu || d_residual->element_count() != x.element_count()))) {
+      (relu != 0 && relu != 1 && relu != 6) || (add && (relu != 1 || d_residual->element_count() != x.element_count()))) {
     return bad_shape("batch norm");
   }
   if (x.element_type() == ffi::DataType::BF16) {

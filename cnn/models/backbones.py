@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.errors import ConfigError, ShapeError
-from cnn.models.layers import BatchNorm, Pool, relu6
+from cnn.models.layers import BatchNorm, Pool
 
 STYLES = ("keras", "torchvision")
 
@@ -83,11 +83,11 @@ def _conv(x, filters: int, kernel: int, stride: int = 1, padding="VALID", use_bi
 
 
 def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99, relu: bool = False,
-        residual=None):
-    """Batch norm, then a residual block's shortcut added and relu (one call cnn/kernels can fuse): cnn's BatchNorm,
-    nn.BatchNorm's parameters."""
+        residual=None, relu6: bool = False):
+    """Batch norm, then a residual block's shortcut added and relu, or relu6 (one call cnn/kernels can fuse): cnn's
+    BatchNorm, nn.BatchNorm's parameters."""
     return BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, name=name)(
-        x, relu=relu, residual=residual)
+        x, relu=relu, relu6=relu6, residual=residual)
 
 
 def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Callable:
@@ -95,7 +95,8 @@ def _norm(module: nn.Module, train: bool, epsilon: float, momentum: float) -> Ca
     torchvision's form."""
     if _torchvision(module):
         epsilon, momentum = 1e-5, 0.9
-    return lambda x, name, relu=False, residual=None: _bn(x, train, name, epsilon, momentum, relu, residual)
+    return lambda x, name, relu=False, residual=None, relu6=False: _bn(x, train, name, epsilon, momentum, relu,
+                                                                      residual, relu6)
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -155,23 +156,23 @@ class MobileNetV2(nn.Module):
         torchvision, bn = _torchvision(self), _norm(self, train, 1e-3, 0.999)
         x, padding = _same(x, 3, 2, torchvision)
         x = _conv(x, _make_divisible(32 * self.alpha), 3, 2, padding, use_bias=False, name="Conv1")
-        x = relu6(bn(x, "bn_Conv1"))
+        x = bn(x, "bn_Conv1", relu6=True)
         for block, (filters, stride, expansion) in enumerate(self.BLOCKS):
             inputs, channels = x, x.shape[-1]
             out = _make_divisible(int(filters * self.alpha))
             prefix = f"block_{block}_" if block else "expanded_conv_"
             if block:
-                x = relu6(bn(_conv(x, expansion * channels, 1, use_bias=False, name=f"{prefix}expand"),
-                             f"{prefix}expand_BN"))
+                x = bn(_conv(x, expansion * channels, 1, use_bias=False, name=f"{prefix}expand"),
+                       f"{prefix}expand_BN", relu6=True)
             x, padding = _same(x, 3, stride, torchvision)
             x = _conv(x, x.shape[-1], 3, stride, padding, use_bias=False, groups=x.shape[-1],
                       name=f"{prefix}depthwise")
-            x = relu6(bn(x, f"{prefix}depthwise_BN"))
+            x = bn(x, f"{prefix}depthwise_BN", relu6=True)
             x = bn(_conv(x, out, 1, use_bias=False, name=f"{prefix}project"), f"{prefix}project_BN")
             if channels == out and stride == 1:
                 x = inputs + x
         last = _make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
-        x = relu6(bn(_conv(x, last, 1, use_bias=False, name="Conv_1"), "Conv_1_bn")).mean(axis=(1, 2))
+        x = bn(_conv(x, last, 1, use_bias=False, name="Conv_1"), "Conv_1_bn", relu6=True).mean(axis=(1, 2))
         if torchvision:
             x = nn.Dropout(0.2, deterministic=not train, name="dropout")(x)
         return nn.Dense(self.num_classes, name="predictions")(x)

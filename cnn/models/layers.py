@@ -82,18 +82,25 @@ def _relu6_jvp(primals, tangents):
     return y, jnp.where((y > 0) & (y < 6), dx, jnp.zeros_like(dx))
 
 
+relu6_fn = relu6  # BatchNorm.__call__'s, as relu_fn
+
+
 class BatchNorm(nn.BatchNorm):
     """nn.BatchNorm (same parameters, statistics and names) that can also add a residual to its output and apply
-    relu, `relu(batch_norm(x) + residual)` with `residual=..., relu=True`: one call, which cnn/kernels can compute
-    in the normalisation's own pass (cnn's batch-norm loops, oneDNN's fused batch norm and relu) instead of more
-    passes over the activations."""
+    relu, `relu(batch_norm(x) + residual)` with `residual=..., relu=True`, or apply relu6 (`relu6=True`, MobileNetV2's):
+    one call, which cnn/kernels can compute in the normalisation's own pass (cnn's batch-norm loops, oneDNN's fused
+    batch norm and relu) instead of more passes over the activations."""
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None,
-                 relu: bool = False, residual: jax.Array | None = None) -> jax.Array:
+                 relu: bool = False, relu6: bool = False, residual: jax.Array | None = None) -> jax.Array:
+        if relu and relu6:
+            raise ValueError("BatchNorm takes relu=True or relu6=True, not both")
         y = super().__call__(x, use_running_average=use_running_average, mask=mask)
         if residual is not None:
             y = y + residual
+        if relu6:
+            return relu6_fn(y)
         return relu_fn(y) if relu else y
 
 
