@@ -3,8 +3,8 @@
     "Conv2D(32, 3, activation='relu', padding='valid')"
 
 A spec is read by `cnn.spec.parse_call` (literals and arithmetic on numbers,
-never run) and built by the registry below into a `Layer`: a plain Flax module
-(nn.Conv, nn.ConvTranspose, nn.Dense, nn.BatchNorm, ...) or a stateless
+never run) and built by the registry below into a `Layer`: a Flax module
+(nn.Conv or its subclass Conv below, nn.ConvTranspose, nn.Dense, ...) or a stateless
 function, plus its activation and a check of the input shape it needs. Names,
 arguments and defaults follow Keras (channels last, Keras' weight layouts), so
 a Keras model translates line by line; tests/test_keras_parity.py holds each
