@@ -1244,17 +1244,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsNormBackward, norm::BackwardImpl,
                                   .Attr<int64_t>("relu")
                                   .Attr<int64_t>("add"));
 
+#define POOL_ATTRS \
+  Attr<int64_t>("wh").Attr<int64_t>("ww").Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsMaxPoolForward, maxpool::ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("wh")
-                                  .Attr<int64_t>("ww")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .POOL_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsMaxPoolBackward, maxpool::BackwardImpl,
                               ffi::Ffi::Bind()
@@ -1263,9 +1261,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsMaxPoolBackward, maxpool::BackwardImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("wh")
-                                  .Attr<int64_t>("ww")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+                                  .POOL_ATTRS);
