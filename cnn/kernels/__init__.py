@@ -18,7 +18,8 @@ does with AVX512-BF16 or AMX, and not on an AVX2-only one:
 `onednn.has_bf16` asks oneDNN), bf16 convolutions (relu as a post-op where
 the model asks cnn's Conv for relu=True), dense layers and tiling average
 pools, and bf16 batch norms through the extension's own loops (with the relu
-after them fused in, where the model asks cnn's BatchNorm for relu=True); overlapping max pools, in either dtype, go to the extension's
+after them fused in, where the model asks cnn's BatchNorm for relu=True);
+overlapping max pools, in either dtype, go to the extension's
 own loops; other float32 layers take the XLA paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
 (`onednn.choices_file`), so a resumed run computes bitwise as the
 uninterrupted one. This module is the
@@ -49,7 +50,8 @@ _CONVS = (nn.Conv, Conv)  # Flax's, and cnn's own, which takes relu=True
 # The keywords of cnn's BatchNorm (and Conv) beyond Flax's, and the sets of them a path takes: none, relu=True,
 # relu=True with residual=... (a residual block's end), or relu6=True.
 _EXTRAS = ("relu", "relu6", "residual")
-_PLAIN, _RELU, _ADD_RELU, _RELU6 = frozenset(), frozenset({"relu"}), frozenset({"relu", "residual"}), frozenset({"relu6"})
+_PLAIN, _RELU, _RELU6 = frozenset(), frozenset({"relu"}), frozenset({"relu6"})
+_ADD_RELU = frozenset({"relu", "residual"})
 # Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
 # applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Callable[..., jax.Array]]] = {
@@ -100,15 +102,17 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
 # bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
 # 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_relu_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
-                    "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16", "batch_norm_loops_bf16")
+AUTO_ONEDNN_BF16 = ("onednn_conv_relu_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16",
+                    "batch_norm_add_relu_loops_bf16", "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16",
+                    "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file); and
 # overlapping max pools, in either dtype, through the extension's loops (ResNet-50's: 5.7x XLA's in float32, 14x in
 # bf16, forward and backward).
 AUTO_ONEDNN_F32 = ("onednn_conv_f32", "max_pool_loops")
 # 'onednn' takes every layer oneDNN can, in every dtype.
-ONEDNN = ("onednn_conv_relu", "onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu", "onednn_batch_norm", "tiled_pool",
+ONEDNN = ("onednn_conv_relu", "onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu",
+          "onednn_batch_norm", "tiled_pool",
           "max_pool_loops", "batch_norm_sums")
 
 

@@ -450,9 +450,9 @@ def batch_norm_loops_applies(module: nn.BatchNorm, x: jax.Array, use_running_ave
 
 def batch_norm_loops(module: nn.BatchNorm, x: jax.Array, use_running_average: bool | None = None,
                      mask: jax.Array | None = None, relu: int = 0) -> jax.Array:
-    """nn.BatchNorm in training (then relu, with `relu` 1 or True; relu6 with 6) through the extension's own loops: two passes over the
-    activations each way, on every core, where oneDNN's make three forward and ran at half their speed on
-    ResNet-20's 16-64 channels (docs/kernels.md). Statistics as Flax takes them (E[x^2] - E[x]^2, summed in
+    """nn.BatchNorm in training (then relu, with `relu` 1 or True; relu6 with 6) through the extension's own
+    loops: two passes over the activations each way, on every core, where oneDNN's make three forward and ran at
+    half their speed on ResNet-20's 16-64 channels (docs/kernels.md). Statistics as Flax takes them (E[x^2] - E[x]^2, summed in
     float32 blocks joined in float64); running averages Flax's."""
     epsilon = float(module.epsilon)
     return cpu.batch_norm_with(module, x, lambda x, scale, bias: _norm(x, scale, bias, epsilon, relu, True))

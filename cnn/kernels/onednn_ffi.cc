@@ -324,7 +324,8 @@ ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::
   // values up to the relu), or the fastest with the post-op, recorded for both.
   Entry& e = cached(s.key(relu ? "fwd_relu" : "fwd"), [&](Entry& e) {
     e.user_weights = s.user_weights(s.type);
-    fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s, relu); }, [](auto& pd) { return pd.weights_desc(); }, false, run);
+    fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s, relu); },
+                                       [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -1033,7 +1034,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
                        ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon, int64_t relu, int64_t add) {
   int64_t c = channels(x), rows = c ? int64_t(x.element_count()) / c : 0;
   if (!rows || y->element_type() != x.element_type() || (relu != 0 && relu != 1 && relu != 6) ||
-      (add && (relu != 1 || residual.element_type() != x.element_type() || residual.element_count() != x.element_count()))) {
+      (add && (relu != 1 || residual.element_type() != x.element_type() ||
+               residual.element_count() != x.element_count()))) {
     return bad_shape("batch norm");
   }
   if (x.element_type() == ffi::DataType::BF16) {
@@ -1048,7 +1050,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// y: the forward output, read with relu (the activation's mask); d_residual, with add, the residual's gradient (else unwritten).
+// y: the forward output, read with relu (its mask); d_residual, with add, the residual's gradient (else unwritten).
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
                         ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::AnyBuffer y,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_residual,
@@ -1056,7 +1058,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
                         float epsilon, int64_t relu, int64_t add) {
   int64_t c = channels(x), rows = c ? int64_t(x.element_count()) / c : 0;
   if (!rows || dy.element_type() != x.element_type() || y.element_type() != x.element_type() ||
-      (relu != 0 && relu != 1 && relu != 6) || (add && (relu != 1 || d_residual->element_count() != x.element_count()))) {
+      (relu != 0 && relu != 1 && relu != 6) ||
+      (add && (relu != 1 || d_residual->element_count() != x.element_count()))) {
     return bad_shape("batch norm");
   }
   if (x.element_type() == ffi::DataType::BF16) {
@@ -1245,7 +1248,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsNormBackward, norm::BackwardImpl,
                                   .Attr<int64_t>("add"));
 
 #define POOL_ATTRS \
-  Attr<int64_t>("wh").Attr<int64_t>("ww").Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
+  Attr<int64_t>("wh").Attr<int64_t>("ww").Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt") \
+      .Attr<int64_t>("pl")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsMaxPoolForward, maxpool::ForwardImpl,
                               ffi::Ffi::Bind()
