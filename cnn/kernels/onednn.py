@@ -507,26 +507,26 @@ def _norm(x, scale, bias, epsilon, relu, loops):
 
 def _norm_fwd(x, scale, bias, epsilon, relu, loops):
     y, mean, var, *workspace = _norm_forward(x, scale, bias, epsilon, relu, loops)
-    if loops and relu:  # the loops' relu mask is the output itself
-        workspace = [y]
     return (y, mean, var), (x, mean, var, scale, bias, workspace)
 
 
 def _norm_bwd(epsilon, relu, loops, residuals, cotangents):
     """The input, scale and shift gradients; the statistics' cotangents are ignored, as they only feed the
     running averages, which `batch_norm` takes through stop_gradient. After a fused relu oneDNN zeroes the
-    gradients of the outputs it zeroed, from the forward pass's workspace; the loops, where the output is 0."""
+    gradients of the outputs it zeroed, from the forward pass's workspace; the loops recompute which from x."""
     x, mean, var, scale, bias, workspace = residuals
     channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-    outputs = (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels)
-    args = (x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype))
-    if loops:  # no residual gradient: an empty one
-        outputs = (outputs[0], jax.ShapeDtypeStruct((0,), x.dtype), *outputs[1:])
-        d_x, _, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["LoopsNormBackward"], outputs)(
-            *args, workspace[0] if relu else x, epsilon=np.float32(epsilon), relu=np.int64(relu), add=np.int64(0))
+    data = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    scale32, g = scale.astype(jnp.float32), cotangents[0].astype(x.dtype)
+    if loops:  # no residual gradient: an empty one; x stands in for the output they do not read
+        d_x, _, d_scale, d_bias = jax.ffi.ffi_call(
+            _TARGETS["LoopsNormBackward"], (data, jax.ShapeDtypeStruct((0,), x.dtype), channels, channels))(
+            x, mean, var, scale32, bias.astype(jnp.float32), g, x, epsilon=np.float32(epsilon), relu=np.int64(relu),
+            add=np.int64(0))
     else:
-        d_x, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["NormReluBackward" if relu else "NormBackward"], outputs)(
-            *args, *workspace, epsilon=np.float32(epsilon))
+        d_x, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["NormReluBackward" if relu else "NormBackward"],
+                                                (data, channels, channels))(
+            x, mean, var, scale32, g, *workspace, epsilon=np.float32(epsilon))
     return d_x, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
@@ -572,8 +572,8 @@ def _norm_add_relu_bwd(epsilon, residuals, cotangents):
     channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
     data = jax.ShapeDtypeStruct(x.shape, x.dtype)
     d_x, d_residual, d_scale, d_bias = jax.ffi.ffi_call(_TARGETS["LoopsNormBackward"], (data, data, channels, channels))(
-        x, mean, var, scale.astype(jnp.float32), cotangents[0].astype(x.dtype), y, epsilon=np.float32(epsilon),
-        relu=np.int64(1), add=np.int64(1))
+        x, mean, var, scale.astype(jnp.float32), bias.astype(jnp.float32), cotangents[0].astype(x.dtype), y,
+        epsilon=np.float32(epsilon), relu=np.int64(1), add=np.int64(1))
     return d_x, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype), d_residual
 
 

@@ -25,6 +25,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -759,8 +760,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormReluBackward, NormReluBackwardImpl,
 // bf16, ran at half the speed of these. They make two each way: the per-channel sums (of x and x*x forward; of dy and
 // dy*(x - mean) backward), then one elementwise pass, each in chunks of rows whose sums are joined in chunk order, so
 // a result does not depend on the thread count. An activation after the normalisation (relu or relu6) is applied in
-// its pass; its gradient mask comes from the forward output (y > 0; relu6: 0 < y < 6), which the backward pass reads
-// instead of a workspace; with a residual, the output is relu(batch_norm(x) + residual).
+// its pass. Its gradient mask (y > 0; relu6: 0 < y < 6) the backward pass recomputes from x, as the forward pass
+// rounded it, rather than reading y: one tensor less to stream through each backward pass, which memory bounds. With
+// a residual, the output is relu(batch_norm(x) + residual), and the mask comes from reading the output.
 namespace norm {
 
 inline float load(const float* p, int64_t i) { return p[i]; }
@@ -788,6 +790,19 @@ inline float as_stored(const uint16_t*, float v) {
   return load(&b, 0);
 }
 
+// The largest value that T stores as 0 or less (bf16: rounding to nearest even takes 2^-134 to 0), and the smallest it
+// stores as 6 or more (bf16: the half-way point below 6, 6 - 2^-6, goes to 6, whose last bit is even); comparisons
+// against them are those against the stored value, without rounding.
+inline float stored_above_zero(const float*) { return 0.f; }
+inline float stored_above_zero(const uint16_t*) {
+  const uint32_t u = 0x8000u;  // 2^-134, a float subnormal
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float stored_below_six(const float*) { return 6.f; }
+inline float stored_below_six(const uint16_t*) { return 6.f - 1.f / 64; }
+
 // The activation RELU names: 0 none, 1 relu, 6 relu6 (min(max(v, 0), 6)). Both commute with rounding to bf16.
 template <int RELU>
 inline float activate(float v) {
@@ -797,6 +812,14 @@ inline float activate(float v) {
 template <int RELU>
 inline float passed(float g, float y) {
   return (RELU == 6 ? y > 0.f && y < 6.f : y > 0.f) ? g : 0.f;
+}
+
+// y = x * a + b: a and b from the float statistics, the same in both directions, so the backward pass's recomputed
+// activation mask is the forward pass's.
+inline void affine(const float* scale, const float* shift, const float* mean, const float* var, float epsilon,
+                   int64_t k, float* a, float* b) {
+  a[k] = float(scale[k] / std::sqrt(double(var[k]) + epsilon));
+  b[k] = float(shift[k] - double(mean[k]) * a[k]);
 }
 
 constexpr int64_t kBlock = 64;  // rows summed in float before joining the chunk's double totals
@@ -885,11 +908,10 @@ void forward(ffi::ThreadPool& pool, const T* x, const float* scale, const float*
       sum += partial[size_t(i) * 2 * c + k];
       sq += partial[size_t(i) * 2 * c + c + k];
     }
-    double m = sum / rows, v = std::max(sq / rows - m * m, 0.0);
+    double m = sum / rows;
     mean[k] = float(m);
-    var[k] = float(v);
-    a[k] = float(scale[k] / std::sqrt(v + epsilon));
-    b[k] = float(shift[k] - m * a[k]);
+    var[k] = float(std::max(sq / rows - m * m, 0.0));
+    affine(scale, shift, mean, var, epsilon, k, a.data(), b.data());
   }
   parallel_chunks(pool, chunks, [&](int64_t i) {
     forward_rows<T, C, RELU, ADD>(x, a.data(), b.data(), residual, y, i * kChunk, std::min(rows, (i + 1) * kChunk),
@@ -897,10 +919,21 @@ void forward(ffi::ThreadPool& pool, const T* x, const float* scale, const float*
   });
 }
 
+// The gradient at the activation's output passed back through it: the mask from y (with a residual add), else from x
+// normalised as the forward pass stored it (a, b: `affine`).
+template <typename T, int RELU, bool ADD>
+inline float through(float g, const T* xr, const T* yr, const float* a, const float* b, int64_t k) {
+  if (!RELU) return g;
+  if (ADD) return passed<RELU>(g, load(yr, k));
+  float v = load(xr, k) * a[k] + b[k];  // y before it was stored: y > 0 where v > lo, and y < 6 where v < hi
+  const float lo = stored_above_zero(xr), hi = stored_below_six(xr);
+  return (RELU == 6 ? v > lo && v < hi : v > lo) ? g : 0.f;
+}
+
 // A chunk's per-channel sums of the gradient (after the activation's, with RELU) and of its product with x - mean.
-template <typename T, int C, int RELU>
-CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y, int64_t begin, int64_t end,
-                          int64_t c_, double* out) {
+template <typename T, int C, int RELU, bool ADD>
+CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y, const float* a, const float* b,
+                          int64_t begin, int64_t end, int64_t c_, double* out) {
   const int64_t c = C ? C : c_;
   std::vector<float> s(c), p(c);
   for (int64_t r0 = begin; r0 < end; r0 += kBlock) {
@@ -910,8 +943,7 @@ CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y
       const T *xr = x + r * c, *gr = dy + r * c, *yr = y + r * c;
 #pragma omp simd
       for (int64_t k = 0; k < c; ++k) {
-        float g = load(gr, k);
-        if (RELU) g = passed<RELU>(g, load(yr, k));
+        float g = through<T, RELU, ADD>(load(gr, k), xr, yr, a, b, k);
         s[k] += g;
         p[k] += g * (load(xr, k) - mean[k]);
       }
@@ -925,31 +957,43 @@ CLONES void backward_sums(const T* x, const float* mean, const T* dy, const T* y
 
 // ADD: also the residual's gradient, the relu's (dy where y > 0).
 template <typename T, int C, int RELU, bool ADD>
-CLONES void backward_rows(const T* x, const float* mean, const T* dy, const T* y, const float* k1, const float* k2,
-                          const float* k0, T* dx, T* d_residual, int64_t begin, int64_t end, int64_t c_) {
+CLONES void backward_rows(const T* x, const float* mean, const T* dy, const T* y, const float* a, const float* b,
+                          const float* k1, const float* k2, const float* k0, T* dx, T* d_residual, int64_t begin,
+                          int64_t end, int64_t c_) {
   const int64_t c = C ? C : c_;
   for (int64_t r = begin; r < end; ++r) {
     const T *xr = x + r * c, *gr = dy + r * c, *yr = y + r * c;
     T* out = dx + r * c;
 #pragma omp simd
     for (int64_t k = 0; k < c; ++k) {
-      float g = load(gr, k);
-      if (RELU) g = passed<RELU>(g, load(yr, k));
+      float g = through<T, RELU, ADD>(load(gr, k), xr, yr, a, b, k);
       if (ADD) store(d_residual + r * c, k, g);
       store(out, k, k1[k] * g + k2[k] * (load(xr, k) - mean[k]) + k0[k]);
     }
   }
 }
 
+// One backward pass's buffers: x, its statistics and the parameters; the output's gradient dy (and the output y, read
+// with a residual add); the gradients written.
+template <typename T>
+struct Backward {
+  const T *x, *dy, *y;
+  const float *mean, *var, *scale, *shift;
+  T *dx, *d_residual;
+  float *d_scale, *d_shift;
+  int64_t rows, c;
+  float epsilon;
+};
+
 template <typename T, int C, int RELU, bool ADD>
-void backward(ffi::ThreadPool& pool, const T* x, const float* mean, const float* var, const float* scale, const T* dy,
-              const T* y, T* dx, T* d_residual, float* d_scale, float* d_shift, int64_t rows, int64_t c,
-              float epsilon) {
-  int64_t chunks = chunk_count(rows);
+void backward(ffi::ThreadPool& pool, const Backward<T>& p) {
+  const int64_t rows = p.rows, c = p.c, chunks = chunk_count(rows);
+  std::vector<float> a(c), b(c);
+  for (int64_t k = 0; k < c; ++k) affine(p.scale, p.shift, p.mean, p.var, p.epsilon, k, a.data(), b.data());
   std::vector<double> partial(size_t(chunks) * 2 * c, 0.0);
   parallel_chunks(pool, chunks, [&](int64_t i) {
-    backward_sums<T, C, RELU>(x, mean, dy, y, i * kChunk, std::min(rows, (i + 1) * kChunk), c,
-                                   &partial[size_t(i) * 2 * c]);
+    backward_sums<T, C, RELU, ADD>(p.x, p.mean, p.dy, p.y, a.data(), b.data(), i * kChunk,
+                                   std::min(rows, (i + 1) * kChunk), c, &partial[size_t(i) * 2 * c]);
   });
   std::vector<float> k1(c), k2(c), k0(c);
   for (int64_t k = 0; k < c; ++k) {
@@ -958,16 +1002,16 @@ void backward(ffi::ThreadPool& pool, const T* x, const float* mean, const float*
       sum += partial[size_t(i) * 2 * c + k];
       prod += partial[size_t(i) * 2 * c + c + k];
     }
-    double rstd = 1.0 / std::sqrt(double(var[k]) + epsilon);
-    d_shift[k] = float(sum);
-    d_scale[k] = float(prod * rstd);
-    k1[k] = float(scale[k] * rstd);
-    k2[k] = float(-scale[k] * rstd * rstd * rstd * prod / rows);
-    k0[k] = float(-scale[k] * rstd * sum / rows);
+    double rstd = 1.0 / std::sqrt(double(p.var[k]) + p.epsilon), scale = p.scale[k];
+    p.d_shift[k] = float(sum);
+    p.d_scale[k] = float(prod * rstd);
+    k1[k] = float(scale * rstd);
+    k2[k] = float(-scale * rstd * rstd * rstd * prod / rows);
+    k0[k] = float(-scale * rstd * sum / rows);
   }
   parallel_chunks(pool, chunks, [&](int64_t i) {
-    backward_rows<T, C, RELU, ADD>(x, mean, dy, y, k1.data(), k2.data(), k0.data(), dx, d_residual, i * kChunk,
-                                   std::min(rows, (i + 1) * kChunk), c);
+    backward_rows<T, C, RELU, ADD>(p.x, p.mean, p.dy, p.y, a.data(), b.data(), k1.data(), k2.data(), k0.data(), p.dx,
+                                   p.d_residual, i * kChunk, std::min(rows, (i + 1) * kChunk), c);
   });
 }
 
@@ -994,30 +1038,20 @@ void forward_any(ffi::ThreadPool& pool, const T* x, const float* scale, const fl
 }
 
 template <typename T, int C>
-void backward_with(ffi::ThreadPool& pool, const T* x, const float* mean, const float* var, const float* scale, const T* dy, const T* y,
-                   T* dx, T* d_residual, float* d_scale, float* d_shift, int64_t rows, int64_t c, float epsilon,
-                   int relu, bool add) {
-  auto run = [&](auto kernel) {
-    kernel(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c, epsilon);
-  };
+void backward_with(ffi::ThreadPool& pool, const Backward<T>& p, int relu, bool add) {
+  auto run = [&](auto kernel) { kernel(pool, p); };
   if (add) return run(backward<T, C, 1, true>);
   if (relu == 6) return run(backward<T, C, 6, false>);
   return relu ? run(backward<T, C, 1, false>) : run(backward<T, C, 0, false>);
 }
 
 template <typename T>
-void backward_any(ffi::ThreadPool& pool, const T* x, const float* mean, const float* var, const float* scale, const T* dy, const T* y,
-                  T* dx, T* d_residual, float* d_scale, float* d_shift, int64_t rows, int64_t c, float epsilon,
-                  int relu, bool add) {
-  switch (c) {
-    case 16: return backward_with<T, 16>(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c,
-                                         epsilon, relu, add);
-    case 32: return backward_with<T, 32>(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c,
-                                         epsilon, relu, add);
-    case 64: return backward_with<T, 64>(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c,
-                                         epsilon, relu, add);
-    default: return backward_with<T, 0>(pool, x, mean, var, scale, dy, y, dx, d_residual, d_scale, d_shift, rows, c,
-                                        epsilon, relu, add);
+void backward_any(ffi::ThreadPool& pool, const Backward<T>& p, int relu, bool add) {
+  switch (p.c) {
+    case 16: return backward_with<T, 16>(pool, p, relu, add);
+    case 32: return backward_with<T, 32>(pool, p, relu, add);
+    case 64: return backward_with<T, 64>(pool, p, relu, add);
+    default: return backward_with<T, 0>(pool, p, relu, add);
   }
 }
 
@@ -1050,9 +1084,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// y: the forward output, read with relu (its mask); d_residual, with add, the residual's gradient (else unwritten).
+// y: the forward output, read with add (the relu's mask; else unread); d_residual, with add, the residual's gradient
+// (else unwritten).
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
-                        ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer dy, ffi::AnyBuffer y,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift, ffi::AnyBuffer dy, ffi::AnyBuffer y,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_residual,
                         ffi::Result<ffi::Buffer<ffi::F32>> d_scale, ffi::Result<ffi::Buffer<ffi::F32>> d_shift,
                         float epsilon, int64_t relu, int64_t add) {
@@ -1062,15 +1097,17 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
       (add && (relu != 1 || d_residual->element_count() != x.element_count()))) {
     return bad_shape("batch norm");
   }
+  auto run = [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    Backward<T> p{data<T>(x), data<T>(dy), data<T>(y), mean.typed_data(), var.typed_data(), scale.typed_data(),
+                  shift.typed_data(), data<T>(dx), data<T>(d_residual), d_scale->typed_data(),
+                  d_shift->typed_data(), rows, c, epsilon};
+    backward_any(pool, p, int(relu), bool(add));
+  };
   if (x.element_type() == ffi::DataType::BF16) {
-    using T = uint16_t;
-    backward_any(pool, data<T>(x), mean.typed_data(), var.typed_data(), scale.typed_data(), data<T>(dy), data<T>(y),
-                 data<T>(dx), data<T>(d_residual), d_scale->typed_data(), d_shift->typed_data(), rows, c, epsilon,
-                 relu, add);
+    run(static_cast<uint16_t*>(nullptr));
   } else if (x.element_type() == ffi::DataType::F32) {
-    backward_any(pool, data<float>(x), mean.typed_data(), var.typed_data(), scale.typed_data(), data<float>(dy),
-                 data<float>(y), data<float>(dx), data<float>(d_residual), d_scale->typed_data(),
-                 d_shift->typed_data(), rows, c, epsilon, relu, add);
+    run(static_cast<float*>(nullptr));
   } else {
     return bad_shape("batch norm");
   }
@@ -1234,6 +1271,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopsNormBackward, norm::BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
