@@ -313,6 +313,50 @@ def test_convolution_and_relu_fused_equal_them_apart(dtype, spec):
     assert "relu = 1" not in run(fused_paths, train=False)[0]
 
 
+class _Tied(nn.Module):
+    """A convolution whose input is also a shortcut, as a residual block's first one."""
+
+    kernel: tuple[int, int]
+    padding: str | tuple
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        return cnn.models.layers.Conv(5, self.kernel, self.strides, self.padding)(x, with_input=True)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_onednn_bf16)])
+@pytest.mark.parametrize("kernel, padding, strides, tied", [((3, 3), "SAME", 1, True), ((3, 3), "VALID", 1, True),
+                                                            ((1, 1), "SAME", 1, True),
+                                                            ((3, 3), ((2, 0), (0, 1)), 1, True),
+                                                            ((3, 3), "SAME", 2, False)])
+def test_convolution_with_its_input_adds_the_shortcut_gradient_in_its_backward_call(dtype, kernel, padding, strides,
+                                                                                    tied):
+    """Conv(...)(x, with_input=True) is (conv(x), x): with stride 1 the input gradient is one oneDNN call, the
+    transposed convolution with the shortcut's gradient added as a post-op, and values, gradients included, are
+    XLA's to float rounding; a strided one keeps autodiff's add."""
+    model = _Tied(kernel, padding, strides)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 7, 4)).astype(dtype)
+    variables = jax.tree.map(lambda a: a.astype(dtype), kernels.apply_fn(model, "xla").init(jax.random.key(1), x))
+
+    def run(kernel_choice):
+        apply = kernels.apply_fn(model, kernel_choice)
+
+        def loss(v, x):
+            y, shortcut = apply(v, x)
+            weights = (jnp.cos(jnp.arange(y.size)).reshape(y.shape), jnp.sin(jnp.arange(x.size)).reshape(x.shape))
+            return (y.astype(jnp.float32) * weights[0]).sum() + (shortcut.astype(jnp.float32) * weights[1]).sum()
+
+        program = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        return program.lower(variables, x).as_text(), program(variables, x)
+
+    (text, ours), (_, theirs) = run("onednn"), run("xla")
+    assert ("cnn_onednn_conv_forward_add" in text) == tied and "cnn_onednn_conv_forward" in text
+    ours, theirs = jax.tree.map(lambda a: a.astype(jnp.float32), (ours, theirs))
+    assert max(_relative_errors(ours, theirs)) < (1e-5 if dtype == "float32" else 2e-2)
+
+
 @needs_onednn
 def test_batch_norm_goes_to_onednn_only_where_it_has_jit_kernels():
     """oneDNN's generic batch-norm loops (bf16 with 8 channels, say) ran 20x slower than XLA's: 'onednn' leaves

@@ -34,7 +34,8 @@ _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_o
             "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
             "NormForward": "cnn_onednn_norm_forward", "NormBackward": "cnn_onednn_norm_backward",
             "NormReluForward": "cnn_onednn_norm_relu_forward", "NormReluBackward": "cnn_onednn_norm_relu_backward",
-            "LoopsNormForward": "cnn_loops_norm_forward", "LoopsNormBackward": "cnn_loops_norm_backward",
+            "ConvForwardAdd": "cnn_onednn_conv_forward_add", "LoopsNormForward": "cnn_loops_norm_forward",
+            "LoopsNormBackward": "cnn_loops_norm_backward",
             "LoopsMaxPoolForward": "cnn_loops_max_pool_forward", "LoopsMaxPoolBackward": "cnn_loops_max_pool_backward"}
 
 
@@ -179,10 +180,19 @@ def conv_applies(module: nn.Conv, x: jax.Array, dtypes=DTYPES) -> bool:
             and x.ndim == len(module.kernel_size) + 2 and _compute_dtype(module, x) in dtypes)
 
 
-def conv(module: nn.Conv, x: jax.Array, relu: bool = False) -> jax.Array:
+def conv(module: nn.Conv, x: jax.Array, relu: bool = False,
+         with_input: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """nn.Conv's output with oneDNN computing the convolution, its bias and both gradients; with `relu`, cnn's
     Conv(...)(x, relu=True): relu applied in the convolution's own pass (a oneDNN post-op), which saves XLA a pass
-    over the output each way (the Flax CNN's 28x28x32 relu took ~1 of its ~12 ms bf16 step)."""
+    over the output each way (the Flax CNN's 28x28x32 relu took ~1 of its ~12 ms bf16 step).
+
+    With `with_input`, cnn's Conv(...)(x, with_input=True): (output, x), x a
+    residual block's shortcut. Where the convolution has stride 1 and one
+    group, its backward pass computes the input gradient as the forward
+    convolution of the output gradient with the flipped kernel, with the
+    shortcut's gradient added in the same oneDNN call (a binary post-op);
+    autodiff's separate add was one more pass over three activations.
+    """
     rank = len(module.kernel_size)
     strides = (module.strides,) * rank if isinstance(module.strides, int) else tuple(module.strides or (1,) * rank)
     kernel = module.param("kernel", module.kernel_init,
@@ -191,7 +201,7 @@ def conv(module: nn.Conv, x: jax.Array, relu: bool = False) -> jax.Array:
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
     dtype = _compute_dtype(module, x, kernel, bias)
     bias = jnp.zeros((module.features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    x = x.astype(dtype)
+    inputs, x = x, x.astype(dtype)
     if rank == 1:  # as a 2-D convolution over (1, width)
         x, kernel, strides = x[:, None], kernel[None], (1, *strides)
     explicit = cpu.explicit_pads(module)
@@ -202,9 +212,13 @@ def conv(module: nn.Conv, x: jax.Array, relu: bool = False) -> jax.Array:
     out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:2], strides, pads)]
     # Rows a strided VALID window never reaches: cut them off, as oneDNN takes no negative padding.
     ends = [(o - 1) * s + k - lo for o, k, s, (lo, _) in zip(out, kernel.shape[:2], strides, pads)]
-    x = x[:, :ends[0], :ends[1]]
-    y = _conv(x, kernel, bias, strides, (pads[0][0], pads[1][0]), tuple(out), relu)
-    return y[:, 0] if rank == 1 else y
+    pads_lo = (pads[0][0], pads[1][0])
+    if (with_input and not relu and strides == (1, 1) and module.feature_group_count == 1 and rank == 2
+            and inputs.dtype == x.dtype and all(lo < k and hi < k for (lo, hi), k in zip(pads, kernel.shape[:2]))):
+        return _conv_tied(x, kernel, bias, pads_lo, tuple(out))
+    y = _conv(x[:, :ends[0], :ends[1]], kernel, bias, strides, pads_lo, tuple(out), relu)
+    y = y[:, 0] if rank == 1 else y
+    return (y, inputs) if with_input else y
 
 
 def _conv_attrs(strides, pads_lo) -> dict:
@@ -242,6 +256,36 @@ def _conv_bwd(strides, pads_lo, out, relu, residuals, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_tied(x, kernel, bias, pads_lo, out):
+    """(conv(x), x), stride 1: the second output's gradient joins x's in the backward convolution's own call."""
+    return _conv(x, kernel, bias, (1, 1), pads_lo, out, False), x
+
+
+def _conv_tied_fwd(x, kernel, bias, pads_lo, out):
+    w = kernel.astype(x.dtype)
+    return (_conv_forward(x, w, bias, (1, 1), pads_lo, out, False), x), (x, w, kernel)
+
+
+def _conv_tied_bwd(pads_lo, out, residuals, cotangents):
+    x, w, kernel = residuals
+    g, g_x = (c.astype(x.dtype) for c in cotangents)
+    # dx = the stride-1 convolution's transpose: g convolved with the kernel flipped and its channels swapped, padded
+    # by what the forward padding left of each window; g_x added as oneDNN writes it
+    flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    pads_t = tuple(k - 1 - lo for k, lo in zip(w.shape[:2], pads_lo))
+    d_x = jax.ffi.ffi_call(_TARGETS["ConvForwardAdd"], jax.ShapeDtypeStruct(x.shape, x.dtype))(
+        g, flipped, jnp.zeros(x.shape[-1:], jnp.float32), g_x, **_conv_attrs((1, 1), pads_t), relu=np.int64(0))
+    d_w, d_bias = jax.ffi.ffi_call(
+        _TARGETS["ConvBackwardWeights"],
+        (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape[-1:], jnp.float32)))(
+        x, g, **_conv_attrs((1, 1), pads_lo))
+    return d_x, d_w.astype(kernel.dtype), d_bias
+
+
+_conv_tied.defvjp(_conv_tied_fwd, _conv_tied_bwd)
 
 
 # --- Dense layers -----------------------------------------------------------------

@@ -161,14 +161,14 @@ void run_locked(Entry& e, std::unordered_map<int, memory>& args) {
 }
 
 // `relu`: relu applied to the output in the convolution's own pass (a oneDNN post-op), not in one more pass over it.
-dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s, bool relu = false) {
+// `add`: a tensor of the output's shape added to it, in the same pass (a binary post-op).
+dnnl::convolution_forward::primitive_desc conv_forward_pd(const ConvShape& s, bool relu = false, bool add = false) {
   memory::desc bias({s.oc}, memory::data_type::f32, tag::a);
   dnnl::primitive_attr attr = own_scratchpad();
-  if (relu) {
-    dnnl::post_ops ops;
-    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    attr.set_post_ops(ops);
-  }
+  dnnl::post_ops ops;
+  if (add) ops.append_binary(dnnl::algorithm::binary_add, s.dst(s.type));
+  if (relu) ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (add || relu) attr.set_post_ops(ops);
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.src(s.type),
       s.weights(s.type), bias, s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), attr);
@@ -310,27 +310,47 @@ ffi::Error bad_shape(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string("cnn oneDNN: unsupported ") + what);
 }
 
-// y = conv(x, w) + bias, then relu(y) if `relu`; x, w and y share a dtype (f32 or bf16), bias is f32.
-ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
-                           ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                           int64_t relu) {
+// y = conv(x, w) + bias (+ addend, if given), then relu(y) if `relu`; x, w, y and the addend share a dtype (f32 or
+// bf16), bias is f32.
+ffi::Error conv_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias, const ffi::AnyBuffer* addend,
+                        ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t relu) {
   ConvShape s(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
-  if (!s.valid()) return bad_shape("convolution");
+  if (!s.valid() || (addend && (addend->element_type() != x.element_type() ||
+                                addend->element_count() != y->element_count()))) {
+    return bad_shape("convolution");
+  }
   std::unordered_map<int, memory> args{
       {DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
       {DNNL_ARG_BIAS, memory({{s.oc}, memory::data_type::f32, tag::a}, cpu_engine(), bias.typed_data())},
       {DNNL_ARG_DST, memory(s.dst(s.type), cpu_engine(), y->untyped_data())}};
+  if (addend) {
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = memory(s.dst(s.type), cpu_engine(),
+                                                                      addend->untyped_data());
+  }
   auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
-  // With relu, the implementation recorded for the plain convolution of this shape (the same sums, so the same
+  // With a post-op, the implementation recorded for the plain convolution of this shape (the same sums, so the same
   // values up to the relu), or the fastest with the post-op, recorded for both.
-  Entry& e = cached(s.key(relu ? "fwd_relu" : "fwd"), [&](Entry& e) {
+  std::string kind = std::string("fwd") + (addend ? "_add" : "") + (relu ? "_relu" : "");
+  Entry& e = cached(s.key(kind.c_str()), [&](Entry& e) {
     e.user_weights = s.user_weights(s.type);
-    fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s, relu); },
+    fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s, relu, addend != nullptr); },
                                        [](auto& pd) { return pd.weights_desc(); }, false, run);
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
   return ffi::Error::Success();
+}
+
+ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
+                           ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                           int64_t relu) {
+  return conv_forward(x, w, bias, nullptr, y, sh, sw, pt, pl, relu);
+}
+
+ffi::Error ConvForwardAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias, ffi::AnyBuffer addend,
+                              ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                              int64_t relu) {
+  return conv_forward(x, w, bias, &addend, y, sh, sw, pt, pl, relu);
 }
 
 // dx from dy and w (all one dtype); dx's shape is the convolution's input shape.
@@ -673,6 +693,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .CONV_ATTRS.Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForwardAdd, ConvForwardAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .CONV_ATTRS.Attr<int64_t>("relu"));
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn.errors import ConfigError, ShapeError
-from cnn.models.layers import BatchNorm, Pool
+from cnn.models.layers import BatchNorm, Conv, Pool
 
 STYLES = ("keras", "torchvision")
 
@@ -77,9 +77,11 @@ def _same(x: jax.Array, kernel: int, stride: int, torchvision: bool):
 
 
 def _conv(x, filters: int, kernel: int, stride: int = 1, padding="VALID", use_bias: bool = True, name=None,
-          groups: int = 1):
-    return nn.Conv(filters, (kernel, kernel), (stride, stride), padding=padding, use_bias=use_bias,
-                   feature_group_count=groups, name=name)(x)
+          groups: int = 1, with_input: bool = False):
+    """nn.Conv's parameters, as cnn's Conv; `with_input`: (output, x), x a residual block's identity shortcut,
+    whose gradient cnn/kernels can then add in the convolution's backward call."""
+    return Conv(filters, (kernel, kernel), (stride, stride), padding=padding, use_bias=use_bias,
+                feature_group_count=groups, name=name)(x, with_input=with_input)
 
 
 def _bn(x, train: bool, name: str, epsilon: float = 1e-3, momentum: float = 0.99, relu: bool = False,
@@ -118,8 +120,8 @@ class ResNet50(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         _check_size(x, self)
         torchvision, bn = _torchvision(self), _norm(self, train, 1.001e-5, 0.99)
-        conv = lambda x, filters, kernel, stride, name: _conv(x, filters, kernel, stride, ((kernel // 2,) * 2,) * 2,
-                                                              not torchvision, name)
+        conv = lambda x, filters, kernel, stride, name, with_input=False: _conv(
+            x, filters, kernel, stride, ((kernel // 2,) * 2,) * 2, not torchvision, name, with_input=with_input)
         x = conv(x, 64, 7, 2, "conv1_conv")
         x = bn(x, "conv1_bn", relu=True)
         x = Pool("max", (3, 3), (2, 2), "VALID", name="pool1_pool")(_pad(x, ((1, 1), (1, 1))))
@@ -127,10 +129,12 @@ class ResNet50(nn.Module):
             for block in range(blocks):
                 name = f"conv{stage + 2}_block{block + 1}"
                 stride = 2 if stage > 0 and block == 0 else 1
-                shortcut = x
                 if block == 0:
                     shortcut = bn(conv(x, 4 * filters, 1, stride, f"{name}_0_conv"), f"{name}_0_bn")
-                y = bn(conv(x, filters, 1, 1 if torchvision else stride, f"{name}_1_conv"), f"{name}_1_bn", relu=True)
+                    y = conv(x, filters, 1, 1 if torchvision else stride, f"{name}_1_conv")
+                else:
+                    y, shortcut = conv(x, filters, 1, 1, f"{name}_1_conv", with_input=True)
+                y = bn(y, f"{name}_1_bn", relu=True)
                 y = bn(conv(y, filters, 3, stride if torchvision else 1, f"{name}_2_conv"), f"{name}_2_bn", relu=True)
                 x = bn(conv(y, 4 * filters, 1, 1, f"{name}_3_conv"), f"{name}_3_bn", relu=True, residual=shortcut)
         return nn.Dense(self.num_classes, name="predictions")(x.mean(axis=(1, 2)))
@@ -161,15 +165,17 @@ class MobileNetV2(nn.Module):
             inputs, channels = x, x.shape[-1]
             out = _make_divisible(int(filters * self.alpha))
             prefix = f"block_{block}_" if block else "expanded_conv_"
-            if block:
-                x = bn(_conv(x, expansion * channels, 1, use_bias=False, name=f"{prefix}expand"),
-                       f"{prefix}expand_BN", relu6=True)
+            residual = channels == out and stride == 1
+            if block:  # a residual's input is also the shortcut: its gradient joins in the expand's backward call
+                x = _conv(x, expansion * channels, 1, use_bias=False, name=f"{prefix}expand", with_input=residual)
+                x, inputs = x if residual else (x, inputs)
+                x = bn(x, f"{prefix}expand_BN", relu6=True)
             x, padding = _same(x, 3, stride, torchvision)
             x = _conv(x, x.shape[-1], 3, stride, padding, use_bias=False, groups=x.shape[-1],
                       name=f"{prefix}depthwise")
             x = bn(x, f"{prefix}depthwise_BN", relu6=True)
             x = bn(_conv(x, out, 1, use_bias=False, name=f"{prefix}project"), f"{prefix}project_BN")
-            if channels == out and stride == 1:
+            if residual:
                 x = inputs + x
         last = _make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
         x = bn(_conv(x, last, 1, use_bias=False, name="Conv_1"), "Conv_1_bn", relu6=True).mean(axis=(1, 2))
@@ -265,11 +271,14 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = lambda x, name, relu=False, residual=None: _bn(x, train, name, 1e-5, 0.9, relu, residual)
-        y = bn(_conv(x, self.filters, 3, self.stride, ((1, 1), (1, 1)), False, "conv1"), "bn1", relu=True)
-        y = _conv(y, self.filters, 3, 1, ((1, 1), (1, 1)), False, "conv2")
-        if self.stride != 1 or x.shape[-1] != self.filters:
-            x = bn(_conv(x, self.filters, 1, self.stride, use_bias=False, name="downsample_0"), "downsample_1")
-        return bn(y, "bn2", relu=True, residual=x)
+        identity = self.stride == 1 and x.shape[-1] == self.filters
+        y = _conv(x, self.filters, 3, self.stride, ((1, 1), (1, 1)), False, "conv1", with_input=identity)
+        if identity:
+            y, shortcut = y
+        else:
+            shortcut = bn(_conv(x, self.filters, 1, self.stride, use_bias=False, name="downsample_0"), "downsample_1")
+        y = _conv(bn(y, "bn1", relu=True), self.filters, 3, 1, ((1, 1), (1, 1)), False, "conv2")
+        return bn(y, "bn2", relu=True, residual=shortcut)
 
 
 class ResNet18(nn.Module):

@@ -107,12 +107,21 @@ class BatchNorm(nn.BatchNorm):
 class Conv(nn.Conv):
     """nn.Conv (same parameters and names) that can also apply relu to its output, `relu=True`: one call, which
     cnn/kernels can compute in the convolution's own pass (a oneDNN post-op) instead of one more pass over the
-    output each way."""
+    output each way.
+
+    `with_input=True` returns `(output, inputs)`, for a residual block whose
+    shortcut is its input: the shortcut's gradient then reaches the input
+    through this call, where cnn/kernels can add it to the convolution's
+    input gradient in the convolution's own backward pass (elsewhere autodiff
+    adds the two in one more pass).
+    """
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, *, relu: bool = False) -> jax.Array:
+    def __call__(self, inputs: jax.Array, *, relu: bool = False,
+                 with_input: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         y = super().__call__(inputs)
-        return relu_fn(y) if relu else y
+        y = relu_fn(y) if relu else y
+        return (y, inputs) if with_input else y
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {  # Keras' activations with Keras' defaults
@@ -192,15 +201,17 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
-        conv = functools.partial(nn.Conv, self.filters, (3, 3), padding="SAME", use_bias=False)
+        conv = functools.partial(Conv, self.filters, (3, 3), padding="SAME", use_bias=False)
         strides = (self.strides, self.strides)
-        y = norm()(conv(strides=strides)(x), relu=True)
-        y, last = conv()(y), norm()  # made before the shortcut's layers, so every layer keeps its name
-        if self.strides == 1 and x.shape[-1] == self.filters:
-            shortcut = x
-        elif self.shortcut == "conv":
-            shortcut = norm()(nn.Conv(self.filters, (1, 1), strides, use_bias=False)(x))
+        if self.strides == 1 and x.shape[-1] == self.filters:  # the identity: its gradient meets the
+            y, shortcut = conv()(x, with_input=True)  # convolution's input gradient in the convolution's backward call
         else:
+            y, shortcut = conv(strides=strides)(x), None
+        y = norm()(y, relu=True)
+        y, last = conv()(y), norm()  # made before the shortcut's layers, so every layer keeps its name
+        if shortcut is None and self.shortcut == "conv":
+            shortcut = norm()(nn.Conv(self.filters, (1, 1), strides, use_bias=False)(x))
+        elif shortcut is None:
             # lax.slice, not x[:, ::s, ::s]: with a symbolic batch size (export) indexing becomes a gather,
             # which TFLite's converter refuses; a strided slice it takes.
             shortcut = jax.lax.slice(x, (0,) * 4, x.shape, (1, self.strides, self.strides, 1))
