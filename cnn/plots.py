@@ -83,8 +83,8 @@ def _conv_outputs(state, x: jax.Array, variables: dict | None = None) -> list[tu
 
     def walk(tree, path):
         for key, value in tree.items():  # in the order the calls were made
-            if key == "__call__":
-                out.extend((path, v) for v in value)
+            if key == "__call__":  # cnn's Conv(..., with_input=True) returns (output, input)
+                out.extend((path, v[0] if isinstance(v, tuple) else v) for v in value)
             else:
                 walk(value, (*path, key))
 

@@ -18,7 +18,10 @@ does with AVX512-BF16 or AMX, and not on an AVX2-only one:
 `onednn.has_bf16` asks oneDNN), bf16 convolutions (relu as a post-op where
 the model asks cnn's Conv for relu=True), dense layers and tiling average
 pools, and bf16 batch norms through the extension's own loops (with the relu
-after them fused in, where the model asks cnn's BatchNorm for relu=True);
+after them fused in, where the model asks cnn's BatchNorm for relu=True); in
+both dtypes a stride-1 convolution whose input is also its block's shortcut
+(cnn's Conv with with_input=True) adds the shortcut's gradient in its own
+backward call;
 overlapping max pools, in either dtype, go to the extension's
 own loops; other float32 layers take the XLA paths in cpu.py. oneDNN's choice among its implementations is recorded per machine
 (`onednn.choices_file`), so a resumed run computes bitwise as the
