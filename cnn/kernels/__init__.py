@@ -51,11 +51,13 @@ _BF16, _F32 = (jnp.dtype(jnp.bfloat16),), (jnp.dtype(jnp.float32),)
 _NORMS = (nn.BatchNorm, BatchNorm)  # Flax's, and cnn's own, which takes relu=True and a residual
 _CONVS = (nn.Conv, Conv)  # Flax's, and cnn's own, which takes relu=True and with_input=True
 # The keywords of cnn's BatchNorm and Conv beyond Flax's, and the sets of them a path takes: none, relu=True,
-# relu=True with residual=... (a residual block's end), relu6=True, or with_input=True (a convolution whose input is
-# also its block's shortcut).
-_EXTRAS = ("relu", "relu6", "residual", "with_input")
+# relu=True with residual=... (a residual block's end), relu6=True, with_input=True (a convolution whose input is
+# also its block's shortcut), or relu=True with avg_pool=window (a convolution, its relu and an average pool).
+_EXTRAS = ("relu", "relu6", "residual", "with_input", "avg_pool")
+_VALUES = ("residual", "avg_pool")  # the extras that carry a value to the path
 _PLAIN, _RELU, _RELU6 = frozenset(), frozenset({"relu"}), frozenset({"relu6"})
 _ADD_RELU, _WITH_INPUT = frozenset({"relu", "residual"}), frozenset({"with_input"})
+_RELU_POOL = frozenset({"relu", "avg_pool"})
 # Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
 # applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Callable[..., jax.Array]]] = {
@@ -68,6 +70,10 @@ PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Ca
     "onednn_conv_relu": ((Conv,), _RELU, onednn.conv_applies, functools.partial(onednn.conv, relu=True)),
     "onednn_conv_relu_bf16": ((Conv,), _RELU, functools.partial(onednn.conv_applies, dtypes=_BF16),
                               functools.partial(onednn.conv, relu=True)),
+    # Conv(relu=True, avg_pool=window): the pool's gradient and relu's in one XLA pass over the output.
+    "onednn_conv_relu_pool": ((Conv,), _RELU_POOL, onednn.conv_pool_applies, functools.partial(onednn.conv, relu=True)),
+    "onednn_conv_relu_pool_bf16": ((Conv,), _RELU_POOL, functools.partial(onednn.conv_pool_applies, dtypes=_BF16),
+                                   functools.partial(onednn.conv, relu=True)),
     # Conv(with_input=True): the shortcut's gradient added in the convolution's backward call (a oneDNN post-op).
     "onednn_conv_with_input": ((Conv,), _WITH_INPUT, onednn.conv_applies, functools.partial(onednn.conv, with_input=True)),
     "onednn_conv_with_input_bf16": ((Conv,), _WITH_INPUT, functools.partial(onednn.conv_applies, dtypes=_BF16),
@@ -112,7 +118,7 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
 # bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
 # 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_relu_bf16", "onednn_conv_with_input_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16",
+AUTO_ONEDNN_BF16 = ("onednn_conv_relu_pool_bf16", "onednn_conv_relu_bf16", "onednn_conv_with_input_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16",
                     "batch_norm_add_relu_loops_bf16", "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16",
                     "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
@@ -121,7 +127,7 @@ AUTO_ONEDNN_BF16 = ("onednn_conv_relu_bf16", "onednn_conv_with_input_bf16", "one
 # bf16, forward and backward).
 AUTO_ONEDNN_F32 = ("onednn_conv_with_input_f32", "onednn_conv_f32", "max_pool_loops")
 # 'onednn' takes every layer oneDNN can, in every dtype.
-ONEDNN = ("onednn_conv_relu", "onednn_conv_with_input", "onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu",
+ONEDNN = ("onednn_conv_relu_pool", "onednn_conv_relu", "onednn_conv_with_input", "onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu",
           "onednn_batch_norm", "tiled_pool",
           "max_pool_loops", "batch_norm_sums")
 
@@ -199,7 +205,7 @@ class _Interceptor:
     def __call__(self, next_fun, args, kwargs, context):
         if context.method_name == "__call__" and len(args) == 1:  # keywords: batch norm's use_running_average
             given = frozenset(k for k in _EXTRAS if kwargs.get(k) is not None and kwargs.get(k) is not False)
-            rest = {k: v for k, v in kwargs.items() if k not in _EXTRAS or k == "residual" and k in given}
+            rest = {k: v for k, v in kwargs.items() if k not in _EXTRAS or k in _VALUES and k in given}
             for name in self.paths:
                 kinds, takes, applies, compute = PATHS[name]
                 if type(context.module) in kinds and given == takes and applies(context.module, args[0], **rest):

@@ -180,8 +180,29 @@ def conv_applies(module: nn.Conv, x: jax.Array, dtypes=DTYPES) -> bool:
             and x.ndim == len(module.kernel_size) + 2 and _compute_dtype(module, x) in dtypes)
 
 
-def conv(module: nn.Conv, x: jax.Array, relu: bool = False,
-         with_input: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+def _geometry(module: nn.Conv, spatial: tuple[int, ...]):
+    """(strides, pads, output size) of the convolution as a 2-D one (a 1-D one over (1, width))."""
+    rank, size = len(module.kernel_size), tuple(module.kernel_size)
+    strides = (module.strides,) * rank if isinstance(module.strides, int) else tuple(module.strides or (1,) * rank)
+    if rank == 1:
+        spatial, size, strides = (1, *spatial), (1, *size), (1, *strides)
+    explicit = cpu.explicit_pads(module)
+    if explicit is None:
+        pads = lax.padtype_to_pads(spatial, size, strides, module.padding)
+    else:
+        pads = [(0, 0)] * (2 - rank) + explicit
+    out = tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(spatial, size, strides, pads))
+    return strides, pads, out
+
+
+def conv_pool_applies(module: nn.Conv, x: jax.Array, avg_pool: tuple[int, ...] = (), dtypes=DTYPES) -> bool:
+    """`conv_applies`, for a 2-D convolution followed by a 2-D average pool (windows that tile its output, rows and
+    columns past the last whole window dropped, as VALID drops them)."""
+    return conv_applies(module, x, dtypes) and len(module.kernel_size) == 2 and len(avg_pool) == 2
+
+
+def conv(module: nn.Conv, x: jax.Array, relu: bool = False, with_input: bool = False,
+         avg_pool: tuple[int, ...] | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """nn.Conv's output with oneDNN computing the convolution, its bias and both gradients; with `relu`, cnn's
     Conv(...)(x, relu=True): relu applied in the convolution's own pass (a oneDNN post-op), which saves XLA a pass
     over the output each way (the Flax CNN's 28x28x32 relu took ~1 of its ~12 ms bf16 step).
@@ -192,9 +213,13 @@ def conv(module: nn.Conv, x: jax.Array, relu: bool = False,
     convolution of the output gradient with the flipped kernel, with the
     shortcut's gradient added in the same oneDNN call (a binary post-op);
     autodiff's separate add was one more pass over three activations.
+
+    With `avg_pool` (and `relu`), cnn's Conv(...)(x, relu=True,
+    avg_pool=window): the output average-pooled by oneDNN, and in the
+    backward pass the pool's gradient (a broadcast) and relu's (a select)
+    one fused XLA pass (`conv_pool_applies`).
     """
-    rank = len(module.kernel_size)
-    strides = (module.strides,) * rank if isinstance(module.strides, int) else tuple(module.strides or (1,) * rank)
+    strides, pads, out = _geometry(module, x.shape[1:-1])
     kernel = module.param("kernel", module.kernel_init,
                           (*module.kernel_size, x.shape[-1] // module.feature_group_count, module.features),
                           module.param_dtype)
@@ -202,21 +227,18 @@ def conv(module: nn.Conv, x: jax.Array, relu: bool = False,
     dtype = _compute_dtype(module, x, kernel, bias)
     bias = jnp.zeros((module.features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     inputs, x = x, x.astype(dtype)
+    rank = len(module.kernel_size)
     if rank == 1:  # as a 2-D convolution over (1, width)
-        x, kernel, strides = x[:, None], kernel[None], (1, *strides)
-    explicit = cpu.explicit_pads(module)
-    if explicit is None:
-        pads = lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:2], strides, module.padding)
-    else:
-        pads = [(0, 0)] * (2 - rank) + explicit
-    out = [(n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:2], strides, pads)]
+        x, kernel = x[:, None], kernel[None]
     # Rows a strided VALID window never reaches: cut them off, as oneDNN takes no negative padding.
     ends = [(o - 1) * s + k - lo for o, k, s, (lo, _) in zip(out, kernel.shape[:2], strides, pads)]
     pads_lo = (pads[0][0], pads[1][0])
+    if avg_pool is not None:
+        return _conv_relu_pool(x[:, :ends[0], :ends[1]], kernel, bias, strides, pads_lo, out, tuple(avg_pool))
     if (with_input and not relu and strides == (1, 1) and module.feature_group_count == 1 and rank == 2
             and inputs.dtype == x.dtype and all(lo < k and hi < k for (lo, hi), k in zip(pads, kernel.shape[:2]))):
-        return _conv_tied(x, kernel, bias, pads_lo, tuple(out))
-    y = _conv(x[:, :ends[0], :ends[1]], kernel, bias, strides, pads_lo, tuple(out), relu)
+        return _conv_tied(x, kernel, bias, pads_lo, out)
+    y = _conv(x[:, :ends[0], :ends[1]], kernel, bias, strides, pads_lo, out, relu)
     y = y[:, 0] if rank == 1 else y
     return (y, inputs) if with_input else y
 
@@ -247,6 +269,11 @@ def _conv_bwd(strides, pads_lo, out, relu, residuals, g):
     g = g.astype(x.dtype)
     if relu:  # relu's gradient, from its output, as cnn's relu takes it
         g = jnp.where(y > 0, g, jnp.zeros_like(g))
+    return _conv_grads(x, w, kernel, g, strides, pads_lo)
+
+
+def _conv_grads(x, w, kernel, g, strides, pads_lo):
+    """The input, kernel and bias gradients from the output's, g."""
     attrs = _conv_attrs(strides, pads_lo)
     d_x = jax.ffi.ffi_call(_TARGETS["ConvBackwardData"], jax.ShapeDtypeStruct(x.shape, x.dtype))(g, w, **attrs)
     d_w, d_bias = jax.ffi.ffi_call(
@@ -256,6 +283,37 @@ def _conv_bwd(strides, pads_lo, out, relu, residuals, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv_relu_pool(x, kernel, bias, strides, pads_lo, out, window):
+    """avg_pool(relu(conv(x))) over windows that tile the output."""
+    return _conv_relu_pool_fwd(x, kernel, bias, strides, pads_lo, out, window)[0]
+
+
+def _conv_relu_pool_fwd(x, kernel, bias, strides, pads_lo, out, window):
+    w = kernel.astype(x.dtype)
+    y = _conv_forward(x, w, bias, strides, pads_lo, out, True)
+    n, h, w_, c = y.shape
+    pooled = (n, h // window[0], w_ // window[1], c)
+    return _pool_call(y[:, :pooled[1] * window[0], :pooled[2] * window[1]], pooled, False), (x, w, kernel, y)
+
+
+def _conv_relu_pool_bwd(strides, pads_lo, out, window, residuals, g):
+    """The pool's gradient, g / window size broadcast over each window, through relu's select: XLA fuses the two
+    into one pass over the output (oneDNN's pool gradient then XLA's select were two, 2x as long in bf16)."""
+    x, w, kernel, y = residuals
+    (n, h, w_, c), (wh, ww) = g.shape, window
+    # g / window size in float32 (as oneDNN's pool gradient), broadcast over each window, the select, then the
+    # rounding: XLA fuses all of it into the one pass over the output
+    g = g.astype(jnp.float32) / (wh * ww)
+    pooled = y[:, :h * wh, :w_ * ww].reshape(n, h, wh, w_, ww, c)
+    g = jnp.where(pooled > 0, g[:, :, None, :, None, :], 0.0).astype(x.dtype).reshape(n, h * wh, w_ * ww, c)
+    g = jnp.pad(g, ((0, 0), (0, y.shape[1] - h * wh), (0, y.shape[2] - w_ * ww), (0, 0)))  # rows no window took
+    return _conv_grads(x, w, kernel, g, strides, pads_lo)
+
+
+_conv_relu_pool.defvjp(_conv_relu_pool_fwd, _conv_relu_pool_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -114,13 +114,19 @@ class Conv(nn.Conv):
     through this call, where cnn/kernels can add it to the convolution's
     input gradient in the convolution's own backward pass (elsewhere autodiff
     adds the two in one more pass).
+
+    `avg_pool=window` (with `relu=True`) also average-pools the output over
+    windows that tile it (strides the window, no padding): the pool's
+    gradient and relu's then come from one pass over the output.
     """
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, *, relu: bool = False,
-                 with_input: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    def __call__(self, inputs: jax.Array, *, relu: bool = False, with_input: bool = False,
+                 avg_pool: tuple[int, ...] | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
         y = super().__call__(inputs)
         y = relu_fn(y) if relu else y
+        if avg_pool is not None:  # a module of its own, so cnn/kernels' pool paths still take it
+            y = Pool("avg", tuple(avg_pool), tuple(avg_pool), "VALID")(y)
         return (y, inputs) if with_input else y
 
 
@@ -380,15 +386,26 @@ class Layer:
         """Whether the module can apply the layer's relu in its own call (cnn's Conv, relu=True)."""
         return self.activation == "relu" and isinstance(self.module, Conv)
 
-    def __call__(self, module: nn.Module | None, x: jax.Array, train: bool, fused: bool = False) -> jax.Array:
+    @property
+    def tiling_avg_pool(self) -> tuple[int, ...] | None:
+        """The window of an average pool whose windows tile its input (strides the window, VALID, no activation),
+        which a convolution before it can take in its own call (cnn's Conv, avg_pool=window); else None."""
+        m = self.module
+        ok = (isinstance(m, Pool) and m.kind == "avg" and not self.activation and m.padding == "VALID"
+              and tuple(m.window) == tuple(m.strides))
+        return tuple(m.window) if ok else None
+
+    def __call__(self, module: nn.Module | None, x: jax.Array, train: bool, fused: bool = False,
+                 avg_pool: tuple[int, ...] | None = None) -> jax.Array:
         """Applies the layer to `x`; `module` is `self.module` bound into the model (None for `fn` layers).
-        `fused` (where `fuses_relu`): the module applies the relu itself, in one call cnn/kernels can fuse."""
+        `fused` (where `fuses_relu`): the module applies the relu itself, in one call cnn/kernels can fuse, and
+        with `avg_pool` the next layer's average pool too."""
         if self.check:
             self.check(x.shape)
         if module is None:
             y = self.fn(x)
         elif fused:
-            return module(x, relu=True)
+            return module(x, relu=True) if avg_pool is None else module(x, relu=True, avg_pool=avg_pool)
         elif self.train_arg is None:
             y = module(x)
         else:

@@ -57,16 +57,21 @@ class Sequential(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, logits: bool = False) -> jax.Array:
         stack, output_activation, names = parse_stack(tuple(self.layers))
         sowing = not self.is_initializing() and self.is_mutable_collection("activations")
-        fused = None  # the relu layer whose output the batch norm before it already gave (relu=True)
+        fused = None  # the layer whose output the one before it already gave (a relu, or an average pool)
         for i, (layer, name) in enumerate(zip(stack, names)):
             module = None if layer.module is None else layer.module.clone(parent=self, name=name)
+            calls = train and not sowing and not self.is_initializing()  # layers cnn/kernels can fuse into one call
             try:
                 if i == fused:
                     pass
-                elif train and not sowing and _norm_then_relu(stack, i):  # one call cnn/kernels can fuse
+                elif calls and _norm_then_relu(stack, i):
                     x, fused = module(x, use_running_average=False, relu=True), i + 1
-                else:  # a training call fuses a convolution's relu into it, as the batch norm's above
-                    x = layer(module, x, train, fused=train and not sowing and layer.fuses_relu)
+                elif calls and layer.fuses_relu:  # a convolution's relu, and an average pool after it
+                    pool = stack[i + 1].tiling_avg_pool if i + 1 < len(stack) else None
+                    x = layer(module, x, train, fused=True, avg_pool=pool)
+                    fused = i + 1 if pool else None
+                else:
+                    x = layer(module, x, train)
             except ConfigError as e:
                 raise type(e)(f"model.layers[{i}]={layer.spec!r}: {e}") from None
             if sowing:
