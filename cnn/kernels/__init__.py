@@ -75,7 +75,8 @@ PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Ca
     "onednn_conv_relu_pool_bf16": ((Conv,), _RELU_POOL, functools.partial(onednn.conv_pool_applies, dtypes=_BF16),
                                    functools.partial(onednn.conv, relu=True)),
     # Conv(with_input=True): the shortcut's gradient added in the convolution's backward call (a oneDNN post-op).
-    "onednn_conv_with_input": ((Conv,), _WITH_INPUT, onednn.conv_applies, functools.partial(onednn.conv, with_input=True)),
+    "onednn_conv_with_input": ((Conv,), _WITH_INPUT, onednn.conv_applies,
+                               functools.partial(onednn.conv, with_input=True)),
     "onednn_conv_with_input_bf16": ((Conv,), _WITH_INPUT, functools.partial(onednn.conv_applies, dtypes=_BF16),
                                     functools.partial(onednn.conv, with_input=True)),
     "onednn_conv_with_input_f32": ((Conv,), _WITH_INPUT, functools.partial(onednn.conv_applies, dtypes=_F32),
@@ -118,18 +119,18 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 # Taken first by 'auto' on a CPU with bf16 instructions, when oneDNN's extension loaded: bf16 layers, as XLA:CPU's
 # bf16 products are the slow ones, and bf16 batch norm through the extension's own loops (1.09x ResNet-20's step and
 # 1.16x configs/mnist.py's against oneDNN's batch norm, and 1.3-3x XLA's on 16-128 channels; docs/kernels.md).
-AUTO_ONEDNN_BF16 = ("onednn_conv_relu_pool_bf16", "onednn_conv_relu_bf16", "onednn_conv_with_input_bf16", "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16",
-                    "batch_norm_add_relu_loops_bf16", "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16",
-                    "batch_norm_loops_bf16")
+AUTO_ONEDNN_BF16 = ("onednn_conv_relu_pool_bf16", "onednn_conv_relu_bf16", "onednn_conv_with_input_bf16",
+                    "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
+                    "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16", "batch_norm_loops_bf16")
 # Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
 # 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file); and
 # overlapping max pools, in either dtype, through the extension's loops (ResNet-50's: 5.7x XLA's in float32, 14x in
 # bf16, forward and backward).
 AUTO_ONEDNN_F32 = ("onednn_conv_with_input_f32", "onednn_conv_f32", "max_pool_loops")
 # 'onednn' takes every layer oneDNN can, in every dtype.
-ONEDNN = ("onednn_conv_relu_pool", "onednn_conv_relu", "onednn_conv_with_input", "onednn_conv", "onednn_dense", "onednn_avg_pool", "onednn_batch_norm_relu",
-          "onednn_batch_norm", "tiled_pool",
-          "max_pool_loops", "batch_norm_sums")
+ONEDNN = ("onednn_conv_relu_pool", "onednn_conv_relu", "onednn_conv_with_input", "onednn_conv", "onednn_dense",
+          "onednn_avg_pool", "onednn_batch_norm_relu", "onednn_batch_norm", "tiled_pool", "max_pool_loops",
+          "batch_norm_sums")
 
 
 def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ...]:

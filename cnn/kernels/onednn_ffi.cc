@@ -687,22 +687,14 @@ extern "C" int cnn_onednn_bf16_supported() {
 }
 
 #define CONV_ATTRS Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
+#define CONV_FORWARD_ARGS Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::F32>>()  // x, w, bias
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().CONV_FORWARD_ARGS.Ret<ffi::AnyBuffer>()
                                   .CONV_ATTRS.Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForwardAdd, ConvForwardAddImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().CONV_FORWARD_ARGS.Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                                   .CONV_ATTRS.Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, ConvBackwardDataImpl,
