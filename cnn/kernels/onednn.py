@@ -235,7 +235,7 @@ def conv(module: nn.Conv, x: jax.Array, relu: bool = False, with_input: bool = F
     pads_lo = (pads[0][0], pads[1][0])
     if avg_pool is not None:
         return _conv_relu_pool(x[:, :ends[0], :ends[1]], kernel, bias, strides, pads_lo, out, tuple(avg_pool))
-    if (with_input and not relu and strides == (1, 1) and module.feature_group_count == 1 and rank == 2
+    if (with_input and strides == (1, 1) and module.feature_group_count == 1 and rank == 2
             and inputs.dtype == x.dtype and all(lo < k and hi < k for (lo, hi), k in zip(pads, kernel.shape[:2]))):
         return _conv_tied(x, kernel, bias, pads_lo, out)
     y = _conv(x[:, :ends[0], :ends[1]], kernel, bias, strides, pads_lo, out, relu)
@@ -274,12 +274,18 @@ def _conv_bwd(strides, pads_lo, out, relu, residuals, g):
 
 def _conv_grads(x, w, kernel, g, strides, pads_lo):
     """The input, kernel and bias gradients from the output's, g."""
-    attrs = _conv_attrs(strides, pads_lo)
-    d_x = jax.ffi.ffi_call(_TARGETS["ConvBackwardData"], jax.ShapeDtypeStruct(x.shape, x.dtype))(g, w, **attrs)
+    d_x = jax.ffi.ffi_call(_TARGETS["ConvBackwardData"], jax.ShapeDtypeStruct(x.shape, x.dtype))(
+        g, w, **_conv_attrs(strides, pads_lo))
+    return (d_x, *_weight_grads(x, w, kernel, g, strides, pads_lo))
+
+
+def _weight_grads(x, w, kernel, g, strides, pads_lo):
+    """The kernel (in the parameter's dtype) and bias gradients from the output's, g."""
     d_w, d_bias = jax.ffi.ffi_call(
         _TARGETS["ConvBackwardWeights"],
-        (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape[-1:], jnp.float32)))(x, g, **attrs)
-    return d_x, d_w.astype(kernel.dtype), d_bias
+        (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape[-1:], jnp.float32)))(
+        x, g, **_conv_attrs(strides, pads_lo))
+    return d_w.astype(kernel.dtype), d_bias
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -319,7 +325,7 @@ _conv_relu_pool.defvjp(_conv_relu_pool_fwd, _conv_relu_pool_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _conv_tied(x, kernel, bias, pads_lo, out):
     """(conv(x), x), stride 1: the second output's gradient joins x's in the backward convolution's own call."""
-    return _conv(x, kernel, bias, (1, 1), pads_lo, out, False), x
+    return _conv_tied_fwd(x, kernel, bias, pads_lo, out)[0]
 
 
 def _conv_tied_fwd(x, kernel, bias, pads_lo, out):
@@ -336,11 +342,7 @@ def _conv_tied_bwd(pads_lo, out, residuals, cotangents):
     pads_t = tuple(k - 1 - lo for k, lo in zip(w.shape[:2], pads_lo))
     d_x = jax.ffi.ffi_call(_TARGETS["ConvForwardAdd"], jax.ShapeDtypeStruct(x.shape, x.dtype))(
         g, flipped, jnp.zeros(x.shape[-1:], jnp.float32), g_x, **_conv_attrs((1, 1), pads_t), relu=np.int64(0))
-    d_w, d_bias = jax.ffi.ffi_call(
-        _TARGETS["ConvBackwardWeights"],
-        (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape[-1:], jnp.float32)))(
-        x, g, **_conv_attrs((1, 1), pads_lo))
-    return d_x, d_w.astype(kernel.dtype), d_bias
+    return (d_x, *_weight_grads(x, w, kernel, g, (1, 1), pads_lo))
 
 
 _conv_tied.defvjp(_conv_tied_fwd, _conv_tied_bwd)

@@ -168,7 +168,8 @@ class MobileNetV2(nn.Module):
             residual = channels == out and stride == 1
             if block:  # a residual's input is also the shortcut: its gradient joins in the expand's backward call
                 x = _conv(x, expansion * channels, 1, use_bias=False, name=f"{prefix}expand", with_input=residual)
-                x, inputs = x if residual else (x, inputs)
+                if residual:
+                    x, inputs = x
                 x = bn(x, f"{prefix}expand_BN", relu6=True)
             x, padding = _same(x, 3, stride, torchvision)
             x = _conv(x, x.shape[-1], 3, stride, padding, use_bias=False, groups=x.shape[-1],

@@ -209,10 +209,10 @@ class ResidualBlock(nn.Module):
         norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
         conv = functools.partial(Conv, self.filters, (3, 3), padding="SAME", use_bias=False)
         strides = (self.strides, self.strides)
-        if self.strides == 1 and x.shape[-1] == self.filters:  # the identity: its gradient meets the
-            y, shortcut = conv()(x, with_input=True)  # convolution's input gradient in the convolution's backward call
-        else:
-            y, shortcut = conv(strides=strides)(x), None
+        # An identity shortcut comes out of the first convolution's call, so that its gradient meets the
+        # convolution's input gradient there (cnn/kernels adds the two in the backward convolution's own call).
+        identity = self.strides == 1 and x.shape[-1] == self.filters
+        y, shortcut = conv()(x, with_input=True) if identity else (conv(strides=strides)(x), None)
         y = norm()(y, relu=True)
         y, last = conv()(y), norm()  # made before the shortcut's layers, so every layer keeps its name
         if shortcut is None and self.shortcut == "conv":
@@ -405,7 +405,7 @@ class Layer:
         if module is None:
             y = self.fn(x)
         elif fused:
-            return module(x, relu=True) if avg_pool is None else module(x, relu=True, avg_pool=avg_pool)
+            return module(x, relu=True, avg_pool=avg_pool)
         elif self.train_arg is None:
             y = module(x)
         else:

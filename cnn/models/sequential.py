@@ -58,9 +58,9 @@ class Sequential(nn.Module):
         stack, output_activation, names = parse_stack(tuple(self.layers))
         sowing = not self.is_initializing() and self.is_mutable_collection("activations")
         fused = None  # the layer whose output the one before it already gave (a relu, or an average pool)
+        calls = train and not sowing and not self.is_initializing()  # layers cnn/kernels can fuse into one call
         for i, (layer, name) in enumerate(zip(stack, names)):
             module = None if layer.module is None else layer.module.clone(parent=self, name=name)
-            calls = train and not sowing and not self.is_initializing()  # layers cnn/kernels can fuse into one call
             try:
                 if i == fused:
                     pass
