@@ -323,6 +323,31 @@ def test_convolution_and_relu_fused_equal_them_apart(dtype, specs):
     assert "relu = 1" not in run(fused_paths, train=False)[0]
 
 
+@needs_onednn
+@needs_onednn_bf16
+def test_a_bf16_dense_layer_fed_float32_trains_through_onednn():
+    """Flax's average pool with SAME padding over an odd size hands a bf16 model float32 activations; the dense
+    layer after it then has a bf16 kernel and float32 inputs, whose kernel gradient oneDNN cannot write in bf16 (it
+    failed to build the matmul): it comes in float32 and is cast."""
+    model = cnn.build_model(["Conv2D(4, 3, activation='relu')", "AveragePooling2D(2, padding='same')", "Flatten()",
+                             "Dense(2)"])
+    x = jax.random.normal(jax.random.key(0), (3, 9, 9, 2)).astype(jnp.bfloat16)
+    variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                             kernels.apply_fn(model, "xla").init(jax.random.key(1), x))
+
+    def grads(kernel_choice):
+        apply = kernels.apply_fn(model, kernel_choice)
+        loss = lambda v: apply(v, x, train=True).astype(jnp.float32).sum()
+        program = jax.jit(jax.grad(loss))
+        return program.lower(variables).as_text(), program(variables)
+
+    (text, ours), (_, theirs) = grads("onednn"), grads("xla")
+    assert "cnn_onednn_matmul" in text
+    assert jax.tree.map(lambda a: a.dtype, ours) == jax.tree.map(lambda a: a.dtype, theirs)
+    assert max(_relative_errors(jax.tree.map(lambda a: a.astype(jnp.float32), ours),
+                                jax.tree.map(lambda a: a.astype(jnp.float32), theirs))) < 2e-2
+
+
 class _Tied(nn.Module):
     """A convolution whose input is also a shortcut, as a residual block's first one."""
 

@@ -375,11 +375,13 @@ def _matmul(a, b, out_dtype, trans_a=False, trans_b=False, bias=None):
 
 
 def _dense_grads(x, w, kernel, g):
-    """The input, kernel and bias gradients; oneDNN writes the kernel's in the kernel's own dtype (f32 sums)."""
+    """The input, kernel and bias gradients; oneDNN writes the kernel's in the kernel's own dtype (f32 sums), except
+    from float32 inputs, which it cannot round into a bf16 kernel's gradient (Flax's average pool with SAME padding
+    hands a bf16 model float32): then in float32, cast after."""
     g = g.astype(x.dtype)
     d_x = _matmul(g, w, x.dtype, trans_b=True)
-    d_w = _matmul(x, g, kernel.dtype, trans_a=True)
-    return d_x, d_w, g.astype(jnp.float32).sum(0)
+    d_w = _matmul(x, g, kernel.dtype if x.dtype == jnp.bfloat16 else jnp.float32, trans_a=True)
+    return d_x, d_w.astype(kernel.dtype), g.astype(jnp.float32).sum(0)
 
 
 @jax.custom_vjp
