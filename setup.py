@@ -1,4 +1,5 @@
-"""Builds the optional oneDNN extension, cnn/kernels/_onednn_ffi (everything else is in pyproject.toml).
+"""Builds the optional oneDNN extension, cnn/kernels/_onednn_ffi, and the preloaded cnn/_reuse_blocks library
+(everything else is in pyproject.toml).
 
 The build needs gcc, oneDNN's headers and library (the onednn-devel-cpu-gomp
 wheel, a build requirement on Linux x86-64) and jaxlib's XLA FFI headers
@@ -47,12 +48,20 @@ def _include_dirs() -> list[str] | None:
     return [onednn, ffi]
 
 
+def _reuse_blocks() -> list[Extension]:
+    """cnn/_reuse_blocks: a C library, never imported, that commands preload (cnn/runtime.py says why)."""
+    if sys.platform != "linux":
+        return []
+    return [Extension("cnn._reuse_blocks", ["cnn/reuse_blocks.c"], libraries=["dl"],
+                      extra_compile_args=["-O2", "-std=c11"], optional=True)]
+
+
 def _extensions() -> list[Extension]:
     if not (sys.platform == "linux" and os.environ.get("CNN_BUILD_ONEDNN", "1") != "0"):
-        return []
+        return _reuse_blocks()
     include_dirs = _include_dirs()
     if include_dirs is None:
-        return []
+        return _reuse_blocks()
     lib_dir = os.path.join(os.path.dirname(include_dirs[0]), "lib")
     return [Extension(
         "cnn.kernels._onednn_ffi", ["cnn/kernels/onednn_ffi.cc"], include_dirs=include_dirs, language="c++",
@@ -61,7 +70,7 @@ def _extensions() -> list[Extension]:
         # site-packages/cnn/kernels -> the venv's lib/, where onednn-cpu-gomp puts libdnnl.so.3; onednn.py also
         # loads it from there itself, which covers editable installs.
         extra_link_args=["-Wl,-rpath,$ORIGIN/../../../../../lib"],
-        optional=True)]
+        optional=True)] + _reuse_blocks()
 
 
 setup(ext_modules=_extensions())

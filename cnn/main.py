@@ -5,7 +5,7 @@ import sys
 if __name__ == "__main__":
     from cnn import runtime
 
-    runtime.restart_with_huge_pages()  # before JAX is imported: glibc reads its tunables at start
+    runtime.restart_with_allocator()  # before JAX is imported: the loader and glibc read the environment at start
 
 from cnn.cli.main import command
 

@@ -5,12 +5,13 @@ These touch global state (environment variables, JAX's config, signal
 handlers), so they live here, apart from the pure training code, and the
 command line and `train_and_evaluate` call them before JAX starts. JAX is
 imported only inside the functions that use it, so a command can restart its
-process (`restart_with_huge_pages`) before paying for that import.
+process (`restart_with_allocator`) before paying for that import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import os
 import platform
 import signal
@@ -38,39 +39,61 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def huge_pages_environment(environ: Mapping[str, str] = os.environ, thp: str | None = None) -> dict[str, str] | None:
-    """`environ` with glibc asked to back large allocations with transparent huge pages, or None where that would
-    change nothing: the C library is not glibc, the kernel gives huge pages to every mapping already or to none
-    (`thp`, the kernel's setting; read from /sys when None), or GLIBC_TUNABLES already sets it.
+def reuse_blocks_library() -> str | None:
+    """The path of cnn/_reuse_blocks (reuse_blocks.c, built at install on Linux), or None where it was not built."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(path := os.path.join(folder, "_reuse_blocks" + suffix)):
+            return path
+    return None
+
+
+def allocator_environment(environ: Mapping[str, str] = os.environ, thp: str | None = None,
+                          library: str | None = None) -> dict[str, str] | None:
+    """`environ` set up for XLA:CPU's large per-call buffers, or None where that would change nothing (the C library
+    is not glibc, or the environment has both already):
+
+    - `library` (`reuse_blocks_library()` when None) preloaded, unless
+      LD_PRELOAD is set already or CNN_REUSE_BLOCKS=0;
+    - glibc asked to back large blocks with transparent huge pages, where the
+      kernel gives them on request (`thp`, its setting; read from /sys when
+      None) and GLIBC_TUNABLES does not set it already.
 
     Why: XLA:CPU allocates a compiled step's temporary buffer at every call
-    and frees it after (122 MB for ResNet-20's bf16 step at batch 128, 2.4 GB
+    and frees it after (101 MB for ResNet-20's bf16 step at batch 128, 2.4 GB
     for ResNet-50's at batch 32), and glibc returns such blocks to the kernel
-    at once. The kernel then faulted in 30,000 fresh 4 KB pages a ResNet-20
-    step, 60 ms of system time against a 125 ms step on 2 cores. In 2 MB pages
-    that is 570 faults and about 20 ms, and ResNet-20 trained 1.15-1.2x faster
-    (docs/performance.md). Peak memory does not change. glibc reads its
-    tunables only when a process starts, hence the restart.
+    at once. The kernel then faulted in and zeroed 30,000 fresh 4 KB pages a
+    ResNet-20 step, 60 ms of system time against a 125 ms step on 2 cores; in
+    2 MB pages, 300-600 faults and 15-30 ms. The preloaded library keeps the
+    freed block for the next call: no faults, and ResNet-20 trained 1.1-1.2x
+    faster again, for one more step's buffer of peak memory
+    (docs/performance.md). The loader and glibc read these only when a
+    process starts, hence the restart.
     """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    changes = {}
+    library = library or reuse_blocks_library()
+    if library and not environ.get("LD_PRELOAD") and environ.get("CNN_REUSE_BLOCKS", "1") != "0":
+        changes["LD_PRELOAD"] = library
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    if thp is None:
-        try:
-            with open(_THP_SETTING) as f:
-                thp = f.read()
-        except OSError:
-            return None
-    if "[madvise]" not in thp:  # [always]: every mapping has them already; [never]: none can
-        return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES)))}
+    if "glibc.malloc.hugetlb" not in tunables:
+        if thp is None:
+            try:
+                with open(_THP_SETTING) as f:
+                    thp = f.read()
+            except OSError:
+                thp = ""
+        if "[madvise]" in thp:  # [always]: every mapping has them already; [never]: none can
+            changes["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, HUGE_PAGES)))
+    return {**environ, **changes} if changes else None
 
 
-def restart_with_huge_pages() -> None:
-    """Restarts this process (same PID, arguments and streams) with `huge_pages_environment`, where it changes
-    something; call it first thing in a command's __main__, before JAX is imported. A notebook sets
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting Jupyter instead (docs/performance.md)."""
-    environ = huge_pages_environment()
+def restart_with_allocator() -> None:
+    """Restarts this process (same PID, arguments and streams) with `allocator_environment`, where it changes
+    something; call it first thing in a command's __main__, before JAX is imported. A notebook's kernel cannot
+    restart itself: start Jupyter with the environment instead (docs/notebook.md)."""
+    environ = allocator_environment()
     if environ is not None:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -345,9 +345,9 @@ def throughput(args) -> float | None:
     from cnn import runtime
 
     variants = args.variants or default_variants()
-    # Both frameworks' workers start as `python -m cnn.main` restarts itself: with glibc's huge pages for large
-    # blocks (runtime.huge_pages_environment), where that changes anything.
-    environ = runtime.huge_pages_environment()
+    # Both frameworks' workers start as `python -m cnn.main` restarts itself: large freed blocks kept for the next
+    # request, in glibc's huge pages (runtime.allocator_environment), where that changes anything.
+    environ = runtime.allocator_environment()
     rates: dict[str, list[float]] = {name: [] for name in variants}
     devices, firsts, failed = {}, {}, {}
     for round_ in range(args.rounds):

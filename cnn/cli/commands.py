@@ -54,6 +54,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if name == "train" and argv is None:  # this process is the command's own: restart it as python -m cnn.main does
         from cnn import runtime
 
-        runtime.restart_with_huge_pages()
+        runtime.restart_with_allocator()
     importlib.import_module(COMMANDS[name].module).command([f"cnn {name}", *rest])
     sys.exit(0)
