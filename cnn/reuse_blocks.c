@@ -93,26 +93,27 @@ static void untrack(int i) {
 int posix_memalign(void** out, size_t align, size_t size) {
   if (!resolve()) return ENOMEM;
   if (size < LARGE) return c_posix_memalign(out, align, size);
-  void* p = NULL;
+  void *p = NULL, *back[KEPT] = {NULL};
   size_t have = size;
   lock();
   for (int i = 0; i < KEPT && !p; ++i) {
     void* k = atomic_load_explicit(&kept[i].ptr, memory_order_relaxed);
-    if (k && kept[i].align >= align && kept[i].align % align == 0 && kept[i].size >= size &&
-        kept[i].size - size <= size / 8) {
+    if (k && kept[i].align % align == 0 && kept[i].size >= size && kept[i].size - size <= size / 8) {
       p = k;
       have = kept[i].size;
       atomic_store_explicit(&kept[i].ptr, NULL, memory_order_relaxed);
     }
   }
-  if (!p) {  /* nothing kept fits: give it all back before asking for more */
+  if (!p) {  /* nothing kept fits: give it all back (after the lock: unmapping takes a while) before asking for more */
     for (int i = 0; i < KEPT; ++i) {
-      void* k = atomic_load_explicit(&kept[i].ptr, memory_order_relaxed);
-      if (k) c_free(k);
+      back[i] = atomic_load_explicit(&kept[i].ptr, memory_order_relaxed);
       atomic_store_explicit(&kept[i].ptr, NULL, memory_order_relaxed);
     }
   }
   unlock();
+  for (int i = 0; i < KEPT; ++i) {
+    if (back[i]) c_free(back[i]);
+  }
   if (!p) {
     int err = c_posix_memalign(&p, align, size);
     if (err) return err;
