@@ -542,17 +542,37 @@ def test_onednn_bf16_without_bf16_kernels_is_one_line_and_auto_computes_in_float
     assert "bfloat16" not in line and "through oneDNN" in line
 
 
+IDLE_CODE = """
+import os, time, jax, jax.numpy as jnp, cnn
+from cnn import kernels
+model = cnn.build_model(["Conv2D(32, 3, padding='same')", "Flatten()", "Dense(3)"])
+apply = kernels.apply_fn(model, "onednn", "cpu")
+x = jax.random.normal(jax.random.key(0), (64, 32, 32, 16))
+variables = apply.init(jax.random.key(1), x)
+step = jax.jit(jax.grad(lambda v, x: (apply(v, x) ** 2).sum()))
+for _ in range(3):
+    jax.block_until_ready(step(variables, x))
+busy = time.process_time()
+time.sleep(0.5)
+print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"), time.process_time() - busy)
+"""
+
+
 @needs_onednn
-@pytest.mark.parametrize("preset", [None, "active"])
-def test_onednn_threads_wait_passively_unless_the_environment_says(preset):
-    """libgomp reads OMP_WAIT_POLICY when the extension loads it: passive by default, a user's own value kept."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+@pytest.mark.parametrize("preset", [{}, {"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "0"}])
+def test_onednn_threads_spin_briefly_then_sleep_unless_the_environment_says(preset):
+    """libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT when the extension loads it: a bounded spin by default, so
+    an idle process takes next to no CPU in half a second's sleep after oneDNN's calls; a user's own values kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
+    out = subprocess.run([sys.executable, "-c", IDLE_CODE], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    policy, spins, idle_cpu = out.stdout.split()
     if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    code = ("import os; from cnn.kernels import onednn; assert onednn.available(); "
-            "print(os.environ['OMP_WAIT_POLICY'])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == (preset or "PASSIVE"), out.stderr
+        assert (policy, spins) == (preset.get("OMP_WAIT_POLICY", "None"), preset.get("GOMP_SPINCOUNT", "None"))
+    else:
+        assert (policy, spins) == ("ACTIVE", str(onednn.OPENMP_SPINS))
+    assert float(idle_cpu) < 0.1, f"{idle_cpu} s of CPU while the process slept"
 
 
 RECORD_CODE = """

@@ -29,6 +29,9 @@ from jax import lax
 import cnn.kernels.cpu as cpu  # a sibling module (the shared convolution test), not the package
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# Busy-wait checks an idle OpenMP thread makes before it sleeps: libgomp estimates 100,000 a millisecond, so about
+# 0.1 ms, long enough to span the gaps inside and between oneDNN's calls in a step (see _preload_onednn).
+OPENMP_SPINS = 10_000
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
             "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
@@ -55,14 +58,18 @@ def _preload_onednn() -> None:
     relative to it can reach the venv; loading the library globally first
     satisfies the extension's dependency wherever it lives.
 
-    Its OpenMP threads wait passively (OMP_WAIT_POLICY, unless the environment
-    sets it; libgomp reads it when this loads it): spinning, they took the
-    cores XLA's own threads needed, and on a 2-core machine shared with other
-    work the first step, where oneDNN times its candidate kernels, took 9-22 s
-    against about 1 s, and an epoch ran at 1,300-1,800 images/s against
-    2,200-2,700 (docs/performance.md).
+    Its OpenMP threads spin a short while before they sleep (OMP_WAIT_POLICY
+    and GOMP_SPINCOUNT, set here unless the environment sets either; libgomp
+    reads them when this loads it). Spinning for libgomp's default 3 ms took
+    the cores XLA's own threads needed: on a 2-core machine shared with other work the
+    first step, where oneDNN times its candidate kernels, took 9-22 s against
+    about 1 s. Sleeping at once costs a wake-up at every parallel region, and
+    a ResNet-20 step makes about 60 oneDNN calls: a bounded spin ran it 16%
+    faster on a Zen 4 (docs/performance.md). When libgomp's threads outnumber
+    the cores, it cuts the spin to 1,000 itself.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=str(OPENMP_SPINS))
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         path = os.path.join(prefix, "lib", "libdnnl.so.3")
         if os.path.exists(path):
