@@ -560,9 +560,10 @@ print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"), time.
 
 @needs_onednn
 @pytest.mark.parametrize("preset", [{}, {"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "0"}])
-def test_onednn_threads_spin_briefly_then_sleep_unless_the_environment_says(preset):
-    """libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT when the extension loads it: a bounded spin by default, so
-    an idle process takes next to no CPU in half a second's sleep after oneDNN's calls; a user's own values kept."""
+def test_idle_onednn_threads_sleep_and_the_environments_wait_settings_are_kept(preset):
+    """libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT when the extension loads it: by default a bounded spin on a
+    CPU with bf16 instructions, passive elsewhere, so an idle process takes next to no CPU in half a second's sleep
+    after oneDNN's calls; a user's own values kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | preset
     out = subprocess.run([sys.executable, "-c", IDLE_CODE], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
@@ -571,8 +572,21 @@ def test_onednn_threads_spin_briefly_then_sleep_unless_the_environment_says(pres
     if preset:
         assert (policy, spins) == (preset.get("OMP_WAIT_POLICY", "None"), preset.get("GOMP_SPINCOUNT", "None"))
     else:
-        assert (policy, spins) == ("ACTIVE", str(onednn.OPENMP_SPINS))
+        spin = onednn.cpu_flags() & onednn.BF16_FLAGS
+        assert (policy, spins) == (("ACTIVE", str(onednn.OPENMP_SPINS)) if spin else ("PASSIVE", "None"))
     assert float(idle_cpu) < 0.1, f"{idle_cpu} s of CPU while the process slept"
+
+
+@needs_onednn
+@pytest.mark.parametrize("flags, expected", [({"avx2"}, "PASSIVE None"), ({"avx2", "avx512_bf16"}, f"ACTIVE {onednn.OPENMP_SPINS}")])
+def test_onednn_threads_wait_as_the_cpus_bf16_instructions_say(flags, expected):
+    """The wait policy follows the CPU's flags as /proc/cpuinfo gives them, so an AVX2-only CPU (float32 steps, which
+    spinning slowed) keeps passive waits on any machine this runs on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (f"import os; from cnn.kernels import onednn; onednn.cpu_flags = lambda: {flags!r}; "
+            "assert onednn.available(); print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == expected, out.stderr
 
 
 RECORD_CODE = """

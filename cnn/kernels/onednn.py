@@ -29,9 +29,10 @@ from jax import lax
 import cnn.kernels.cpu as cpu  # a sibling module (the shared convolution test), not the package
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-# Busy-wait checks an idle OpenMP thread makes before it sleeps: libgomp estimates 100,000 a millisecond, so about
-# 0.1 ms, long enough to span the gaps inside and between oneDNN's calls in a step (see _preload_onednn).
+# Busy-wait checks an idle OpenMP thread makes before it sleeps, on a CPU with BF16_FLAGS: libgomp estimates 100,000
+# a millisecond, so about 0.1 ms, long enough to span the gaps inside and between oneDNN's calls (_preload_onednn).
 OPENMP_SPINS = 10_000
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo's names for the bf16 instructions oneDNN uses
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
             "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
@@ -58,18 +59,24 @@ def _preload_onednn() -> None:
     relative to it can reach the venv; loading the library globally first
     satisfies the extension's dependency wherever it lives.
 
-    Its OpenMP threads spin a short while before they sleep (OMP_WAIT_POLICY
-    and GOMP_SPINCOUNT, set here unless the environment sets either; libgomp
-    reads them when this loads it). Spinning for libgomp's default 3 ms took
-    the cores XLA's own threads needed: on a 2-core machine shared with other work the
-    first step, where oneDNN times its candidate kernels, took 9-22 s against
-    about 1 s. Sleeping at once costs a wake-up at every parallel region, and
-    a ResNet-20 step makes about 60 oneDNN calls: a bounded spin ran it 16%
-    faster on a Zen 4 (docs/performance.md). When libgomp's threads outnumber
-    the cores, it cuts the spin to 1,000 itself.
+    How its OpenMP threads wait (OMP_WAIT_POLICY and GOMP_SPINCOUNT, set here
+    unless the environment sets either; libgomp reads them when this loads
+    it). Sleeping at once costs a wake-up at every parallel region, and a bf16
+    ResNet-20 step makes about 60 oneDNN calls: on a Zen 4, a spin of about
+    0.1 ms ran it 1.06-1.15x and the bf16 Flax CNN 1.06x faster, but the
+    float32 Flax CNN, whose steps interleave XLA's own multi-threaded loops,
+    0.94x. So the threads spin where the CPU has bf16 instructions (there
+    cnn's recipes compute in bf16, compute_dtype='auto') and sleep at once
+    elsewhere (docs/performance.md). The spin is bounded: libgomp's default
+    3 ms took the cores XLA's threads needed, and on a 2-core machine shared
+    with other work the first step took 9-22 s against about 1 s. When
+    libgomp's threads outnumber the cores, it cuts the spin to 1,000 itself.
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=str(OPENMP_SPINS))
+        if cpu_flags() & BF16_FLAGS:
+            os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=str(OPENMP_SPINS))
+        else:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
         path = os.path.join(prefix, "lib", "libdnnl.so.3")
         if os.path.exists(path):
@@ -157,8 +164,8 @@ def missing_bf16() -> str:
     flags = cpu_flags()
     if not flags & {"avx512f", "avx512_core"}:
         return "it has no AVX-512 (AVX2 only), and no AVX512-BF16 or AMX-BF16"
-    return "oneDNN found no bf16 kernels for it (no AVX512-BF16 or AMX-BF16 in its flags)" if not flags & {
-        "avx512_bf16", "amx_bf16"} else "oneDNN found no bf16 kernels for it"
+    return ("oneDNN found no bf16 kernels for it (no AVX512-BF16 or AMX-BF16 in its flags)" if not flags & BF16_FLAGS
+            else "oneDNN found no bf16 kernels for it")
 
 
 def why_unavailable() -> str:
