@@ -578,7 +578,8 @@ def test_idle_onednn_threads_sleep_and_the_environments_wait_settings_are_kept(p
 
 
 @needs_onednn
-@pytest.mark.parametrize("flags, expected", [({"avx2"}, "PASSIVE None"), ({"avx2", "avx512_bf16"}, f"ACTIVE {onednn.OPENMP_SPINS}")])
+@pytest.mark.parametrize("flags, expected", [({"avx2"}, "PASSIVE None"),
+                                             ({"avx2", "avx512_bf16"}, f"ACTIVE {onednn.OPENMP_SPINS}")])
 def test_onednn_threads_wait_as_the_cpus_bf16_instructions_say(flags, expected):
     """The wait policy follows the CPU's flags as /proc/cpuinfo gives them, so an AVX2-only CPU (float32 steps, which
     spinning slowed) keeps passive waits on any machine this runs on."""
