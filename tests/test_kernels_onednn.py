@@ -189,10 +189,27 @@ def test_auto_takes_onednn_float32_convolutions_and_bfloat16_layers_only_on_a_cp
     normed_variables = normed_apply.init(jax.random.key(0), x)
     train = lambda dtype: str(jax.make_jaxpr(lambda v, x: normed_apply(v, x, train=True, mutable=["batch_stats"]))(
         jax.tree.map(lambda a: a.astype(dtype), normed_variables), x.astype(dtype)))
-    assert "norm_forward" not in train(jnp.float32)  # float32: batch norm's sums (cpu.py), measured level
+    assert "cnn_loops_norm_forward" in train(jnp.float32)  # float32: the extension's loops on any CPU
     assert ("cnn_loops_norm_forward" in train(jnp.bfloat16)) == onednn.has_bf16()
     assert "cnn_onednn_norm_forward" not in train(jnp.bfloat16)
     assert "cnn_onednn_matmul" in str(jax.make_jaxpr(kernels.apply_fn(model, "onednn", "cpu"))(variables, x))
+
+
+@needs_onednn
+def test_float32_auto_takes_relu_and_pool_into_onednn_and_leaves_one_channel_inputs_to_patches():
+    """The Flax CNN in float32: its first convolution (one channel in) as XLA's patches product, its second with
+    relu and the average pool in oneDNN's calls (in bf16 both go to oneDNN)."""
+    model = cnn.build_model(["Conv2D(8, 3, padding='same', activation='relu')", "AveragePooling2D(2)",
+                             "Conv2D(16, 3, padding='same', activation='relu')", "AveragePooling2D(2)",
+                             "Flatten()", "Dense(3)"])
+    apply = kernels.apply_fn(model, "auto", "cpu")
+    x = jnp.ones((2, 12, 12, 1))
+    variables = apply.init(jax.random.key(0), x)
+    loss = lambda v, x: apply(v, x, train=True, mutable=["batch_stats"])[0].sum()
+    text = jax.jit(jax.grad(loss)).lower(variables, x).as_text()
+    assert text.count("cnn_onednn_conv_forward") == 1 and "relu = 1" in text
+    assert "backward = 1" not in text  # no pool's backward call: its gradient rides with relu's
+    assert "dot_general" in text  # the patches product
 
 
 @needs_onednn

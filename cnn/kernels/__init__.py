@@ -13,7 +13,10 @@ checkpoints and results do not depend on the choice, up to float rounding.
 float32 and bf16; an error when cnn/kernels/onednn.py's extension is not
 built) or 'xla' (none). On a CPU where the extension loaded, 'auto' sends
 float32 convolutions to oneDNN (1.6-1.8x ResNet-20's float32 step, AVX2
-kernels included), and, when oneDNN has bf16 kernels for the processor (it
+kernels included; with a relu and tiling average pool after one in its call;
+a one-channel input's stays on cpu.py's patches path) and float32 batch norms
+(relu, relu6 or a residual add fused) through the extension's own loops,
+and, when oneDNN has bf16 kernels for the processor (it
 does with AVX512-BF16 or AMX, and not on an AVX2-only one:
 `onednn.has_bf16` asks oneDNN), bf16 convolutions (relu as a post-op where
 the model asks cnn's Conv for relu=True), dense layers and tiling average
@@ -58,6 +61,17 @@ _VALUES = ("residual", "avg_pool")  # the extras that carry a value to the path
 _PLAIN, _RELU, _RELU6 = frozenset(), frozenset({"relu"}), frozenset({"relu6"})
 _ADD_RELU, _WITH_INPUT = frozenset({"relu", "residual"}), frozenset({"with_input"})
 _RELU_POOL = frozenset({"relu", "avg_pool"})
+
+
+def _f32_unless_patches(applies: Callable[..., bool]) -> Callable[..., bool]:
+    """oneDNN's `applies` for float32 convolutions, less the one-channel ones `patches_conv` takes: XLA's patches
+    beat oneDNN there (the Flax CNN's float32 step ran 0.94x with its first layer in oneDNN, held to AVX2)."""
+    def f32_applies(module: nn.Conv, x: jax.Array, **kwargs) -> bool:
+        return not cpu.patches_conv_applies(module, x) and applies(module, x, dtypes=_F32, **kwargs)
+
+    return f32_applies
+
+
 # Fast path name -> (the Flax module types whose calls it replaces, the calls it takes (by _EXTRAS given),
 # applies(module, x), compute(module, x)).
 PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Callable[..., jax.Array]]] = {
@@ -74,16 +88,18 @@ PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Ca
     "onednn_conv_relu_pool": ((Conv,), _RELU_POOL, onednn.conv_pool_applies, functools.partial(onednn.conv, relu=True)),
     "onednn_conv_relu_pool_bf16": ((Conv,), _RELU_POOL, functools.partial(onednn.conv_pool_applies, dtypes=_BF16),
                                    functools.partial(onednn.conv, relu=True)),
+    "onednn_conv_relu_pool_f32": ((Conv,), _RELU_POOL, _f32_unless_patches(onednn.conv_pool_applies),
+                                  functools.partial(onednn.conv, relu=True)),
     # Conv(with_input=True): the shortcut's gradient added in the convolution's backward call (a oneDNN post-op).
     "onednn_conv_with_input": ((Conv,), _WITH_INPUT, onednn.conv_applies,
                                functools.partial(onednn.conv, with_input=True)),
     "onednn_conv_with_input_bf16": ((Conv,), _WITH_INPUT, functools.partial(onednn.conv_applies, dtypes=_BF16),
                                     functools.partial(onednn.conv, with_input=True)),
-    "onednn_conv_with_input_f32": ((Conv,), _WITH_INPUT, functools.partial(onednn.conv_applies, dtypes=_F32),
+    "onednn_conv_with_input_f32": ((Conv,), _WITH_INPUT, _f32_unless_patches(onednn.conv_applies),
                                    functools.partial(onednn.conv, with_input=True)),
     "onednn_dense": ((nn.Dense,), _PLAIN, onednn.dense_applies, onednn.dense),
     "onednn_conv_bf16": (_CONVS, _PLAIN, functools.partial(onednn.conv_applies, dtypes=_BF16), onednn.conv),
-    "onednn_conv_f32": (_CONVS, _PLAIN, functools.partial(onednn.conv_applies, dtypes=_F32), onednn.conv),
+    "onednn_conv_f32": (_CONVS, _PLAIN, _f32_unless_patches(onednn.conv_applies), onednn.conv),
     "onednn_dense_bf16": ((nn.Dense,), _PLAIN, functools.partial(onednn.dense_applies, dtypes=_BF16),
                           onednn.dense),
     "onednn_avg_pool": ((Pool,), _PLAIN, onednn.avg_pool_applies, onednn.avg_pool),
@@ -111,6 +127,16 @@ PATHS: dict[str, tuple[tuple[type, ...], frozenset[str], Callable[..., bool], Ca
     "batch_norm_add_relu_loops_bf16": ((BatchNorm,), _ADD_RELU,
                                        functools.partial(onednn.batch_norm_add_relu_applies, dtypes=_BF16),
                                        onednn.batch_norm_add_relu_loops),
+    "batch_norm_loops_f32": (_NORMS, _PLAIN, functools.partial(onednn.batch_norm_loops_applies, dtypes=_F32),
+                             onednn.batch_norm_loops),
+    "batch_norm_relu_loops_f32": ((BatchNorm,), _RELU, functools.partial(onednn.batch_norm_loops_applies, dtypes=_F32),
+                                  onednn.batch_norm_relu_loops),
+    "batch_norm_relu6_loops_f32": ((BatchNorm,), _RELU6,
+                                   functools.partial(onednn.batch_norm_loops_applies, dtypes=_F32),
+                                   onednn.batch_norm_relu6_loops),
+    "batch_norm_add_relu_loops_f32": ((BatchNorm,), _ADD_RELU,
+                                      functools.partial(onednn.batch_norm_add_relu_applies, dtypes=_F32),
+                                      onednn.batch_norm_add_relu_loops),
 }
 # What 'auto' takes on each platform: the CPU paths measured faster there (docs/kernels.md); tiled pools
 # everywhere, as their backward pass avoids a generic window scatter on every backend.
@@ -122,11 +148,16 @@ AUTO_ELSEWHERE = ("tiled_pool",)
 AUTO_ONEDNN_BF16 = ("onednn_conv_relu_pool_bf16", "onednn_conv_relu_bf16", "onednn_conv_with_input_bf16",
                     "onednn_conv_bf16", "onednn_dense_bf16", "onednn_avg_pool_bf16", "batch_norm_add_relu_loops_bf16",
                     "batch_norm_relu_loops_bf16", "batch_norm_relu6_loops_bf16", "batch_norm_loops_bf16")
-# Taken after AUTO's CPU paths on any CPU where the extension loaded: float32 convolutions (ResNet-20's float32 step
-# 1.6-1.8x, docs/kernels.md), with oneDNN's choice of implementation recorded per machine (onednn.choices_file); and
-# overlapping max pools, in either dtype, through the extension's loops (ResNet-50's: 5.7x XLA's in float32, 14x in
-# bf16, forward and backward).
-AUTO_ONEDNN_F32 = ("onednn_conv_with_input_f32", "onednn_conv_f32", "max_pool_loops")
+# Taken before AUTO's CPU paths on any CPU where the extension loaded (after the bf16 ones): float32 convolutions
+# (ResNet-20's float32 step 1.6-1.8x, docs/kernels.md), a relu and tiling average pool after one in its own call (the
+# Flax CNN's step 1.09x, held to AVX2), with oneDNN's choice of implementation recorded per machine
+# (onednn.choices_file), one-channel inputs left to patches_conv; overlapping max pools, in either dtype, through the
+# extension's loops (ResNet-50's: 5.7x XLA's in float32, 14x in bf16, forward and backward); and float32 batch norm
+# through the extension's loops, relu, relu6 or a residual block's add and relu in the same passes (ResNet-20's
+# float32 step 1.17x, held to AVX2, and 1.28x with AVX-512, against batch_norm_sums).
+AUTO_ONEDNN_F32 = ("onednn_conv_relu_pool_f32", "onednn_conv_with_input_f32", "onednn_conv_f32", "max_pool_loops",
+                   "batch_norm_add_relu_loops_f32", "batch_norm_relu_loops_f32", "batch_norm_relu6_loops_f32",
+                   "batch_norm_loops_f32")
 # 'onednn' takes every layer oneDNN can, in every dtype.
 ONEDNN = ("onednn_conv_relu_pool", "onednn_conv_relu", "onednn_conv_with_input", "onednn_conv", "onednn_dense",
           "onednn_avg_pool", "onednn_batch_norm_relu", "onednn_batch_norm", "tiled_pool", "max_pool_loops",
@@ -145,7 +176,7 @@ def resolve(kernels: str = "auto", platform: str | None = None) -> tuple[str, ..
             raise ConfigError(f"train.kernels='onednn': {reason}; use 'auto' or 'xla'")
         return ONEDNN
     if platform == "cpu" and onednn.available():
-        return (AUTO_ONEDNN_BF16 if onednn.has_bf16() else ()) + AUTO["cpu"] + AUTO_ONEDNN_F32
+        return (AUTO_ONEDNN_BF16 if onednn.has_bf16() else ()) + AUTO_ONEDNN_F32 + AUTO["cpu"]
     return AUTO.get(platform, AUTO_ELSEWHERE)
 
 
