@@ -49,6 +49,15 @@ values given, and compares the second epoch's training speed (the loop,
 not the compiled step alone, since the loop fetches the sums). All need MNIST
 prepared (`--data_dir`, or `--manual_dir` pointing at the original archives).
 
+`--hold_isa avx2` (throughput, backbone, targets, time_to_accuracy) holds
+both frameworks to AVX2 on a CPU with more, for the AVX2-only target on any
+machine: oneDNN (cnn's and PyTorch's, ONEDNN_MAX_CPU_ISA), XLA's code
+(--xla_cpu_max_isa) and ATen's kernels (ATEN_CPU_CAPABILITY); cnn's oneDNN
+threads then wait as on an AVX2-only CPU, the bf16 variants stay out, and
+the heading says "held to AVX2". It approximates such a CPU, not its caches
+or clock: on a Zen 4 it read 1.16x for the Flax CNN, as a real AVX2-only
+EPYC had (issue 31).
+
 Every benchmark but the worker also appends what it printed, with the CPU,
 its units and the package versions, to docs/benchmarks/<date>-<cpu>.md, a
 page of the docs site per machine and day (`--no_record` skips it).
@@ -262,6 +271,24 @@ def torch_trainer(recipe: dict, batch_size: int, device: str, channels_last: boo
     return run, f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads"
 
 
+# --hold_isa: the environment that holds oneDNN, XLA's code generation and ATen's kernels to an instruction set.
+HOLD_ISA = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}}
+
+
+def hold_isa(isa: str) -> None:
+    """Holds this process and every process it starts to `isa` (HOLD_ISA), XLA's own flags kept."""
+    held = dict(HOLD_ISA[isa])
+    held["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), held["XLA_FLAGS"])))
+    os.environ.update(held)
+
+
+def held_isa() -> str:
+    """The instruction set --hold_isa holds this run to ('' when none)."""
+    return next((isa for isa, env in HOLD_ISA.items() if os.environ.get("ONEDNN_MAX_CPU_ISA") ==
+                 env["ONEDNN_MAX_CPU_ISA"] and env["XLA_FLAGS"] in os.environ.get("XLA_FLAGS", "")), "")
+
+
 # Every run `throughput` compares, each in its own process: (trainer, its options).
 VARIANTS = {
     "cnn float32": ("cnn", {"compute_dtype": "float32"}),
@@ -278,7 +305,7 @@ VARIANTS = {
 def has_bf16_units() -> bool:
     """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16); without them both frameworks emulate bf16,
     slowly, so `throughput` leaves the bf16 variants out by default."""
-    return bool(set(cpu_info()["units"].split()) & {"avx512_bf16", "amx_bf16"})
+    return not held_isa() and bool(set(cpu_info()["units"].split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def default_variants() -> list[str]:
@@ -382,7 +409,7 @@ def throughput(args) -> float | None:
 
 def cpu_info() -> dict[str, str]:
     """The CPU's name, the cores this process may use, and the vector and matrix units its flags report, which
-    decide which paths are fast."""
+    decide which paths are fast; under --hold_isa, the units it is held to."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
@@ -393,6 +420,8 @@ def cpu_info() -> dict[str, str]:
                 "CPU unknown")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     units = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    if held_isa():
+        return {"name": name, "cores": str(cores), "units": f"{held_isa()} (held to it; the CPU has {' '.join(units)})"}
     return {"name": name, "cores": str(cores), "units": " ".join(units) or "no AVX2"}
 
 
@@ -740,6 +769,9 @@ def main() -> None:
         t.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
                        help=f"which runs, of: {', '.join(VARIANTS)}; by default all, less the bf16 ones on a CPU "
                        "without bf16 instructions")
+    for t in (sub.choices["throughput"], both, backbones, a):
+        t.add_argument("--hold_isa", choices=list(HOLD_ISA),
+                       help="hold both frameworks to this instruction set, as on a CPU with no more (module doc)")
     for t in (a, both):
         t.add_argument("--data_dir", help="where MNIST is prepared (TFDS data_dir)")
         t.add_argument("--manual_dir", help="MNIST's original archives, to prepare it offline")
@@ -771,6 +803,8 @@ def main() -> None:
             parser.error(f"--micro_batch_size={args.micro_batch_size}: use 0 or a divisor of --batch_size")
     if args.benchmark == "throughput_worker":  # in --torch_python's environment cnn may not be importable
         return throughput_worker(args)
+    if getattr(args, "hold_isa", None):
+        hold_isa(args.hold_isa)
     from cnn.config import ConfigError
 
     try:

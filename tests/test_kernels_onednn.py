@@ -594,13 +594,19 @@ def test_idle_onednn_threads_sleep_and_the_environments_wait_settings_are_kept(p
     assert float(idle_cpu) < 0.1, f"{idle_cpu} s of CPU while the process slept"
 
 
+SPIN = f"ACTIVE {onednn.OPENMP_SPINS}"
+
+
 @needs_onednn
-@pytest.mark.parametrize("flags, expected", [({"avx2"}, "PASSIVE None"),
-                                             ({"avx2", "avx512_bf16"}, f"ACTIVE {onednn.OPENMP_SPINS}")])
-def test_onednn_threads_wait_as_the_cpus_bf16_instructions_say(flags, expected):
+@pytest.mark.parametrize("flags, held, expected", [({"avx2"}, "", "PASSIVE None"), ({"avx2", "avx512_bf16"}, "", SPIN),
+                                                   ({"avx2", "avx512_bf16"}, "AVX2", "PASSIVE None"),
+                                                   ({"avx2", "amx_bf16"}, "avx512_core_amx", SPIN)])
+def test_onednn_threads_wait_as_the_cpus_bf16_instructions_say(flags, held, expected):
     """The wait policy follows the CPU's flags as /proc/cpuinfo gives them, so an AVX2-only CPU (float32 steps, which
-    spinning slowed) keeps passive waits on any machine this runs on."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    spinning slowed) keeps passive waits on any machine this runs on; so does a CPU whose oneDNN is held to AVX2."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    env.update({"ONEDNN_MAX_CPU_ISA": held} if held else {})
     code = (f"import os; from cnn.kernels import onednn; onednn.cpu_flags = lambda: {flags!r}; "
             "assert onednn.available(); print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

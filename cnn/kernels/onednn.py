@@ -33,6 +33,8 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # a millisecond, so about 0.1 ms, long enough to span the gaps inside and between oneDNN's calls (_preload_onednn).
 OPENMP_SPINS = 10_000
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo's names for the bf16 instructions oneDNN uses
+# ONEDNN_MAX_CPU_ISA's values (oneDNN's names) that leave oneDNN no bf16 kernels, on any CPU.
+ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
 _TARGETS = {"ConvForward": "cnn_onednn_conv_forward", "ConvBackwardData": "cnn_onednn_conv_backward_data",
             "ConvBackwardWeights": "cnn_onednn_conv_backward_weights", "Matmul": "cnn_onednn_matmul",
             "MatmulBias": "cnn_onednn_matmul_bias", "AvgPool": "cnn_onednn_avg_pool",
@@ -71,9 +73,12 @@ def _preload_onednn() -> None:
     3 ms took the cores XLA's threads needed, and on a 2-core machine shared
     with other work the first step took 9-22 s against about 1 s. When
     libgomp's threads outnumber the cores, it cuts the spin to 1,000 itself.
+    A CPU whose oneDNN is held below its bf16 kernels (ONEDNN_MAX_CPU_ISA,
+    as experiments/benchmark.py --hold_isa sets it) waits as one without them.
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        if cpu_flags() & BF16_FLAGS:
+        held = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+        if cpu_flags() & BF16_FLAGS and held not in ISAS_WITHOUT_BF16:
             os.environ.update(OMP_WAIT_POLICY="ACTIVE", GOMP_SPINCOUNT=str(OPENMP_SPINS))
         else:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
