@@ -98,3 +98,18 @@ def test_recording_tees_what_a_benchmark_prints(tmp_path, monkeypatch, capsys):
     pages = [p for p in (tmp_path / "on").iterdir() if p.name != "index.md"]
     assert len(pages) == 1 and "cnn bfloat16   7,148 images/s" in pages[0].read_text()
     assert "not recorded" not in pages[0].read_text()
+
+
+def test_hold_isa_holds_both_frameworks_and_says_so(monkeypatch):
+    """--hold_isa avx2: oneDNN, XLA's code and ATen held to AVX2 in every process the benchmark starts (XLA's own
+    flags kept); the heading names the hold, and the bf16 variants stay out, as on an AVX2-only CPU."""
+    benchmark = load_benchmark()
+    environ = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    monkeypatch.setattr(os, "environ", {**environ, "XLA_FLAGS": "--xla_dump_to=/tmp/x"})  # restored after the test
+    assert benchmark.held_isa() == ""
+    benchmark.hold_isa("avx2")
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2" and os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_max_isa=AVX2"
+    assert benchmark.held_isa() == "avx2" and "held to it" in benchmark.cpu_model()
+    assert not benchmark.has_bf16_units()
+    assert not any("bf16" in name or "bfloat16" in name for name in benchmark.default_variants())
