@@ -54,7 +54,7 @@ both frameworks to AVX2 on a CPU with more, for the AVX2-only target on any
 machine: oneDNN (cnn's and PyTorch's, ONEDNN_MAX_CPU_ISA), XLA's code
 (--xla_cpu_max_isa) and ATen's kernels (ATEN_CPU_CAPABILITY); cnn's oneDNN
 threads then wait as on an AVX2-only CPU, the bf16 variants stay out, and
-the heading says "held to AVX2". It approximates such a CPU, not its caches
+the heading says "avx2 (held to it; ...)". It approximates such a CPU, not its caches
 or clock: on a Zen 4 it read 1.16x for the Flax CNN, as a real AVX2-only
 EPYC had (issue 31).
 
