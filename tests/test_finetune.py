@@ -138,8 +138,13 @@ def test_freezing_leaves_the_backbone_bitwise_then_trains_it(source, frozen_run)
         assert not _equal(_without(second[collection], HEAD), _without(start[collection], HEAD)), collection
     assert first["params"][HEAD]["kernel"].shape == (32, 4) != start["params"][HEAD]["kernel"].shape
     assert not _equal(first["params"][HEAD], second["params"][HEAD])
-    # Chance is 0.25; the frozen epochs' head got 0.44-0.5 on the CPUs and kernels tried, so the margins are wide.
-    assert run.history[2]["test_accuracy"] > 0.35 and run.results["test_accuracy"] > 0.6
+    # Chance is 0.25; the frozen epochs' head got 0.44-0.6 on the CPUs and kernels tried, so the margins are wide.
+    assert run.history[2]["test_accuracy"] > 0.35
+    # Unfrozen, the whole net learns: the train loss falls well below the frozen head's (1.19 to 0.67 on every CPU
+    # tried). Held-out accuracy swings after the unfreeze, as batch norm's running statistics trail weights moving at
+    # lr 1e-2: 0.58 in one CI run, 0.86 on a Zen 4, from the same train loss. So it only has to stay well above chance.
+    assert run.history[4]["train_loss"] < 0.8 * run.history[2]["train_loss"], run.history
+    assert run.results["test_accuracy"] > 0.45, run.results
     loaded = cnn.load_run(str(workdir))  # its optimizer state (the head's and the backbone's) restores too
     final = _checkpoint(workdir, run.results["steps"])["params"]
     assert _equal(jax.tree_util.tree_map(np.asarray, loaded.state.params), final)
