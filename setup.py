@@ -64,7 +64,8 @@ def _extensions() -> list[Extension]:
         return _reuse_blocks()
     lib_dir = os.path.join(os.path.dirname(include_dirs[0]), "lib")
     return [Extension(
-        "cnn.kernels._onednn_ffi", ["cnn/kernels/onednn_ffi.cc"], include_dirs=include_dirs, language="c++",
+        "cnn.kernels._onednn_ffi", ["cnn/kernels/onednn_ffi.cc"], depends=["cnn/kernels/winograd.h"],
+        include_dirs=include_dirs, language="c++",
         library_dirs=[lib_dir], libraries=["dnnl"],
         extra_compile_args=["-std=c++17", "-O3", "-fopenmp-simd", "-Wno-attributes", "-Wno-return-type"],
         # site-packages/cnn/kernels -> the venv's lib/, where onednn-cpu-gomp puts libdnnl.so.3; onednn.py also

@@ -433,7 +433,7 @@ def test_batch_norm_goes_to_onednn_only_where_it_has_jit_kernels():
 
 
 AUTO_CODE = """
-import jax, jax.numpy as jnp, numpy as np, cnn
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, cnn
 from cnn import kernels
 def check(specs, shape, tolerance):
     model = cnn.build_model(specs)
@@ -468,6 +468,43 @@ def test_onednn_float32_convolutions_equal_xla(isa):
     env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})}
     out = subprocess.run([sys.executable, "-c", AUTO_CODE], env=env, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "equal", out.stderr[-3000:]
+
+
+WINOGRAD_CODE = AUTO_CODE.split("for spec, shape")[0].replace(
+    "model = cnn.build_model(specs)", "model = specs if isinstance(specs, nn.Module) else cnn.build_model(specs)") + """
+class Padded(nn.Module):  # explicit pads, uneven: two rows above, none below
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(16, (3, 3), padding=((2, 0), (1, 2)))(x)
+for spec, shape in [(["Conv2D(16, 3, padding='same')"], (3, 9, 7, 16)),  # odd sizes: blocks cut at the edges
+                    (["Conv2D(32, 3, activation='relu')"], (2, 10, 11, 16)), (Padded(), (2, 7, 6, 32))]:
+    check(spec, shape, 1e-5)
+# ResNet-20's blocks: forward with a residual's add, and the input gradient with the shortcut's
+check(["Conv2D(16, 3, padding='same', use_bias=False)", "BatchNormalization()", "Activation('relu')",
+       "ResidualBlock(16)", "ResidualBlock(32, strides=2)", "ResidualBlock(32)", "GlobalAveragePooling2D()",
+       "Dense(10)"], (8, 16, 16, 16), 1e-4)
+print("equal")
+"""
+
+
+@needs_onednn
+@pytest.mark.skipif(not {"avx2", "fma"} <= onednn.cpu_flags(), reason="cnn's Winograd kernels need AVX2 and FMA")
+@pytest.mark.parametrize("setting", ["1", "", "0"])
+def test_winograd_convolutions_equal_xla_and_compete_with_onednn(setting, tmp_path):
+    """cnn's Winograd F(2x2, 3x3) kernels (cnn/kernels/winograd.h) take float32 3x3 stride-1 convolutions with
+    channels in sixteens: with CNN_WINOGRAD=1 every one of them, and the values and every gradient equal XLA's as
+    oneDNN's do (odd sizes, explicit pads, relu, ResNet blocks' residual adds and shortcut gradients). Unset, they
+    are timed against oneDNN's implementations; CNN_WINOGRAD=0 leaves them out."""
+    env = {**os.environ, "CNN_WINOGRAD": setting, "CNN_ONEDNN_LOG": "1",
+           "CNN_ONEDNN_CHOICES": str(tmp_path / "choices.tsv")}
+    out = subprocess.run([sys.executable, "-c", WINOGRAD_CODE], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "equal", out.stderr[-3000:]
+    taken = re.findall(r"cnn oneDNN: (\w+) .* cnn:winograd_2x2_3x3:avx2 \(CNN_WINOGRAD=1\)", out.stderr)
+    timed = re.findall(r"cnn oneDNN: cnn:winograd_2x2_3x3:avx2 [\d.]+ ms", out.stderr)
+    if setting == "1":
+        assert sorted(set(taken)) == ["bwd_data", "bwd_weights", "fwd"] and not timed, out.stderr[-3000:]
+    else:
+        assert not taken and bool(timed) == (setting == ""), out.stderr[-3000:]
 
 
 @needs_onednn

@@ -5,7 +5,9 @@
 // nn.Dense here. Activations are NHWC and kernels HWIO, as Flax keeps them;
 // oneDNN picks its own blocked kernel layout, reached by a reorder per call
 // (kernels are small). Primitives are built once per shape and kept, since
-// building one costs far more than running it at these sizes.
+// building one costs far more than running it at these sizes. A float32 3x3
+// convolution may take cnn's own Winograd kernels (winograd.h) instead, where
+// they run faster than oneDNN's implementations for its shape.
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -30,10 +32,17 @@
 #include <vector>
 
 #include "dnnl.hpp"
+#include "winograd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+
+namespace norm {
+// Defined with the batch-norm loops below; the Winograd convolutions share it.
+template <typename F>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, F body);
+}  // namespace norm
 using tag = dnnl::memory::format_tag;
 
 namespace {
@@ -78,6 +87,8 @@ struct Entry {
   dnnl::primitive reorder;  // between `blocked` and the user's kernel
   memory reorder_scratch;
   memory::desc workspace;  // batch norm with a fused relu: which outputs were positive
+  bool own = false;  // cnn's Winograd convolution (winograd.h) in place of `prim`
+  std::vector<float> transformed;  // its kernel in the transformed domain, made afresh at each call
   std::mutex lock;
 
   // Builds the buffers for `prim` (scratchpad `scratch_md`), with a reorder into `weights` or, for a weight
@@ -93,7 +104,7 @@ struct Entry {
   }
   void adopt(const Entry& other) {
     prim = other.prim, scratch = other.scratch, weights = other.weights, blocked = other.blocked;
-    reorder = other.reorder, reorder_scratch = other.reorder_scratch;
+    reorder = other.reorder, reorder_scratch = other.reorder_scratch, own = other.own;
   }
 };
 
@@ -148,6 +159,14 @@ struct ConvShape {
   memory::dims pad_r() const { return {pb, pr}; }
   bool valid() const {
     return type != memory::data_type::undef && pb >= 0 && pr >= 0 && g > 0 && oc % g == 0;
+  }
+  // The convolution as winograd.h takes it, and the input gradient's (dy to dx: the pads become 2 - pt, 2 - pl).
+  winograd::Shape winograd() const { return {n, ih, iw, ic, oh, ow, oc, pt, pl}; }
+  winograd::Shape winograd_backward() const { return {n, oh, ow, oc, ih, iw, ic, 2 - pt, 2 - pl}; }
+  // Whether cnn's Winograd convolution is a candidate: float32, 3x3, stride 1, one group, on an AVX2 + FMA CPU.
+  bool winograd_suits() const {
+    return type == memory::data_type::f32 && kh == 3 && kw == 3 && sh == 1 && sw == 1 && g == 1 &&
+           winograd::available() && winograd::suits(winograd()) && winograd::suits(winograd_backward());
   }
 };
 
@@ -250,8 +269,15 @@ class ChoiceRecord {
 // order, each name once (oneDNN lists some many times over). The candidates are timed in turns, round after round,
 // each keeping its fastest round, so that a burst of other work on the machine slows them alike: timed one after
 // another, such a burst during one candidate's runs could make it lose, and the record keeps a choice for good.
+// `winograd`: cnn's own Winograd convolution (winograd.h) is a candidate too; `run` runs it for an Entry with `own`.
 template <typename Prim, typename MakePD, typename Weights, typename Run>
-void fastest(Entry& e, const std::string& key, MakePD make_pd, Weights weights_of, bool to_user, Run run) {
+void fastest(Entry& e, const std::string& key, MakePD make_pd, Weights weights_of, bool to_user, Run run,
+             bool winograd = false) {
+  if (winograd && winograd::forced()) {
+    if (std::getenv("CNN_ONEDNN_LOG")) std::fprintf(stderr, "cnn oneDNN: %s %s (CNN_WINOGRAD=1)\n", key.c_str(), winograd::kName);
+    e.own = true;
+    return;
+  }
   ChoiceRecord record(key);
   std::vector<std::unique_ptr<Entry>> candidates;
   std::vector<std::string> names;
@@ -271,6 +297,11 @@ void fastest(Entry& e, const std::string& key, MakePD make_pd, Weights weights_o
       candidates.push_back(std::move(candidate));
       names.push_back(impl);
     } while (pd.next_impl());
+    if (winograd && (only.empty() || only == winograd::kName)) {
+      candidates.push_back(std::make_unique<Entry>());
+      candidates.back()->own = true;
+      names.push_back(winograd::kName);
+    }
     if (!candidates.empty()) break;
   }
   // Rounds 0-1 warm up (oneDNN generates code in round 0). After round 1 a candidate more than kBehind times slower
@@ -312,8 +343,9 @@ ffi::Error bad_shape(const char* what) {
 
 // y = conv(x, w) + bias (+ addend, if given), then relu(y) if `relu`; x, w, y and the addend share a dtype (f32 or
 // bf16), bias is f32.
-ffi::Error conv_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias, const ffi::AnyBuffer* addend,
-                        ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t relu) {
+ffi::Error conv_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
+                        const ffi::AnyBuffer* addend, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
+                        int64_t pt, int64_t pl, int64_t relu) {
   ConvShape s(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
   if (!s.valid() || (addend && (addend->element_type() != x.element_type() ||
                                 addend->element_count() != y->element_count()))) {
@@ -327,40 +359,55 @@ ffi::Error conv_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32
     args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = memory(s.dst(s.type), cpu_engine(),
                                                                       addend->untyped_data());
   }
-  auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
+  auto run = [&](Entry& c) {
+    if (!c.own) return run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args);
+    c.transformed.resize(16 * s.ic * s.oc);
+    winograd::FlushDenormals flush;
+    winograd::transform_kernel(w.typed_data<float>(), s.ic, s.oc, false, c.transformed.data());
+    winograd::forward(s.winograd(), x.typed_data<float>(), c.transformed.data(), bias.typed_data(),
+                      addend ? addend->typed_data<float>() : nullptr, relu, y->typed_data<float>(),
+                      [&](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); });
+  };
   // With a post-op, the implementation recorded for the plain convolution of this shape (the same sums, so the same
   // values up to the relu), or the fastest with the post-op, recorded for both.
   std::string kind = std::string("fwd") + (addend ? "_add" : "") + (relu ? "_relu" : "");
   Entry& e = cached(s.key(kind.c_str()), [&](Entry& e) {
     e.user_weights = s.user_weights(s.type);
     fastest<dnnl::convolution_forward>(e, s.key("fwd"), [&] { return conv_forward_pd(s, relu, addend != nullptr); },
-                                       [](auto& pd) { return pd.weights_desc(); }, false, run);
+                                       [](auto& pd) { return pd.weights_desc(); }, false, run, s.winograd_suits());
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
   return ffi::Error::Success();
 }
 
-ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
                            ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                            int64_t relu) {
-  return conv_forward(x, w, bias, nullptr, y, sh, sw, pt, pl, relu);
+  return conv_forward(pool, x, w, bias, nullptr, y, sh, sw, pt, pl, relu);
 }
 
-ffi::Error ConvForwardAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias, ffi::AnyBuffer addend,
+ffi::Error ConvForwardAddImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias, ffi::AnyBuffer addend,
                               ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                               int64_t relu) {
-  return conv_forward(x, w, bias, &addend, y, sh, sw, pt, pl, relu);
+  return conv_forward(pool, x, w, bias, &addend, y, sh, sw, pt, pl, relu);
 }
 
 // dx from dy and w (all one dtype); dx's shape is the convolution's input shape.
-ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
+ffi::Error ConvBackwardDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
                                 int64_t sw, int64_t pt, int64_t pl) {
   ConvShape s(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl, dnnl_type(dy.element_type()));
   if (!s.valid()) return bad_shape("convolution");
   std::unordered_map<int, memory> args{{DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
                                        {DNNL_ARG_DIFF_SRC, memory(s.src(s.type), cpu_engine(), dx->untyped_data())}};
-  auto run = [&](Entry& c) { run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args); };
+  auto run = [&](Entry& c) {
+    if (!c.own) return run_with_weights(c, w.untyped_data(), DNNL_ARG_WEIGHTS, args);
+    c.transformed.resize(16 * s.ic * s.oc);  // dx is dy convolved with the kernel turned half a circle
+    winograd::FlushDenormals flush;
+    winograd::transform_kernel(w.typed_data<float>(), s.ic, s.oc, true, c.transformed.data());
+    winograd::forward(s.winograd_backward(), dy.typed_data<float>(), c.transformed.data(), nullptr, nullptr, false,
+                      dx->typed_data<float>(), [&](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); });
+  };
   Entry& e = cached(s.key("bwd_data"), [&](Entry& e) {
     auto hint = conv_forward_pd(s);  // must outlive the descriptors made from it: next_impl() reads it
     auto make_pd = [&] {
@@ -369,7 +416,8 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result
           s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
     };
     e.user_weights = s.user_weights(s.type);
-    fastest<dnnl::convolution_backward_data>(e, s.key("bwd_data"), make_pd, [](auto& pd) { return pd.weights_desc(); }, false, run);
+    fastest<dnnl::convolution_backward_data>(e, s.key("bwd_data"), make_pd, [](auto& pd) { return pd.weights_desc(); },
+                                             false, run, s.winograd_suits());
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -377,7 +425,7 @@ ffi::Error ConvBackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result
 }
 
 // dw (f32, HWIO) and d_bias (f32) from x and dy (one dtype).
-ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
+ffi::Error ConvBackwardWeightsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
                                    ffi::Result<ffi::Buffer<ffi::F32>> dbias, int64_t sh, int64_t sw, int64_t pt,
                                    int64_t pl) {
   ConvShape s(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, dnnl_type(x.element_type()));
@@ -387,7 +435,11 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
       {DNNL_ARG_SRC, memory(s.src(s.type), cpu_engine(), x.untyped_data())},
       {DNNL_ARG_DIFF_DST, memory(s.dst(s.type), cpu_engine(), dy.untyped_data())},
       {DNNL_ARG_DIFF_BIAS, memory({{s.oc}, f32, tag::a}, cpu_engine(), dbias->typed_data())}};
-  auto run = [&](Entry& c) { run_with_weights(c, dw->typed_data(), DNNL_ARG_DIFF_WEIGHTS, args); };
+  auto run = [&](Entry& c) {
+    if (!c.own) return run_with_weights(c, dw->typed_data(), DNNL_ARG_DIFF_WEIGHTS, args);
+    winograd::backward_weights(s.winograd(), x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data(),
+                               dbias->typed_data(), [&](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); });
+  };
   Entry& e = cached(s.key("bwd_weights"), [&](Entry& e) {
     auto hint = conv_forward_pd(s);
     auto make_pd = [&] {
@@ -396,7 +448,9 @@ ffi::Error ConvBackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Res
           memory::desc({s.oc}, f32, tag::a), s.dst(s.type), s.strides(), s.pad_l(), s.pad_r(), hint, own_scratchpad());
     };
     e.user_weights = s.user_weights(f32);
-    fastest<dnnl::convolution_backward_weights>(e, s.key("bwd_weights"), make_pd, [](auto& pd) { return pd.diff_weights_desc(); }, true, run);
+    fastest<dnnl::convolution_backward_weights>(e, s.key("bwd_weights"), make_pd,
+                                                [](auto& pd) { return pd.diff_weights_desc(); }, true, run,
+                                                s.winograd_suits());
   });
   std::lock_guard<std::mutex> guard(e.lock);
   run(e);
@@ -690,19 +744,20 @@ extern "C" int cnn_onednn_bf16_supported() {
 #define CONV_FORWARD_ARGS Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::F32>>()  // x, w, bias
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind().CONV_FORWARD_ARGS.Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().CONV_FORWARD_ARGS.Ret<ffi::AnyBuffer>()
                                   .CONV_ATTRS.Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvForwardAdd, ConvForwardAddImpl,
-                              ffi::Ffi::Bind().CONV_FORWARD_ARGS.Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().CONV_FORWARD_ARGS.Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                                   .CONV_ATTRS.Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardData, ConvBackwardDataImpl,
-                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
                                   .CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBackwardWeights, ConvBackwardWeightsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
