@@ -105,8 +105,7 @@ inline void transform_kernel(const float* w, int64_t kc, int64_t kk, bool turned
 
 // V[p][t][c] = (B^T d B)[p] for the task's blocks first..first+count, d each block's 4x4 input window (zeros
 // outside the input), B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-inline void transform_input(const float* x, const Shape& s, int64_t first,
-                                                                int64_t count, float* V) {
+inline void transform_input(const float* x, const Shape& s, int64_t first, int64_t count, float* V) {
   alignas(32) static const float zeros[8] = {};
   const int64_t per_image = s.tiles_h() * s.tiles_w();
   for (int64_t t = 0; t < count; ++t) {
@@ -143,8 +142,9 @@ inline void transform_input(const float* x, const Shape& s, int64_t first,
   }
 }
 
-// M[p][t][k] = sum over c of V[p][t][c] U[p][c][k], for each point p: register tiles of kRows blocks by 16 outputs.
-// The accumulators are named one by one: GCC kept an array of them in memory, at half the speed.
+// M[p][t][k] = sum over c of V[p][t][c] U[p][c][k], for each point p: register tiles of up to kRows blocks by 16
+// outputs. The accumulators are named one by one: GCC kept an array of them in memory, at half the speed.
+template <int ROWS>
 inline void product_tile(const float* v, const float* u, float* m, int64_t c_n, int64_t k_n) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
          a10 = a0, a11 = a0;
@@ -152,54 +152,51 @@ inline void product_tile(const float* v, const float* u, float* m, int64_t c_n, 
     const __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8);
     __m256 b = _mm256_broadcast_ss(v + c);
     a0 = _mm256_fmadd_ps(b, u0, a0), a1 = _mm256_fmadd_ps(b, u1, a1);
-    b = _mm256_broadcast_ss(v + c_n + c);
-    a2 = _mm256_fmadd_ps(b, u0, a2), a3 = _mm256_fmadd_ps(b, u1, a3);
-    b = _mm256_broadcast_ss(v + 2 * c_n + c);
-    a4 = _mm256_fmadd_ps(b, u0, a4), a5 = _mm256_fmadd_ps(b, u1, a5);
-    b = _mm256_broadcast_ss(v + 3 * c_n + c);
-    a6 = _mm256_fmadd_ps(b, u0, a6), a7 = _mm256_fmadd_ps(b, u1, a7);
-    b = _mm256_broadcast_ss(v + 4 * c_n + c);
-    a8 = _mm256_fmadd_ps(b, u0, a8), a9 = _mm256_fmadd_ps(b, u1, a9);
-    b = _mm256_broadcast_ss(v + 5 * c_n + c);
-    a10 = _mm256_fmadd_ps(b, u0, a10), a11 = _mm256_fmadd_ps(b, u1, a11);
+    if (ROWS > 1) {
+      b = _mm256_broadcast_ss(v + c_n + c);
+      a2 = _mm256_fmadd_ps(b, u0, a2), a3 = _mm256_fmadd_ps(b, u1, a3);
+    }
+    if (ROWS > 2) {
+      b = _mm256_broadcast_ss(v + 2 * c_n + c);
+      a4 = _mm256_fmadd_ps(b, u0, a4), a5 = _mm256_fmadd_ps(b, u1, a5);
+    }
+    if (ROWS > 3) {
+      b = _mm256_broadcast_ss(v + 3 * c_n + c);
+      a6 = _mm256_fmadd_ps(b, u0, a6), a7 = _mm256_fmadd_ps(b, u1, a7);
+    }
+    if (ROWS > 4) {
+      b = _mm256_broadcast_ss(v + 4 * c_n + c);
+      a8 = _mm256_fmadd_ps(b, u0, a8), a9 = _mm256_fmadd_ps(b, u1, a9);
+    }
+    if (ROWS > 5) {
+      b = _mm256_broadcast_ss(v + 5 * c_n + c);
+      a10 = _mm256_fmadd_ps(b, u0, a10), a11 = _mm256_fmadd_ps(b, u1, a11);
+    }
   }
-  const __m256 out[12] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
-  for (int i = 0; i < 6; ++i) {
+  const __m256 out[2 * kRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
+  for (int i = 0; i < ROWS; ++i) {
     _mm256_storeu_ps(m + i * k_n, out[2 * i]);
     _mm256_storeu_ps(m + i * k_n + 8, out[2 * i + 1]);
   }
 }
 
-// One block's row of the products (the blocks left over after the tiles of kRows).
-inline void product_row(const float* v, const float* u, float* m, int64_t c_n, int64_t k_n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-  for (int64_t c = 0; c < c_n; ++c, u += k_n) {
-    const __m256 b = _mm256_broadcast_ss(v + c);
-    a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(u), a0), a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(u + 8), a1);
-  }
-  _mm256_storeu_ps(m, a0);
-  _mm256_storeu_ps(m + 8, a1);
-}
-
-inline void products(const float* V, const float* U, float* M, int64_t count,
-                                                         int64_t c_n, int64_t k_n) {
+inline void products(const float* V, const float* U, float* M, int64_t count, int64_t c_n, int64_t k_n) {
   for (int64_t p = 0; p < 16; ++p) {
     const float* v = V + p * count * c_n;
     const float* u = U + p * c_n * k_n;
     float* m = M + p * count * k_n;
     for (int64_t k = 0; k < k_n; k += 16) {
       int64_t t = 0;
-      for (; t + kRows <= count; t += kRows) product_tile(v + t * c_n, u + k, m + t * k_n + k, c_n, k_n);
-      for (; t < count; ++t) product_row(v + t * c_n, u + k, m + t * k_n + k, c_n, k_n);
+      for (; t + kRows <= count; t += kRows) product_tile<kRows>(v + t * c_n, u + k, m + t * k_n + k, c_n, k_n);
+      for (; t < count; ++t) product_tile<1>(v + t * c_n, u + k, m + t * k_n + k, c_n, k_n);
     }
   }
 }
 
 // y = A^T M A (+ bias, + addend, then relu) for the task's blocks, A^T = [1 1 1 0; 0 1 -1 -1]; a block's outputs
 // beyond the image's last row or column are not written.
-inline void transform_output(const float* M, const Shape& s, int64_t first,
-                                                                 int64_t count, const float* bias,
-                                                                 const float* addend, bool relu, float* y) {
+inline void transform_output(const float* M, const Shape& s, int64_t first, int64_t count, const float* bias,
+                             const float* addend, bool relu, float* y) {
   const int64_t per_image = s.tiles_h() * s.tiles_w(), point = count * s.k;
   for (int64_t t = 0; t < count; ++t) {
     const int64_t b = (first + t) / per_image, r = (first + t) % per_image;
@@ -257,7 +254,8 @@ inline void transform_gradient(const float* dy, const Shape& s, int64_t first, i
       for (int i = 0; i < 2; ++i) {
         for (int j = 0; j < 2; ++j) {
           const bool inside = y0 + i < s.oh && x0 + j < s.ow;
-          g[i][j] = inside ? _mm256_loadu_ps(dy + ((b * s.oh + y0 + i) * s.ow + x0 + j) * s.k + k) : _mm256_setzero_ps();
+          const float* at = dy + ((b * s.oh + y0 + i) * s.ow + x0 + j) * s.k + k;
+          g[i][j] = inside ? _mm256_loadu_ps(at) : _mm256_setzero_ps();
         }
       }
       const __m256 total = _mm256_add_ps(_mm256_add_ps(g[0][0], g[0][1]), _mm256_add_ps(g[1][0], g[1][1]));
@@ -286,7 +284,10 @@ template <int ROWS>
 inline void gradient_tile(const float* v, const float* z, float* sum, int64_t count, int64_t c_n, int64_t k_n) {
   __m256 a[2 * kRows];
   for (int i = 0; i < 2 * kRows; ++i) a[i] = _mm256_setzero_ps();
-  for (int i = 0; i < ROWS; ++i) a[2 * i] = _mm256_loadu_ps(sum + i * k_n), a[2 * i + 1] = _mm256_loadu_ps(sum + i * k_n + 8);
+  for (int i = 0; i < ROWS; ++i) {
+    a[2 * i] = _mm256_loadu_ps(sum + i * k_n);
+    a[2 * i + 1] = _mm256_loadu_ps(sum + i * k_n + 8);
+  }
   __m256 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5], a6 = a[6], a7 = a[7], a8 = a[8], a9 = a[9],
          a10 = a[10], a11 = a[11];
   for (int64_t t = 0; t < count; ++t, v += c_n, z += k_n) {
@@ -300,7 +301,10 @@ inline void gradient_tile(const float* v, const float* z, float* sum, int64_t co
     if (ROWS > 5) b = _mm256_broadcast_ss(v + 5), a10 = _mm256_fmadd_ps(b, z0, a10), a11 = _mm256_fmadd_ps(b, z1, a11);
   }
   const __m256 out[2 * kRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
-  for (int i = 0; i < ROWS; ++i) _mm256_storeu_ps(sum + i * k_n, out[2 * i]), _mm256_storeu_ps(sum + i * k_n + 8, out[2 * i + 1]);
+  for (int i = 0; i < ROWS; ++i) {
+    _mm256_storeu_ps(sum + i * k_n, out[2 * i]);
+    _mm256_storeu_ps(sum + i * k_n + 8, out[2 * i + 1]);
+  }
 }
 
 inline void gradient_products(const float* V, const float* Z, float* S, int64_t count, int64_t c_n, int64_t k_n) {
