@@ -43,6 +43,11 @@ namespace norm {
 template <typename F>
 void parallel_chunks(ffi::ThreadPool& pool, int64_t chunks, F body);
 }  // namespace norm
+
+// How winograd.h's kernels run their tasks: on XLA's own threads, as the extension's loops do.
+auto on_threads(ffi::ThreadPool& pool) {
+  return [&pool](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); };
+}
 using tag = dnnl::memory::format_tag;
 
 namespace {
@@ -366,7 +371,7 @@ ffi::Error conv_forward(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer 
     winograd::transform_kernel(w.typed_data<float>(), s.ic, s.oc, false, c.transformed.data());
     winograd::forward(s.winograd(), x.typed_data<float>(), c.transformed.data(), bias.typed_data(),
                       addend ? addend->typed_data<float>() : nullptr, relu, y->typed_data<float>(),
-                      [&](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); });
+                      on_threads(pool));
   };
   // With a post-op, the implementation recorded for the plain convolution of this shape (the same sums, so the same
   // values up to the relu), or the fastest with the post-op, recorded for both.
@@ -406,7 +411,7 @@ ffi::Error ConvBackwardDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::An
     winograd::FlushDenormals flush;
     winograd::transform_kernel(w.typed_data<float>(), s.ic, s.oc, true, c.transformed.data());
     winograd::forward(s.winograd_backward(), dy.typed_data<float>(), c.transformed.data(), nullptr, nullptr, false,
-                      dx->typed_data<float>(), [&](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); });
+                      dx->typed_data<float>(), on_threads(pool));
   };
   Entry& e = cached(s.key("bwd_data"), [&](Entry& e) {
     auto hint = conv_forward_pd(s);  // must outlive the descriptors made from it: next_impl() reads it
@@ -438,7 +443,7 @@ ffi::Error ConvBackwardWeightsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::
   auto run = [&](Entry& c) {
     if (!c.own) return run_with_weights(c, dw->typed_data(), DNNL_ARG_DIFF_WEIGHTS, args);
     winograd::backward_weights(s.winograd(), x.typed_data<float>(), dy.typed_data<float>(), dw->typed_data(),
-                               dbias->typed_data(), [&](int64_t tasks, auto body) { norm::parallel_chunks(pool, tasks, body); });
+                               dbias->typed_data(), on_threads(pool));
   };
   Entry& e = cached(s.key("bwd_weights"), [&](Entry& e) {
     auto hint = conv_forward_pd(s);
