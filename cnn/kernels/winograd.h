@@ -142,44 +142,53 @@ inline void transform_input(const float* x, const Shape& s, int64_t first, int64
   }
 }
 
-// M[p][t][k] = sum over c of V[p][t][c] U[p][c][k], for each point p: register tiles of up to kRows blocks by 16
-// outputs. The accumulators are named one by one: GCC kept an array of them in memory, at half the speed.
+// The matrix products of both directions, on one register tile: for each row i < ROWS, the 16 floats at
+// out + i * out_row get the sum over j < n of a[i * row + j * step] * b[j * b_step, + 16), added to what they hold
+// if `add`. The accumulators are named one by one: GCC kept an array of them in memory, at half the speed.
 template <int ROWS>
-inline void product_tile(const float* v, const float* u, float* m, int64_t c_n, int64_t k_n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0,
-         a10 = a0, a11 = a0;
-  for (int64_t c = 0; c < c_n; ++c, u += k_n) {
-    const __m256 u0 = _mm256_loadu_ps(u), u1 = _mm256_loadu_ps(u + 8);
-    __m256 b = _mm256_broadcast_ss(v + c);
-    a0 = _mm256_fmadd_ps(b, u0, a0), a1 = _mm256_fmadd_ps(b, u1, a1);
+inline void tile(const float* a, int64_t row, int64_t step, const float* b, int64_t b_step, int64_t n, float* out,
+                 int64_t out_row, bool add) {
+  __m256 acc[2 * kRows];
+  for (int i = 0; i < 2 * kRows; ++i) acc[i] = _mm256_setzero_ps();
+  for (int i = 0; add && i < ROWS; ++i) {
+    acc[2 * i] = _mm256_loadu_ps(out + i * out_row);
+    acc[2 * i + 1] = _mm256_loadu_ps(out + i * out_row + 8);
+  }
+  __m256 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7],
+         a8 = acc[8], a9 = acc[9], a10 = acc[10], a11 = acc[11];
+  for (int64_t j = 0; j < n; ++j, a += step, b += b_step) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 x = _mm256_broadcast_ss(a);
+    a0 = _mm256_fmadd_ps(x, b0, a0), a1 = _mm256_fmadd_ps(x, b1, a1);
     if (ROWS > 1) {
-      b = _mm256_broadcast_ss(v + c_n + c);
-      a2 = _mm256_fmadd_ps(b, u0, a2), a3 = _mm256_fmadd_ps(b, u1, a3);
+      x = _mm256_broadcast_ss(a + row);
+      a2 = _mm256_fmadd_ps(x, b0, a2), a3 = _mm256_fmadd_ps(x, b1, a3);
     }
     if (ROWS > 2) {
-      b = _mm256_broadcast_ss(v + 2 * c_n + c);
-      a4 = _mm256_fmadd_ps(b, u0, a4), a5 = _mm256_fmadd_ps(b, u1, a5);
+      x = _mm256_broadcast_ss(a + 2 * row);
+      a4 = _mm256_fmadd_ps(x, b0, a4), a5 = _mm256_fmadd_ps(x, b1, a5);
     }
     if (ROWS > 3) {
-      b = _mm256_broadcast_ss(v + 3 * c_n + c);
-      a6 = _mm256_fmadd_ps(b, u0, a6), a7 = _mm256_fmadd_ps(b, u1, a7);
+      x = _mm256_broadcast_ss(a + 3 * row);
+      a6 = _mm256_fmadd_ps(x, b0, a6), a7 = _mm256_fmadd_ps(x, b1, a7);
     }
     if (ROWS > 4) {
-      b = _mm256_broadcast_ss(v + 4 * c_n + c);
-      a8 = _mm256_fmadd_ps(b, u0, a8), a9 = _mm256_fmadd_ps(b, u1, a9);
+      x = _mm256_broadcast_ss(a + 4 * row);
+      a8 = _mm256_fmadd_ps(x, b0, a8), a9 = _mm256_fmadd_ps(x, b1, a9);
     }
     if (ROWS > 5) {
-      b = _mm256_broadcast_ss(v + 5 * c_n + c);
-      a10 = _mm256_fmadd_ps(b, u0, a10), a11 = _mm256_fmadd_ps(b, u1, a11);
+      x = _mm256_broadcast_ss(a + 5 * row);
+      a10 = _mm256_fmadd_ps(x, b0, a10), a11 = _mm256_fmadd_ps(x, b1, a11);
     }
   }
-  const __m256 out[2 * kRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
+  const __m256 sums[2 * kRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
   for (int i = 0; i < ROWS; ++i) {
-    _mm256_storeu_ps(m + i * k_n, out[2 * i]);
-    _mm256_storeu_ps(m + i * k_n + 8, out[2 * i + 1]);
+    _mm256_storeu_ps(out + i * out_row, sums[2 * i]);
+    _mm256_storeu_ps(out + i * out_row + 8, sums[2 * i + 1]);
   }
 }
 
+// M[p][t][k] = sum over c of V[p][t][c] U[p][c][k], for each point p: tiles of kRows blocks by 16 outputs.
 inline void products(const float* V, const float* U, float* M, int64_t count, int64_t c_n, int64_t k_n) {
   for (int64_t p = 0; p < 16; ++p) {
     const float* v = V + p * count * c_n;
@@ -187,8 +196,10 @@ inline void products(const float* V, const float* U, float* M, int64_t count, in
     float* m = M + p * count * k_n;
     for (int64_t k = 0; k < k_n; k += 16) {
       int64_t t = 0;
-      for (; t + kRows <= count; t += kRows) product_tile<kRows>(v + t * c_n, u + k, m + t * k_n + k, c_n, k_n);
-      for (; t < count; ++t) product_tile<1>(v + t * c_n, u + k, m + t * k_n + k, c_n, k_n);
+      for (; t + kRows <= count; t += kRows) {
+        tile<kRows>(v + t * c_n, c_n, 1, u + k, k_n, c_n, m + t * k_n + k, k_n, false);
+      }
+      for (; t < count; ++t) tile<1>(v + t * c_n, c_n, 1, u + k, k_n, c_n, m + t * k_n + k, k_n, false);
     }
   }
 }
@@ -278,35 +289,7 @@ inline void transform_gradient(const float* dy, const Shape& s, int64_t first, i
   }
 }
 
-// S[p][c][k] += sum over the task's blocks t of V[p][t][c] Z[p][t][k]: register tiles of up to kRows input channels
-// by 16 outputs, the accumulators named one by one as in `product_tile`.
-template <int ROWS>
-inline void gradient_tile(const float* v, const float* z, float* sum, int64_t count, int64_t c_n, int64_t k_n) {
-  __m256 a[2 * kRows];
-  for (int i = 0; i < 2 * kRows; ++i) a[i] = _mm256_setzero_ps();
-  for (int i = 0; i < ROWS; ++i) {
-    a[2 * i] = _mm256_loadu_ps(sum + i * k_n);
-    a[2 * i + 1] = _mm256_loadu_ps(sum + i * k_n + 8);
-  }
-  __m256 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], a4 = a[4], a5 = a[5], a6 = a[6], a7 = a[7], a8 = a[8], a9 = a[9],
-         a10 = a[10], a11 = a[11];
-  for (int64_t t = 0; t < count; ++t, v += c_n, z += k_n) {
-    const __m256 z0 = _mm256_loadu_ps(z), z1 = _mm256_loadu_ps(z + 8);
-    __m256 b = _mm256_broadcast_ss(v);
-    a0 = _mm256_fmadd_ps(b, z0, a0), a1 = _mm256_fmadd_ps(b, z1, a1);
-    if (ROWS > 1) b = _mm256_broadcast_ss(v + 1), a2 = _mm256_fmadd_ps(b, z0, a2), a3 = _mm256_fmadd_ps(b, z1, a3);
-    if (ROWS > 2) b = _mm256_broadcast_ss(v + 2), a4 = _mm256_fmadd_ps(b, z0, a4), a5 = _mm256_fmadd_ps(b, z1, a5);
-    if (ROWS > 3) b = _mm256_broadcast_ss(v + 3), a6 = _mm256_fmadd_ps(b, z0, a6), a7 = _mm256_fmadd_ps(b, z1, a7);
-    if (ROWS > 4) b = _mm256_broadcast_ss(v + 4), a8 = _mm256_fmadd_ps(b, z0, a8), a9 = _mm256_fmadd_ps(b, z1, a9);
-    if (ROWS > 5) b = _mm256_broadcast_ss(v + 5), a10 = _mm256_fmadd_ps(b, z0, a10), a11 = _mm256_fmadd_ps(b, z1, a11);
-  }
-  const __m256 out[2 * kRows] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11};
-  for (int i = 0; i < ROWS; ++i) {
-    _mm256_storeu_ps(sum + i * k_n, out[2 * i]);
-    _mm256_storeu_ps(sum + i * k_n + 8, out[2 * i + 1]);
-  }
-}
-
+// S[p][c][k] += sum over the task's blocks t of V[p][t][c] Z[p][t][k]: tiles of kRows input channels by 16 outputs.
 inline void gradient_products(const float* V, const float* Z, float* S, int64_t count, int64_t c_n, int64_t k_n) {
   for (int64_t p = 0; p < 16; ++p) {
     const float* v = V + p * count * c_n;
@@ -314,8 +297,8 @@ inline void gradient_products(const float* V, const float* Z, float* S, int64_t 
     float* sum = S + p * c_n * k_n;
     for (int64_t k = 0; k < k_n; k += 16) {
       int64_t c = 0;
-      for (; c + kRows <= c_n; c += kRows) gradient_tile<kRows>(v + c, z + k, sum + c * k_n + k, count, c_n, k_n);
-      for (; c < c_n; ++c) gradient_tile<1>(v + c, z + k, sum + c * k_n + k, count, c_n, k_n);
+      for (; c + kRows <= c_n; c += kRows) tile<kRows>(v + c, 1, c_n, z + k, k_n, count, sum + c * k_n + k, k_n, true);
+      for (; c < c_n; ++c) tile<1>(v + c, 1, c_n, z + k, k_n, count, sum + c * k_n + k, k_n, true);
     }
   }
 }
